@@ -1,0 +1,136 @@
+"""SemLA retrieval (DESIGN §4): nearest adapters by centroid distance, softmax weights.
+
+The same math twice: numpy (the torch-free registry server) and torch (the node, on GPU). An
+adapter's distance is the minimum over its centroids; weights are ``softmax(-d / T)`` over the
+top-k. Both functions return identical results up to float rounding (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DISTANCES",
+    "DEFAULT_TOP_K",
+    "DEFAULT_TEMPERATURE",
+    "DEFAULT_DISTANCE",
+    "CentroidTable",
+    "retrieve_numpy",
+    "retrieve_torch",
+    "list_distances",
+]
+
+DEFAULT_TOP_K = 5
+DEFAULT_TEMPERATURE = 0.05
+DEFAULT_DISTANCE = "euclidean"
+#: Registered distance names (between unit vectors).
+DISTANCES = ("euclidean", "cosine")
+
+
+def list_distances() -> list[str]:
+    return list(DISTANCES)
+
+
+def _check(distance: str, top_k: int, temperature: float) -> None:
+    if distance not in DISTANCES:
+        raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
+    if top_k < 1:
+        raise ValueError("top_k must be >= 1")
+    if not temperature > 0:
+        raise ValueError("temperature must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class CentroidTable:
+    """All centroids of a library, flattened: row i belongs to adapter ``owner[i]``.
+
+    Attributes:
+        vectors: (C, D) float32 unit vectors.
+        owner: (C,) int64 index into the adapter list.
+        n_adapters: number of adapters.
+    """
+
+    vectors: np.ndarray
+    owner: np.ndarray
+    n_adapters: int
+
+    @classmethod
+    def from_lists(cls, centroids_per_adapter: Sequence[Sequence[Sequence[float]]]) -> "CentroidTable":
+        rows, owner = [], []
+        for i, cents in enumerate(centroids_per_adapter):
+            for c in cents:
+                rows.append(np.asarray(c, dtype=np.float32))
+                owner.append(i)
+        if not rows:
+            raise ValueError("the library is empty")
+        vectors = np.stack(rows)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        return cls(vectors, np.asarray(owner, dtype=np.int64), len(centroids_per_adapter))
+
+
+def _softmax_neg(d: np.ndarray, temperature: float) -> np.ndarray:
+    z = -d / temperature
+    z -= z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def retrieve_numpy(
+    queries: np.ndarray,
+    table: CentroidTable,
+    *,
+    top_k: int = DEFAULT_TOP_K,
+    temperature: float = DEFAULT_TEMPERATURE,
+    distance: str = DEFAULT_DISTANCE,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k adapters per query.
+
+    Args:
+        queries: (Q, D) embeddings (normalised here).
+
+    Returns:
+        (indices (Q, k) int64 adapter indices nearest first, distances (Q, k), weights (Q, k)),
+        with k = min(top_k, number of adapters).
+    """
+    _check(distance, top_k, temperature)
+    q = np.asarray(queries, dtype=np.float32)
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    sim = q @ table.vectors.T  # (Q, C)
+    d_cent = np.sqrt(np.clip(2.0 - 2.0 * sim, 0.0, None)) if distance == "euclidean" else 1.0 - sim
+    d_adapter = np.full((q.shape[0], table.n_adapters), np.inf, dtype=np.float32)
+    np.minimum.at(d_adapter, (slice(None), table.owner), d_cent)
+    k = min(top_k, table.n_adapters)
+    idx = np.argsort(d_adapter, axis=1, kind="stable")[:, :k]
+    dist = np.take_along_axis(d_adapter, idx, axis=1)
+    return idx, dist, _softmax_neg(dist, temperature)
+
+
+def retrieve_torch(
+    queries: Any,
+    table: CentroidTable,
+    *,
+    top_k: int = DEFAULT_TOP_K,
+    temperature: float = DEFAULT_TEMPERATURE,
+    distance: str = DEFAULT_DISTANCE,
+    device: Any = None,
+) -> tuple[Any, Any, Any]:
+    """Torch twin of :func:`retrieve_numpy`; tensors on ``device`` (default: the queries')."""
+    import torch
+
+    _check(distance, top_k, temperature)
+    q = torch.as_tensor(queries, dtype=torch.float32, device=device)
+    q = torch.nn.functional.normalize(q, dim=1)
+    cents = torch.as_tensor(table.vectors, device=q.device)
+    owner = torch.as_tensor(table.owner, device=q.device)
+    sim = q @ cents.T  # (Q, C)
+    d_cent = torch.sqrt(torch.clamp(2.0 - 2.0 * sim, min=0.0)) if distance == "euclidean" else 1.0 - sim
+    d_adapter = torch.full((q.shape[0], table.n_adapters), float("inf"), device=q.device)
+    d_adapter = d_adapter.scatter_reduce(1, owner.expand_as(d_cent), d_cent, reduce="amin")
+    k = min(top_k, table.n_adapters)
+    dist, idx = torch.topk(d_adapter, k, dim=1, largest=False, sorted=True)
+    weights = torch.softmax(-dist / temperature, dim=1)
+    return idx, dist, weights

@@ -1,0 +1,956 @@
+"""Deterministic synthetic street-like segmentation data in several appearance domains.
+
+The data trains a tiny CLIP-like segmenter and one LoRA adapter per domain, so it has to
+be cheap (numpy + Pillow only), fully deterministic and structured so that the *same*
+scene can be seen under different conditions.
+
+Why three registries
+--------------------
+A *domain* is a scene layout seen through an ordered chain of appearance *shifts*:
+
+* :class:`Scene` owns the geometry and the class list (what is where, and the mask).
+* :class:`Shift` owns the appearance change (fog, night, ...). Shifts never touch the mask.
+* :class:`Domain` only names a scene plus a tuple of shift names.
+
+Keeping the three apart means new scene types (indoor rooms, harbours, fields) and new
+shifts are added with one ``register_*`` call each and compose freely, e.g. a later
+``"fog+night"`` domain is just ``Domain("fog_night", "street", ("fog", "night"), ...)``.
+
+Determinism
+-----------
+The layout RNG is derived from ``(seed, index)`` only and each shift's RNG from
+``(seed, index, shift name)``. Hence the same ``(seed, index)`` yields the identical mask in
+every domain of a scene; only the appearance differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+__all__ = [
+    "Scene",
+    "Shift",
+    "Domain",
+    "SCENES",
+    "SHIFTS",
+    "DOMAINS",
+    "STREET_CLASSES",
+    "register_scene",
+    "register_shift",
+    "register_domain",
+    "list_scenes",
+    "list_shifts",
+    "list_domains",
+    "get_scene",
+    "get_shift",
+    "get_domain",
+    "render",
+    "write_dataset",
+]
+
+RenderFn = Callable[[np.random.Generator, int], "tuple[np.ndarray, np.ndarray]"]
+ShiftFn = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+MIN_SIZE = 16
+
+
+# --------------------------------------------------------------------------------------
+# Registry types
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A scene layout generator.
+
+    Attributes:
+        name: Registry key.
+        classes: Class names; value ``i`` in a mask means ``classes[i]``.
+        render: ``(rng, size) -> (rgb, mask)`` with ``rgb`` float32 ``(size, size, 3)`` in
+            ``[0, 1]`` and ``mask`` uint8 ``(size, size)`` with values ``< len(classes)``.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    render: RenderFn = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Shift:
+    """An appearance shift; it changes pixels only, never the mask.
+
+    Attributes:
+        name: Registry key.
+        description: One-line human description.
+        apply: ``(rgb, rng) -> rgb`` on float32 ``(H, W, 3)`` images in ``[0, 1]``.
+    """
+
+    name: str
+    description: str
+    apply: ShiftFn = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A named scene seen through an ordered chain of shifts.
+
+    Attributes:
+        name: Registry key.
+        scene: Name of a registered :class:`Scene`.
+        shifts: Names of registered :class:`Shift` objects, applied in order.
+        description: One-line human description.
+    """
+
+    name: str
+    scene: str
+    shifts: tuple[str, ...]
+    description: str
+
+    def __post_init__(self) -> None:
+        if isinstance(self.shifts, str):
+            object.__setattr__(self, "shifts", (self.shifts,))
+        else:
+            object.__setattr__(self, "shifts", tuple(self.shifts))
+
+
+SCENES: dict[str, Scene] = {}
+SHIFTS: dict[str, Shift] = {}
+DOMAINS: dict[str, Domain] = {}
+
+
+def _check_new(registry: dict, kind: str, name: str) -> None:
+    if not name or not isinstance(name, str):
+        raise ValueError(f"{kind} name must be a non-empty string, got {name!r}")
+    if name in registry:
+        raise ValueError(f"{kind} {name!r} is already registered")
+
+
+def register_scene(scene: Scene) -> Scene:
+    """Add a scene to :data:`SCENES`.
+
+    Args:
+        scene: The scene to register.
+
+    Returns:
+        The same scene (so the call can be used as an expression).
+
+    Raises:
+        ValueError: If the name is taken, or the class list is empty or has duplicates
+            or more than 256 entries.
+    """
+    _check_new(SCENES, "scene", scene.name)
+    classes = tuple(scene.classes)
+    if not classes or len(set(classes)) != len(classes) or len(classes) > 256:
+        raise ValueError(f"scene {scene.name!r}: classes must be 1-256 unique names")
+    SCENES[scene.name] = scene
+    return scene
+
+
+def register_shift(shift: Shift) -> Shift:
+    """Add a shift to :data:`SHIFTS`.
+
+    Args:
+        shift: The shift to register.
+
+    Returns:
+        The same shift.
+
+    Raises:
+        ValueError: If the name is taken.
+    """
+    _check_new(SHIFTS, "shift", shift.name)
+    SHIFTS[shift.name] = shift
+    return shift
+
+
+def register_domain(domain: Domain) -> Domain:
+    """Add a domain to :data:`DOMAINS`; its scene and shifts must already be registered.
+
+    Args:
+        domain: The domain to register.
+
+    Returns:
+        The same domain.
+
+    Raises:
+        ValueError: If the name is taken or it refers to an unknown scene or shift.
+    """
+    _check_new(DOMAINS, "domain", domain.name)
+    if domain.scene not in SCENES:
+        raise ValueError(f"domain {domain.name!r}: unknown scene {domain.scene!r}")
+    missing = [s for s in domain.shifts if s not in SHIFTS]
+    if missing:
+        raise ValueError(f"domain {domain.name!r}: unknown shift(s) {missing}")
+    DOMAINS[domain.name] = domain
+    return domain
+
+
+def list_scenes() -> list[str]:
+    """Return the sorted names of registered scenes."""
+    return sorted(SCENES)
+
+
+def list_shifts() -> list[str]:
+    """Return the sorted names of registered shifts."""
+    return sorted(SHIFTS)
+
+
+def list_domains() -> list[str]:
+    """Return the sorted names of registered domains."""
+    return sorted(DOMAINS)
+
+
+def _lookup(registry: dict, kind: str, name: str):
+    try:
+        return registry[name]
+    except KeyError:
+        valid = ", ".join(sorted(registry)) or "(none)"
+        raise KeyError(f"unknown {kind} {name!r}; valid: {valid}") from None
+
+
+def get_scene(name: str) -> Scene:
+    """Return a registered scene.
+
+    Raises:
+        KeyError: If unknown; the message lists the valid names.
+    """
+    return _lookup(SCENES, "scene", name)
+
+
+def get_shift(name: str) -> Shift:
+    """Return a registered shift.
+
+    Raises:
+        KeyError: If unknown; the message lists the valid names.
+    """
+    return _lookup(SHIFTS, "shift", name)
+
+
+def get_domain(name: str) -> Domain:
+    """Return a registered domain.
+
+    Raises:
+        KeyError: If unknown; the message lists the valid names.
+    """
+    return _lookup(DOMAINS, "domain", name)
+
+
+# --------------------------------------------------------------------------------------
+# Small image helpers
+# --------------------------------------------------------------------------------------
+
+
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
+    """Roughly unit-variance value noise with about ``cells`` features per side."""
+    cells = max(2, int(cells))
+    small = rng.standard_normal((cells, cells)).astype(np.float32)
+    img = Image.fromarray(small)  # mode "F"
+    out = np.asarray(img.resize((w, h), Image.BICUBIC), dtype=np.float32)
+    std = float(out.std())
+    return out / std if std > 0 else out
+
+
+def _box_blur(rgb: np.ndarray, radius: int = 1) -> np.ndarray:
+    """Separable box blur with edge padding."""
+    if radius <= 0:
+        return rgb
+    k = 2 * radius + 1
+    pad = np.pad(rgb, ((radius, radius), (radius, radius), (0, 0)), mode="edge")
+    c = np.cumsum(pad, axis=0, dtype=np.float32)
+    c = np.concatenate([np.zeros_like(c[:1]), c], axis=0)
+    rows = (c[k:] - c[:-k]) / k
+    c = np.cumsum(rows, axis=1, dtype=np.float32)
+    c = np.concatenate([np.zeros_like(c[:, :1]), c], axis=1)
+    return (c[:, k:] - c[:, :-k]) / k
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def _jitter(rng: np.random.Generator, base: tuple[int, int, int], amount: float) -> tuple:
+    """Perturb a 0-255 colour by a shared brightness factor and per-channel noise."""
+    b = np.asarray(base, dtype=np.float32) * rng.uniform(1 - amount, 1 + amount)
+    b = b + rng.normal(0.0, 255 * amount * 0.35, 3)
+    return tuple(int(v) for v in np.clip(b, 0, 255))
+
+
+def _to_uint8(rgb: np.ndarray) -> np.ndarray:
+    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------
+# Street scene
+# --------------------------------------------------------------------------------------
+
+STREET_CLASSES: tuple[str, ...] = (
+    "sky",
+    "road",
+    "sidewalk",
+    "building",
+    "vegetation",
+    "car",
+    "person",
+    "pole",
+)
+_SKY, _ROAD, _SIDEWALK, _BUILDING, _VEG, _CAR, _PERSON, _POLE = range(8)
+
+_FAR = 2000.0  # metres; projects to (almost) the horizon
+_NEAR = 1.0  # metres; projects well below the image
+
+_BUILDING_COLOURS = [
+    (190, 170, 140), (170, 90, 70), (150, 150, 150), (215, 205, 190), (120, 110, 100),
+    (200, 180, 120), (140, 160, 170), (180, 130, 120), (100, 100, 110), (225, 215, 170),
+]
+_CAR_COLOURS = [
+    (200, 30, 30), (30, 60, 160), (230, 230, 230), (25, 25, 30), (150, 150, 155),
+    (40, 120, 60), (220, 180, 40), (120, 30, 40), (90, 110, 130), (200, 100, 30),
+]
+_CLOTHES = [
+    (200, 40, 40), (40, 70, 170), (240, 240, 240), (30, 30, 35), (60, 140, 70),
+    (230, 190, 40), (150, 60, 150), (110, 80, 60), (240, 120, 40), (100, 160, 200),
+]
+_SKIN = [(240, 200, 170), (200, 150, 110), (150, 100, 70), (100, 70, 50)]
+
+
+@dataclass(frozen=True)
+class _Camera:
+    """Pinhole camera looking along +Z at height ``hc`` metres; the ground is ``h = 0``."""
+
+    f: float
+    hc: float
+    vx: float
+    hy: float
+
+    def pt(self, x: float, h: float, z: float) -> tuple[float, float]:
+        return (self.vx + self.f * x / z, self.hy + self.f * (self.hc - h) / z)
+
+    def scale(self, z: float) -> float:
+        """Pixels per metre at depth ``z``."""
+        return self.f / z
+
+
+@dataclass(frozen=True)
+class _Street:
+    """Lateral layout (metres, camera at x = 0)."""
+
+    road_l: float
+    road_r: float
+    walk_l: float  # outer edge of the left sidewalk (< road_l)
+    walk_r: float  # outer edge of the right sidewalk (> road_r)
+    z_end: float  # side facades end here
+    z_back: float  # the far row of buildings stands here
+
+
+class _Canvas:
+    """Paints class ids into a mask and colours into an RGB image in lockstep."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.rgb = Image.new("RGB", (size, size), (0, 0, 0))
+        self.mask = Image.new("L", (size, size), _SKY)
+        self._dr = ImageDraw.Draw(self.rgb)
+        self._dm = ImageDraw.Draw(self.mask)
+
+    def poly(self, pts, colour, cls: int | None) -> None:
+        self._dr.polygon(pts, fill=colour)
+        if cls is not None:
+            self._dm.polygon(pts, fill=cls)
+
+    def ellipse(self, cx: float, cy: float, rx: float, ry: float, colour, cls: int | None) -> None:
+        box = [cx - rx, cy - ry, cx + rx, cy + ry]
+        self._dr.ellipse(box, fill=colour)
+        if cls is not None:
+            self._dm.ellipse(box, fill=cls)
+
+    def rect(self, x0: float, y0: float, x1: float, y1: float, colour, cls: int | None) -> None:
+        self.poly([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], colour, cls)
+
+
+def _ground_quad(cam: _Camera, x0: float, x1: float, z0: float, z1: float) -> list:
+    return [cam.pt(x0, 0, z0), cam.pt(x1, 0, z0), cam.pt(x1, 0, z1), cam.pt(x0, 0, z1)]
+
+
+def _make_camera(rng: np.random.Generator, s: int) -> _Camera:
+    return _Camera(
+        f=s * rng.uniform(0.6, 0.95),
+        hc=rng.uniform(1.3, 1.8),
+        vx=s * rng.uniform(0.35, 0.65),
+        hy=s * rng.uniform(0.34, 0.5),
+    )
+
+
+def _make_street(rng: np.random.Generator) -> _Street:
+    road_l, road_r = -rng.uniform(2.0, 5.5), rng.uniform(2.0, 5.5)
+    z_end = rng.uniform(40.0, 120.0)
+    return _Street(
+        road_l=road_l,
+        road_r=road_r,
+        walk_l=road_l - rng.uniform(2.0, 5.0),
+        walk_r=road_r + rng.uniform(2.0, 5.0),
+        z_end=z_end,
+        z_back=z_end + rng.uniform(5.0, 60.0),
+    )
+
+
+def _draw_ground(cv: _Canvas, cam: _Camera, st: _Street, rng: np.random.Generator) -> None:
+    grass = _jitter(rng, (80, 130, 50), 0.2)
+    cv.poly(_ground_quad(cam, -400, 400, _NEAR, _FAR), grass, _VEG)
+    walk = _jitter(rng, (165, 158, 148) if rng.random() < 0.7 else (170, 110, 95), 0.12)
+    cv.poly(_ground_quad(cam, st.walk_l, st.road_l, _NEAR, _FAR), walk, _SIDEWALK)
+    cv.poly(_ground_quad(cam, st.road_r, st.walk_r, _NEAR, _FAR), walk, _SIDEWALK)
+    kerb = _jitter(rng, (195, 190, 180), 0.1)
+    for x in (st.road_l, st.road_r - 0.15):
+        cv.poly(_ground_quad(cam, x, x + 0.15, _NEAR, _FAR), kerb, _SIDEWALK)
+    grey = rng.uniform(65, 125)
+    road = tuple(int(grey + d) for d in rng.uniform(-6, 6, 3))
+    cv.poly(_ground_quad(cam, st.road_l, st.road_r, _NEAR, _FAR), road, _ROAD)
+    _draw_paving(cv, cam, st, rng)
+    _draw_lanes(cv, cam, st, rng)
+
+
+def _draw_paving(cv: _Canvas, cam: _Camera, st: _Street, rng: np.random.Generator) -> None:
+    """Transverse joints on the sidewalks (appearance only)."""
+    step = rng.uniform(1.0, 2.5)
+    joint = _jitter(rng, (120, 118, 112), 0.1)
+    for z in np.arange(2.0, 40.0, step):
+        if cam.scale(z) * 0.08 < 0.4:
+            break
+        for x0, x1 in ((st.walk_l, st.road_l), (st.road_r, st.walk_r)):
+            cv.poly(_ground_quad(cam, x0, x1, z, z + 0.08), joint, None)
+
+
+def _draw_lanes(cv: _Canvas, cam: _Camera, st: _Street, rng: np.random.Generator) -> None:
+    """Dashed centre line and optional solid edge lines (appearance only)."""
+    yellow = rng.random() < 0.3
+    paint = _jitter(rng, (230, 200, 60) if yellow else (235, 235, 230), 0.08)
+    centre = st.road_l + (st.road_r - st.road_l) * rng.uniform(0.4, 0.6)
+    dash, gap = rng.uniform(2.0, 4.0), rng.uniform(3.0, 7.0)
+    z = rng.uniform(0.5, dash + gap)
+    while z < 80.0:
+        cv.poly(_ground_quad(cam, centre - 0.08, centre + 0.08, z, z + dash), paint, None)
+        z += dash + gap
+    if rng.random() < 0.5:
+        for x in (st.road_l + 0.3, st.road_r - 0.42):
+            cv.poly(_ground_quad(cam, x, x + 0.12, _NEAR, _FAR), paint, None)
+
+
+def _draw_windows(
+    cv: _Canvas, cam: _Camera, corners: Callable[[float, float, float, float], list],
+    length: float, height: float, rng: np.random.Generator, min_px: float,
+) -> None:
+    """Window grid on a wall parametrised by (along, up) in metres."""
+    glass = _jitter(rng, (60, 75, 95) if rng.random() < 0.7 else (170, 190, 210), 0.2)
+    spacing, floor = rng.uniform(2.2, 3.6), rng.uniform(2.8, 3.4)
+    w, h = spacing * rng.uniform(0.35, 0.6), floor * rng.uniform(0.35, 0.55)
+    for a in np.arange(spacing * 0.5, length - w, spacing):
+        for u in np.arange(floor * 0.45, height - h - 0.3, floor):
+            pts = corners(a, a + w, u, u + h)
+            ys = [p[1] for p in pts]
+            if max(ys) - min(ys) < min_px:
+                continue
+            cv.poly(pts, glass, None)
+
+
+def _draw_facades(cv: _Canvas, cam: _Camera, st: _Street, rng: np.random.Generator,
+                  side: int) -> None:
+    """Buildings along one side of the street (side = -1 left, +1 right), far to near."""
+    xw = st.walk_l if side < 0 else st.walk_r
+    segments, z = [], _NEAR
+    while z < st.z_end:
+        length = rng.uniform(6.0, 25.0)
+        if rng.random() > 0.15:
+            segments.append((z, min(z + length, st.z_end), rng.uniform(6.0, 25.0)))
+        z += length
+    for z0, z1, hb in reversed(segments):
+        colour = _jitter(rng, _BUILDING_COLOURS[rng.integers(len(_BUILDING_COLOURS))], 0.15)
+        depth = 12.0 * side
+        end = [cam.pt(xw, 0, z0), cam.pt(xw + depth, 0, z0), cam.pt(xw + depth, hb, z0),
+               cam.pt(xw, hb, z0)]
+        cv.poly(end, tuple(int(c * 0.75) for c in colour), _BUILDING)
+        wall = [cam.pt(xw, 0, z0), cam.pt(xw, 0, z1), cam.pt(xw, hb, z1), cam.pt(xw, hb, z0)]
+        cv.poly(wall, colour, _BUILDING)
+
+        def corners(a0, a1, u0, u1, z0=z0):
+            return [cam.pt(xw, u0, z0 + a0), cam.pt(xw, u0, z0 + a1),
+                    cam.pt(xw, u1, z0 + a1), cam.pt(xw, u1, z0 + a0)]
+
+        _draw_windows(cv, cam, corners, z1 - z0, hb, rng, min_px=2.0)
+
+
+def _draw_back_row(cv: _Canvas, cam: _Camera, st: _Street, rng: np.random.Generator) -> None:
+    """Frontal row of distant buildings, optionally leaving the road corridor open."""
+    open_corridor = rng.random() < 0.5
+    z = st.z_back
+    x = -cam.vx / cam.scale(z) - rng.uniform(0, 15)
+    x_max = (cv.size - cam.vx) / cam.scale(z)
+    while x < x_max:
+        width = rng.uniform(8.0, 30.0)
+        hb = rng.uniform(8.0, 45.0)
+        skip = rng.random() < 0.12 or (
+            open_corridor and x < st.walk_r and x + width > st.walk_l)
+        if not skip:
+            colour = _jitter(rng, _BUILDING_COLOURS[rng.integers(len(_BUILDING_COLOURS))], 0.15)
+            cv.poly([cam.pt(x, 0, z), cam.pt(x + width, 0, z), cam.pt(x + width, hb, z),
+                     cam.pt(x, hb, z)], colour, _BUILDING)
+
+            def corners(a0, a1, u0, u1, x=x):
+                return [cam.pt(x + a0, u0, z), cam.pt(x + a1, u0, z),
+                        cam.pt(x + a1, u1, z), cam.pt(x + a0, u1, z)]
+
+            _draw_windows(cv, cam, corners, width, hb, rng, min_px=1.5)
+        x += width
+
+
+# --- objects (drawn far to near) ------------------------------------------------------
+
+
+def _tree(cv: _Canvas, cam: _Camera, x: float, z: float, rng: np.random.Generator) -> None:
+    s = cam.scale(z)
+    trunk_h, crown_r = rng.uniform(1.5, 3.0), rng.uniform(1.2, 2.8)
+    bark = _jitter(rng, (90, 70, 50), 0.2)
+    cx, base = cam.pt(x, 0, z)
+    tw = max(1.0, 0.15 * s)
+    cv.rect(cx - tw, base - trunk_h * s - crown_r * s * 0.5, cx + tw, base, bark, _VEG)
+    green = (rng.uniform(40, 110), rng.uniform(100, 160), rng.uniform(30, 70))
+    _, cy = cam.pt(x, trunk_h + crown_r, z)
+    for _ in range(int(rng.integers(4, 8))):
+        ox, oy = rng.normal(0, 0.5, 2) * crown_r * s
+        r = crown_r * s * rng.uniform(0.5, 0.85)
+        cv.ellipse(cx + ox, cy + oy, r, r * rng.uniform(0.8, 1.1),
+                   _jitter(rng, tuple(int(g) for g in green), 0.2), _VEG)
+
+
+def _bush(cv: _Canvas, cam: _Camera, x: float, z: float, rng: np.random.Generator) -> None:
+    s = cam.scale(z)
+    cx, base = cam.pt(x, 0, z)
+    length, height = rng.uniform(1.5, 5.0) * s, rng.uniform(0.6, 1.4) * s
+    green = (60 + rng.integers(0, 50), 110 + rng.integers(0, 50), 40 + rng.integers(0, 30))
+    for k in range(int(rng.integers(3, 6))):
+        ox = (k / 4.0 - 0.5) * length
+        r = height * rng.uniform(0.55, 0.8)
+        cv.ellipse(cx + ox, base - r * 0.8, r * 1.2, r, _jitter(rng, green, 0.15), _VEG)
+
+
+def _pole(cv: _Canvas, cam: _Camera, x: float, z: float, side: int,
+          rng: np.random.Generator) -> None:
+    s = cam.scale(z)
+    height = rng.uniform(4.5, 8.0)
+    colour = _jitter(rng, [(70, 70, 75), (110, 110, 115), (40, 60, 45)][rng.integers(3)], 0.15)
+    cx, base = cam.pt(x, 0, z)
+    _, top = cam.pt(x, height, z)
+    hw = max(1.0, 0.1 * s)
+    cv.rect(cx - hw, top, cx + hw, base, colour, _POLE)
+    if rng.random() < 0.6:  # lamp arm reaching over the road
+        arm = rng.uniform(0.8, 2.0) * s * -side
+        x0, x1 = sorted((cx, cx + arm))
+        cv.rect(x0, top, x1, top + max(2.0, 0.12 * s), colour, _POLE)
+
+
+def _person(cv: _Canvas, cam: _Camera, x: float, z: float, rng: np.random.Generator) -> None:
+    s = cam.scale(z)
+    height = rng.uniform(1.55, 1.95) * s
+    cx, base = cam.pt(x, 0, z)
+    pants = _jitter(rng, _CLOTHES[rng.integers(len(_CLOTHES))], 0.15)
+    shirt = _jitter(rng, _CLOTHES[rng.integers(len(_CLOTHES))], 0.15)
+    skin = _jitter(rng, _SKIN[rng.integers(len(_SKIN))], 0.08)
+    leg_w, hip = max(1.0, 0.09 * s), base - 0.47 * height
+    stride = rng.uniform(-0.08, 0.08) * s
+    for off in (-1, 1):
+        lx = cx + off * (leg_w + 0.01 * s)
+        cv.poly([(lx - leg_w, hip), (lx + leg_w, hip), (lx + leg_w + off * stride, base),
+                 (lx - leg_w + off * stride, base)], pants, _PERSON)
+    sh = 0.23 * s
+    cv.poly([(cx - sh * 0.85, hip + 0.03 * height), (cx + sh * 0.85, hip + 0.03 * height),
+             (cx + sh, base - 0.81 * height), (cx - sh, base - 0.81 * height)], shirt, _PERSON)
+    for off in (-1, 1):  # arms
+        ax = cx + off * sh
+        cv.rect(min(ax, ax + off * 0.09 * s), base - 0.8 * height, max(ax, ax + off * 0.09 * s),
+                base - 0.46 * height, shirt, _PERSON)
+    hr = max(1.2, 0.11 * s)
+    cv.ellipse(cx, base - 0.81 * height - hr * 0.9, hr * 0.85, hr, skin, _PERSON)
+    if rng.random() < 0.4:  # hair / hat
+        hair = _jitter(rng, (50, 35, 25), 0.3)
+        cv.ellipse(cx, base - 0.81 * height - hr * 1.35, hr * 0.85, hr * 0.55, hair, _PERSON)
+
+
+def _car(cv: _Canvas, cam: _Camera, x: float, z: float, rng: np.random.Generator) -> None:
+    s = cam.scale(z)
+    width, height = rng.uniform(1.7, 2.1), rng.uniform(1.35, 1.75)
+    colour = _jitter(rng, _CAR_COLOURS[rng.integers(len(_CAR_COLOURS))], 0.12)
+    cx, base = cam.pt(x, 0, z)
+    hw = width * s / 2
+    # shadow on the road (appearance only)
+    cv.ellipse(cx, base - 0.02 * s, hw * 1.1, 0.18 * s + 0.5, (30, 30, 32), None)
+    tyre = _jitter(rng, (25, 25, 25), 0.1)
+    for off in (-1, 1):
+        wx = cx + off * (hw - 0.22 * s)
+        cv.rect(wx - 0.18 * s, base - 0.62 * s, wx + 0.18 * s, base, tyre, _CAR)
+    belt = base - 0.95 * s
+    cv.rect(cx - hw, base - 0.25 * s, cx + hw, belt, colour, _CAR)
+    roof = base - height * s
+    inset = hw * rng.uniform(0.12, 0.22)
+    cv.poly([(cx - hw, belt), (cx + hw, belt), (cx + hw - inset, roof), (cx - hw + inset, roof)],
+            colour, _CAR)
+    glass = _jitter(rng, (50, 60, 75), 0.2)
+    m = 0.08 * s
+    cv.poly([(cx - hw + inset * 0.5 + m, belt - m), (cx + hw - inset * 0.5 - m, belt - m),
+             (cx + hw - inset - m, roof + m), (cx - hw + inset + m, roof + m)], glass, None)
+    lamp = (200, 30, 30) if rng.random() < 0.6 else (235, 230, 200)
+    for off in (-1, 1):
+        lx = cx + off * (hw - 0.2 * s)
+        cv.rect(lx - 0.15 * s, belt + 0.12 * s, lx + 0.15 * s, belt + 0.28 * s, lamp, None)
+    cv.rect(cx - 0.3 * s, base - 0.55 * s, cx + 0.3 * s, base - 0.42 * s, (220, 220, 210), None)
+
+
+def _plan_objects(cam: _Camera, st: _Street, rng: np.random.Generator) -> list:
+    """Return ``(z, kind, x, extra)`` tuples for everything standing in the street."""
+    objs: list = []
+    z_min = 4.0
+    for _ in range(int(rng.integers(0, 5))):  # cars on the road
+        x = rng.uniform(st.road_l + 1.1, st.road_r - 1.1) if st.road_r - st.road_l > 2.2 \
+            else 0.5 * (st.road_l + st.road_r)
+        objs.append((rng.uniform(z_min + 1.0, 45.0), "car", x, 0))
+    for _ in range(int(rng.integers(0, 5))):  # people, mostly on sidewalks
+        side = -1 if rng.random() < 0.5 else 1
+        lo, hi = (st.walk_l, st.road_l) if side < 0 else (st.road_r, st.walk_r)
+        x = rng.uniform(lo + 0.3, hi - 0.3)
+        if rng.random() < 0.15:
+            x = rng.uniform(st.road_l, st.road_r)
+        objs.append((rng.uniform(z_min, 30.0), "person", x, 0))
+    for _ in range(int(rng.integers(0, 4))):  # poles near the kerb
+        side = -1 if rng.random() < 0.5 else 1
+        x = st.road_l - 0.4 if side < 0 else st.road_r + 0.4
+        objs.append((rng.uniform(z_min, 40.0), "pole", x, side))
+    for _ in range(int(rng.integers(1, 6))):  # street trees and bushes
+        side = -1 if rng.random() < 0.5 else 1
+        kind = "tree" if rng.random() < 0.65 else "bush"
+        if kind == "tree":
+            x = (st.walk_l + 0.8 if rng.random() < 0.5 else st.road_l - 0.8) if side < 0 \
+                else (st.walk_r - 0.8 if rng.random() < 0.5 else st.road_r + 0.8)
+        else:
+            x = st.walk_l - 0.2 if side < 0 else st.walk_r + 0.2
+        objs.append((rng.uniform(z_min, 50.0), kind, x, side))
+    objs.sort(key=lambda o: -o[0])
+    return objs
+
+
+def _draw_objects(cv: _Canvas, cam: _Camera, objs: list, rng: np.random.Generator) -> None:
+    for z, kind, x, side in objs:
+        if kind == "car":
+            _car(cv, cam, x, z, rng)
+        elif kind == "person":
+            _person(cv, cam, x, z, rng)
+        elif kind == "pole":
+            _pole(cv, cam, x, z, side, rng)
+        elif kind == "tree":
+            _tree(cv, cam, x, z, rng)
+        else:
+            _bush(cv, cam, x, z, rng)
+
+
+def _sky(rng: np.random.Generator, s: int, hy: float) -> np.ndarray:
+    """Vertical gradient with soft clouds, float32 (s, s, 3)."""
+    if rng.random() < 0.25:  # overcast
+        top = np.array([0.6, 0.63, 0.68]) * rng.uniform(0.85, 1.1)
+        bottom = np.array([0.82, 0.84, 0.86]) * rng.uniform(0.9, 1.1)
+    else:
+        top = np.array([rng.uniform(0.2, 0.45), rng.uniform(0.4, 0.62), rng.uniform(0.75, 0.95)])
+        bottom = np.array([rng.uniform(0.65, 0.85), rng.uniform(0.78, 0.9), rng.uniform(0.88, 1.0)])
+    t = np.clip(np.arange(s, dtype=np.float32) / max(hy, 1.0), 0, 1)[:, None, None]
+    sky = (top * (1 - t) + bottom * t).astype(np.float32) * np.ones((1, s, 1), np.float32)
+    clouds = _smooth_noise(rng, s, s, rng.integers(3, 7))
+    cover = np.clip(clouds - rng.uniform(0.2, 1.2), 0, 1)[..., None] * rng.uniform(0.4, 0.9)
+    return sky * (1 - cover) + 0.95 * cover
+
+
+# fine grain, mid (leafy/blotchy), low (weathering) noise amplitudes per class
+_TEX_FINE = np.array([0.01, 0.07, 0.06, 0.04, 0.12, 0.03, 0.03, 0.04], np.float32)
+_TEX_MID = np.array([0.0, 0.04, 0.05, 0.05, 0.3, 0.0, 0.0, 0.0], np.float32)
+_TEX_LOW = np.array([0.0, 0.1, 0.08, 0.12, 0.1, 0.0, 0.0, 0.04], np.float32)
+
+
+def _texture(rgb: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    s = mask.shape[0]
+    fine = rng.standard_normal((s, s)).astype(np.float32)
+    mid = _smooth_noise(rng, s, s, s // 5)
+    low = _smooth_noise(rng, s, s, 5)
+    mod = 1.0 + _TEX_FINE[mask] * fine + _TEX_MID[mask] * mid + _TEX_LOW[mask] * low
+    light = 1.0 + 0.08 * _smooth_noise(rng, s, s, 3)  # uneven illumination
+    return rgb * (mod * light * rng.uniform(0.85, 1.1))[..., None]
+
+
+def _render_street(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Render one street view: supersampled 2x, then box-filtered (rgb) / nearest (mask)."""
+    s = 2 * size
+    cam, st = _make_camera(rng, s), _make_street(rng)
+    cv = _Canvas(s)
+    _draw_ground(cv, cam, st, rng)
+    _draw_back_row(cv, cam, st, rng)
+    for side in (-1, 1):
+        if rng.random() < 0.85:
+            _draw_facades(cv, cam, st, rng, side)
+    _draw_objects(cv, cam, _plan_objects(cam, st, rng), rng)
+
+    mask = np.asarray(cv.mask, dtype=np.uint8)
+    rgb = np.asarray(cv.rgb, dtype=np.float32) / 255.0
+    sky = _sky(rng, s, cam.hy)
+    rgb = np.where((mask == _SKY)[..., None], sky, rgb)
+    rgb = np.clip(_texture(rgb, mask, rng), 0.0, 1.0)
+    rgb = rgb.reshape(size, 2, size, 2, 3).mean(axis=(1, 3))
+    return rgb.astype(np.float32), np.ascontiguousarray(mask[1::2, 1::2])
+
+
+# --------------------------------------------------------------------------------------
+# Shifts
+# --------------------------------------------------------------------------------------
+
+
+def _shift_none(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return rgb
+
+
+def _shift_fog(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    h, w, _ = rgb.shape
+    grey = np.array([0.8, 0.82, 0.85], np.float32) * rng.uniform(0.92, 1.05)
+    lo, hi = rng.uniform(0.55, 0.62), rng.uniform(0.75, 0.85)
+    height = 1.0 - np.arange(h, dtype=np.float32) / max(h - 1, 1)  # 1 at top, 0 at bottom
+    alpha = lo + (hi - lo) * height[:, None] ** 0.7
+    alpha = alpha + 0.05 * _smooth_noise(rng, h, w, 4)  # patchy
+    alpha = np.clip(alpha, 0.0, 0.95)[..., None]
+    out = _box_blur(rgb, 1) * (1 - alpha) + grey * alpha
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+def _glow(h: int, w: int, cx: float, cy: float, sigma: float) -> np.ndarray:
+    yy = (np.arange(h, dtype=np.float32) - cy) ** 2
+    xx = (np.arange(w, dtype=np.float32) - cx) ** 2
+    return np.exp(-(yy[:, None] + xx[None, :]) / (2 * sigma * sigma))
+
+
+def _shift_night(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    h, w, _ = rgb.shape
+    gain = rng.uniform(0.15, 0.3)
+    tint = np.array([0.7, 0.85, 1.25], np.float32)
+    out = (rgb ** 1.1) * gain * tint
+    lights = np.zeros_like(out)
+    for _ in range(int(rng.integers(3, 8))):
+        if rng.random() < 0.5:  # street lamp, warm, upper half
+            cx, cy = rng.uniform(0, w), rng.uniform(0.1 * h, 0.5 * h)
+            colour = np.array([1.0, 0.75, 0.4], np.float32)
+            pairs = [(cx, cy)]
+        else:  # headlight pair, white, lower half
+            cx, cy = rng.uniform(0.1 * w, 0.9 * w), rng.uniform(0.5 * h, 0.85 * h)
+            d = rng.uniform(0.03, 0.1) * w
+            colour = np.array([0.95, 0.95, 1.0], np.float32)
+            pairs = [(cx - d, cy), (cx + d, cy)]
+        sigma = rng.uniform(0.02, 0.05) * h
+        for px, py in pairs:
+            core = _glow(h, w, px, py, max(0.6, sigma * 0.25))
+            halo = _glow(h, w, px, py, sigma) * rng.uniform(0.3, 0.6)
+            lights += (core + halo)[..., None] * colour
+    out = out + lights + rng.normal(0.0, rng.uniform(0.02, 0.04), out.shape)
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+def _shift_rain(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    h, w, _ = rgb.shape
+    cast = np.array([0.42, 0.47, 0.55], np.float32)
+    out = _box_blur(rgb, 1) * rng.uniform(0.55, 0.7)
+    out = out * 0.7 + cast * 0.3 * rng.uniform(0.8, 1.1)
+    layer = Image.new("L", (w * 2, h * 2), 0)
+    draw = ImageDraw.Draw(layer)
+    angle = np.deg2rad(rng.uniform(-25, 25))
+    n = int(h * w / 40 * rng.uniform(0.8, 1.2))
+    for _ in range(n):
+        x, y = rng.uniform(-0.2 * w, 1.2 * w) * 2, rng.uniform(-0.1 * h, h) * 2
+        length = rng.uniform(0.06, 0.16) * h * 2
+        dx, dy = np.sin(angle) * length, np.cos(angle) * length
+        draw.line([(x, y), (x + dx, y + dy)], fill=int(rng.uniform(110, 230)), width=1)
+    streak = np.asarray(layer.resize((w, h), Image.BOX), np.float32)[..., None] / 255.0
+    streak = np.clip(streak * 1.6, 0, 0.7)
+    out = out * (1 - streak) + np.array([0.8, 0.83, 0.88], np.float32) * streak
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+def _shift_snow(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    h, w, _ = rgb.shape
+    lum = _luma(rgb)[..., None]
+    desat = rgb * 0.4 + lum * 0.6
+    out = desat * rng.uniform(0.5, 0.6) + rng.uniform(0.35, 0.42)
+    out = out * np.array([0.97, 0.99, 1.03], np.float32)
+    layer = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(layer)
+    scale = h / 96.0
+    for _ in range(int(h * w / 70 * rng.uniform(0.8, 1.2))):
+        x, y = rng.uniform(0, w), rng.uniform(0, h)
+        r = (rng.uniform(0.0, 1.0) ** 3 * 1.8 + 0.4) * scale
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=int(rng.uniform(160, 255)))
+    flakes = np.asarray(layer.filter(ImageFilter.GaussianBlur(0.5)), np.float32)[..., None]
+    flakes = np.clip(flakes / 255.0 * 1.3, 0, 1)
+    out = out * (1 - flakes) + flakes
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+_SEPIA = np.array(
+    [[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]], np.float32
+)
+
+
+def _shift_sepia(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    out = rgb @ _SEPIA.T
+    contrast = rng.uniform(0.5, 0.65)
+    tone = np.array([0.62, 0.52, 0.38], np.float32)
+    out = tone + contrast * (out - out.mean(axis=(0, 1)))
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Built-in registrations
+# --------------------------------------------------------------------------------------
+
+register_scene(Scene("street", STREET_CLASSES, _render_street))
+
+register_shift(Shift("none", "identity: no appearance change", _shift_none))
+register_shift(Shift("fog", "heavy fog: contrast lost toward light grey, denser with height",
+                     _shift_fog))
+register_shift(Shift("night", "night: dark blue-tinted, sensor noise, glowing lamps/headlights",
+                     _shift_night))
+register_shift(Shift("rain", "rain: dark grey-blue cast, slight blur, diagonal streaks",
+                     _shift_rain))
+register_shift(Shift("snow", "snowfall: bright, desaturated, many white flakes", _shift_snow))
+register_shift(Shift("sepia", "sepia photo: strong sepia colour matrix, low contrast",
+                     _shift_sepia))
+
+register_domain(Domain("clear", "street", ("none",), "street scenes on a clear day"))
+register_domain(Domain("fog", "street", ("fog",), "the same streets in heavy fog"))
+register_domain(Domain("night", "street", ("night",), "the same streets at night, lit by lamps"))
+register_domain(Domain("rain", "street", ("rain",), "the same streets in heavy rain"))
+register_domain(Domain("snow", "street", ("snow",), "the same streets during snowfall"))
+register_domain(Domain("sepia", "street", ("sepia",), "the same streets as old sepia photos"))
+
+
+# --------------------------------------------------------------------------------------
+# Rendering and dataset writing
+# --------------------------------------------------------------------------------------
+
+
+def _check_args(seed: int, index: int, size: int) -> None:
+    if int(seed) < 0 or int(index) < 0:
+        raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
+    if int(size) < MIN_SIZE:
+        raise ValueError(f"size must be >= {MIN_SIZE}, got {size}")
+
+
+def _shift_rng(seed: int, index: int, shift: str) -> np.random.Generator:
+    return np.random.default_rng([seed, index, 1, zlib.crc32(shift.encode("utf-8"))])
+
+
+def render(domain: str, seed: int, index: int, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    """Render one image and its mask.
+
+    The layout depends on ``(seed, index)`` only, so the mask is identical in every
+    domain that shares the scene; each shift draws its randomness from
+    ``(seed, index, shift name)``.
+
+    Args:
+        domain: Registered domain name (see :func:`list_domains`).
+        seed: Non-negative dataset seed.
+        index: Non-negative image index.
+        size: Side length in pixels (>= 16).
+
+    Returns:
+        ``(rgb, mask)``: uint8 arrays of shape ``(size, size, 3)`` and ``(size, size)``;
+        mask values index the scene's ``classes``.
+
+    Raises:
+        KeyError: Unknown domain.
+        ValueError: Negative seed/index or too small size.
+    """
+    dom = get_domain(domain)
+    _check_args(seed, index, size)
+    scene = get_scene(dom.scene)
+    rgb, mask = scene.render(np.random.default_rng([int(seed), int(index), 0]), int(size))
+    if mask.shape != (size, size) or rgb.shape != (size, size, 3):
+        raise RuntimeError(f"scene {scene.name!r} returned wrong shapes {rgb.shape}, {mask.shape}")
+    if int(mask.max()) >= len(scene.classes):
+        raise RuntimeError(f"scene {scene.name!r} returned mask values >= {len(scene.classes)}")
+    for name in dom.shifts:
+        rgb = get_shift(name).apply(rgb.astype(np.float32), _shift_rng(int(seed), int(index), name))
+    return _to_uint8(rgb), mask.astype(np.uint8)
+
+
+def _fill_dataset(tmp: Path, dom: Domain, n: int, seed: int, size: int, progress: bool) -> None:
+    (tmp / "images").mkdir()
+    (tmp / "masks").mkdir()
+    classes = get_scene(dom.scene).classes
+    (tmp / "classes.txt").write_text("".join(c + "\n" for c in classes), encoding="utf-8")
+    meta = {"domain": dom.name, "scene": dom.scene, "shifts": list(dom.shifts),
+            "seed": seed, "n": n, "size": size}
+    (tmp / "domain.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    indices = range(n)
+    if progress:
+        from tqdm import tqdm  # optional dependency, only needed for the bar
+
+        indices = tqdm(indices, desc=f"synth {dom.name}", unit="img", file=sys.stderr)
+    for i in indices:
+        rgb, mask = render(dom.name, seed, i, size)
+        Image.fromarray(rgb).save(tmp / "images" / f"{i:05d}.png")
+        Image.fromarray(mask).save(tmp / "masks" / f"{i:05d}.png")
+
+
+def write_dataset(domain: str, n: int, seed: int, out: Path | str, size: int = 96,
+                  progress: bool = False) -> Path:
+    """Write ``n`` rendered images of a domain to ``out`` atomically.
+
+    Layout: ``images/00000.png`` (RGB), ``masks/00000.png`` (mode ``L``, class index per
+    pixel), ``classes.txt`` (one name per line) and ``domain.json``
+    (``domain, scene, shifts, seed, n, size``). Everything is built in a temporary
+    directory next to ``out`` and renamed into place; on failure it is removed.
+
+    Args:
+        domain: Registered domain name.
+        n: Number of images (>= 1).
+        seed: Non-negative dataset seed.
+        out: Target directory; must not exist or be empty.
+        size: Image side in pixels (>= 16).
+        progress: Show a tqdm progress bar on stderr.
+
+    Returns:
+        The resolved ``out`` path.
+
+    Raises:
+        KeyError: Unknown domain.
+        ValueError: ``n < 1``, ``size < 16`` or negative seed.
+        FileExistsError: ``out`` exists and is a file or a non-empty directory.
+    """
+    dom = get_domain(domain)
+    if int(n) < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    _check_args(seed, 0, size)
+    out = Path(out).resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"refusing to overwrite {out}: it exists and is not an empty "
+                              f"directory; remove it or choose another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _fill_dataset(tmp, dom, int(n), int(seed), int(size), progress)
+        if out.is_dir():
+            out.rmdir()  # empty (checked above); rename cannot replace it portably
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,218 @@
+"""Training a LoRA adapter on a data owner's private folder (peft), and its retrieval centroid.
+
+One flat function, :func:`train_adapter`: load and validate the data, embed every image with
+the frozen base (no LoRA) for the centroid, train LoRA on the dense head against the text
+embeddings of the owner's class names, write an unsigned bundle atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import enum
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import peft
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save as save_safetensors
+from tqdm.auto import tqdm
+
+from semla.registry.bundle import write_bundle
+from semla.registry.data import IGNORE_INDEX, Dataset, load_dataset
+from semla.registry.model import DenseClip, load_base, lora_target_modules
+from semla.schemas import Manifest
+from semla.schemas.errors import InvalidInputError
+
+__all__ = ["TrainConfig", "train_adapter", "embed_images", "compute_centroids", "segmentation_loss", "batches"]
+
+DEFAULT_MIN_SAMPLES = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one adapter; the defaults train semla-tiny in well under a minute on 2 cores."""
+
+    steps: int = 300
+    rank: int = 8
+    alpha: float = 16.0
+    lr: float = 2e-3
+    batch_size: int = 16
+    seed: int = 0
+    version: int = 1
+    min_samples: int = DEFAULT_MIN_SAMPLES
+    centroids: int = 1
+    domain: str | None = None
+
+    def __post_init__(self) -> None:
+        checks = {
+            "steps": self.steps >= 1, "rank": self.rank >= 1, "alpha": self.alpha > 0, "lr": self.lr > 0,
+            "batch_size": self.batch_size >= 1, "version": self.version >= 1, "min_samples": self.min_samples >= 1,
+            "centroids": 1 <= self.centroids <= 8,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise InvalidInputError(f"invalid training setting(s): {', '.join(bad)} (centroids must be 1..8)")
+
+
+@torch.no_grad()
+def embed_images(model: DenseClip, images: Sequence[np.ndarray], batch_size: int = 64) -> torch.Tensor:
+    """Frozen-base global embeddings (B, E), L2-normalised, on the CPU."""
+    out = [model.encode_image(model.pixels(images[i : i + batch_size])).cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+def compute_centroids(embeddings: torch.Tensor, k: int = 1, seed: int = 0, iters: int = 25) -> np.ndarray:
+    """Normalised mean (k = 1) or spherical k-means centroids (k ≤ 8) of unit embeddings: (k, E)."""
+    x = F.normalize(embeddings.double(), dim=1)
+    if k == 1:
+        return F.normalize(x.mean(0, keepdim=True), dim=1).float().numpy()
+    if len(x) < k:
+        raise InvalidInputError(f"cannot form {k} centroids from {len(x)} images")
+    gen = torch.Generator().manual_seed(seed)
+    cents = x[torch.randperm(len(x), generator=gen)[:k]].clone()
+    for _ in range(iters):
+        assign = (x @ cents.T).argmax(1)
+        for j in range(k):
+            members = x[assign == j]
+            if len(members):
+                cents[j] = F.normalize(members.mean(0), dim=0)
+    return cents.float().numpy()
+
+
+def batches(n: int, batch_size: int, steps: int, seed: int):
+    """Yield ``steps`` index batches, reshuffling each epoch, deterministically."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen)
+    pos = 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        yield order[pos : pos + batch_size], gen
+        pos += batch_size
+
+
+def segmentation_loss(model: DenseClip, pixels: torch.Tensor, masks: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Pixel cross-entropy of the dense head's upsampled logits against class-index masks."""
+    logits = model(pixels, text, size=masks.shape[-2:])
+    return F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+
+
+def _prepare(model: DenseClip, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    pixels = torch.cat([model.pixels(data.images[i : i + 256]) for i in range(0, len(data), 256)])
+    size = (model.image_size, model.image_size)
+    masks = torch.stack([
+        F.interpolate(torch.from_numpy(m)[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        for m in data.masks
+    ]).to(model.device)
+    return pixels, masks
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_json_safe(v) for v in value]
+        return sorted(items) if isinstance(value, (set, frozenset)) else items
+    if isinstance(value, enum.Enum):
+        return value.value
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def train_adapter(
+    data_dir: Path,
+    out: Path,
+    name: str,
+    config: TrainConfig = TrainConfig(),
+    *,
+    base: DenseClip | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Manifest:
+    """Train one LoRA adapter and write it as an unsigned bundle at ``out``.
+
+    Args:
+        base: a loaded base model to reuse (it is left unchanged); default: semla-tiny.
+
+    Raises:
+        InvalidInputError: bad data folder, bad settings, or ``out`` already exists.
+    """
+    out = Path(out)
+    if out.exists():
+        raise InvalidInputError(f"{out} already exists; choose a new --out")
+    data = load_dataset(Path(data_dir), min_samples=config.min_samples)
+    model = base if base is not None else load_base(device=device)
+    domain = config.domain
+    if domain is None:
+        info = Path(data_dir) / "domain.json"
+        domain = json.loads(info.read_text()).get("domain", name) if info.is_file() else name
+
+    torch.manual_seed(config.seed)
+    embeddings = embed_images(model, data.images)  # frozen base, before any LoRA exists
+    centroids = compute_centroids(embeddings, k=config.centroids, seed=config.seed)
+    with torch.no_grad():
+        text = model.encode_classes(data.classes)
+    pixels, masks = _prepare(model, data)
+
+    targets = lora_target_modules(model.clip)
+    lora_config = peft.LoraConfig(
+        r=config.rank, lora_alpha=config.alpha, target_modules=targets, lora_dropout=0.0, bias="none"
+    )
+    peft_model = peft.get_peft_model(model.clip, lora_config)
+    try:
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / config.steps)))
+        model.train()
+        bar = tqdm(batches(len(data), min(config.batch_size, len(data)), config.steps, config.seed),
+                   total=config.steps, desc=f"train {name}", unit="step", disable=not progress, leave=False)
+        for idx, gen in bar:
+            x, y = pixels[idx], masks[idx]
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
+            y = torch.where(flip.view(-1, 1, 1).to(y.device), y.flip(-1), y)
+            loss = segmentation_loss(model, x, y, text)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        model.eval()
+        state = {k: v.detach().contiguous().cpu() for k, v in peft.get_peft_model_state_dict(peft_model).items()}
+        adapter_config = _json_safe(peft_model.peft_config["default"].to_dict())
+    finally:
+        peft_model.unload()  # leave the caller's base model exactly as it was
+        model.eval()
+    adapter_config["target_modules"] = targets
+    weights = save_safetensors(state, metadata={"format": "pt"})
+    fields = {
+        "schema_version": 1,
+        "name": name,
+        "version": config.version,
+        "base_model": model.ref.model_dump(mode="json"),
+        "target_modules": targets,
+        "rank": config.rank,
+        "alpha": float(config.alpha),
+        "vocabulary": list(data.classes),
+        "domain": domain,
+        "centroids": {
+            "embedding_model": f"{model.ref.arch}:{model.ref.fingerprint[:16]}:image-global",
+            "vectors": [[float(v) for v in row] for row in centroids],
+        },
+        "sample_count": len(data),
+        "privacy": {"mechanism": "none", "min_samples": config.min_samples},
+        "training": {"steps": config.steps, "lr": float(config.lr), "batch_size": config.batch_size, "seed": config.seed},
+        "created_at": _utc_now(),
+    }
+    return write_bundle(out, weights=weights, adapter_config=adapter_config, manifest_fields=fields)

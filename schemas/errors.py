@@ -1,0 +1,112 @@
+"""One error tree for the whole project.
+
+Library code raises these; only the edges turn them into something else (HTTP status codes in
+``semla.server``, exit codes and one-line messages in the CLIs). Every error carries a short,
+stable ``code`` that the registry returns in ``{"error": {"code": ..., "message": ...}}`` so a
+client can tell refusals apart without parsing prose::
+
+    SemlaError
+    ├── InvalidInputError           bad argument, data directory or image (the caller's fault)
+    ├── VerificationError           a bundle or message failed verification (possible tampering)
+    │   ├── ManifestError           manifest not valid JSON / wrong schema / unknown field
+    │   ├── SignatureError          missing or invalid signature
+    │   ├── UnknownKeyError         signed by a key the verifier does not trust
+    │   ├── FileSetError            a file is missing or one too many
+    │   ├── HashMismatchError       a file's sha256 or size differs from the manifest
+    │   └── TensorFormatError       not safetensors, bad header, bad shapes, non-finite values
+    ├── IncompatibleAdapterError    adapter does not fit the base model (fingerprint, shapes)
+    ├── ConflictError               stale/replayed version, name owned by another publisher
+    ├── NotFoundError               no such adapter, version, file or key
+    └── RegistryError               the registry refused a request or could not be reached
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SemlaError",
+    "InvalidInputError",
+    "VerificationError",
+    "ManifestError",
+    "SignatureError",
+    "UnknownKeyError",
+    "FileSetError",
+    "HashMismatchError",
+    "TensorFormatError",
+    "IncompatibleAdapterError",
+    "ConflictError",
+    "NotFoundError",
+    "RegistryError",
+]
+
+
+class SemlaError(Exception):
+    """Base of every error this project raises on purpose."""
+
+    code = "semla_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidInputError(SemlaError):
+    code = "invalid_input"
+
+
+class VerificationError(SemlaError):
+    code = "verification_failed"
+
+
+class ManifestError(VerificationError):
+    code = "manifest_invalid"
+
+
+class SignatureError(VerificationError):
+    code = "bad_signature"
+
+
+class UnknownKeyError(VerificationError):
+    code = "unknown_key"
+
+
+class FileSetError(VerificationError):
+    code = "file_set"
+
+
+class HashMismatchError(VerificationError):
+    code = "hash_mismatch"
+
+
+class TensorFormatError(VerificationError):
+    code = "tensor_format"
+
+
+class IncompatibleAdapterError(SemlaError):
+    code = "incompatible_adapter"
+
+
+class ConflictError(SemlaError):
+    code = "conflict"
+
+
+class NotFoundError(SemlaError):
+    code = "not_found"
+
+
+class RegistryError(SemlaError):
+    """The registry answered with an error, or could not be reached.
+
+    Attributes:
+        status: HTTP status code, or ``None`` when no answer came back.
+    """
+
+    code = "registry_error"
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None) -> None:
+        super().__init__(message, code=code)
+        self.status = status

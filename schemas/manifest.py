@@ -1,0 +1,203 @@
+"""The adapter manifest (DESIGN §3): what a data owner signs and publishes.
+
+Unknown fields are rejected, never dropped: a verifier that silently ignored a field would let
+a signer and a reader disagree about what was signed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from semla.schemas._canonical import canonical_json, strict_json_loads
+from semla.schemas.errors import ManifestError
+
+__all__ = [
+    "ADAPTER_CONFIG_FILE",
+    "ADAPTER_WEIGHTS_FILE",
+    "BUNDLE_FILES",
+    "MANIFEST_FILE",
+    "MANIFEST_SCHEMA_VERSION",
+    "SIGNATURE_FILE",
+    "SIGNING_CONTEXT",
+    "NAME_PATTERN",
+    "BaseModelRef",
+    "Centroids",
+    "FederatedProvenance",
+    "FileEntry",
+    "Manifest",
+    "Privacy",
+    "TrainingProvenance",
+    "signing_payload",
+]
+
+MANIFEST_SCHEMA_VERSION = 1
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+MANIFEST_FILE = "manifest.json"
+SIGNATURE_FILE = "manifest.sig"
+#: Every file of a bundle; the manifest lists hashes of the first two.
+BUNDLE_FILES = (ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE, MANIFEST_FILE, SIGNATURE_FILE)
+SIGNING_CONTEXT = b"semla-manifest-v1\n"
+#: Adapter names: lower-case, no path separators, no leading dot.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+_HEX64 = r"^[0-9a-f]{64}$"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class BaseModelRef(_Frozen):
+    """The exact base model an adapter was trained on."""
+
+    arch: str = Field(min_length=1, max_length=128)
+    tag: str = Field(max_length=256)
+    open_clip_version: str = Field(max_length=64)
+    fingerprint: str = Field(pattern=_HEX64)
+
+
+class Centroids(_Frozen):
+    """Retrieval keys: k unit vectors in the frozen base image-embedding space."""
+
+    embedding_model: str = Field(min_length=1, max_length=256)
+    vectors: list[list[float]] = Field(min_length=1, max_length=8)
+
+    @field_validator("vectors")
+    @classmethod
+    def _unit_vectors(cls, vectors: list[list[float]]) -> list[list[float]]:
+        dim = len(vectors[0])
+        if dim < 2 or dim > 4096:
+            raise ValueError(f"centroid dimension {dim} out of range 2..4096")
+        for i, vec in enumerate(vectors):
+            if len(vec) != dim:
+                raise ValueError(f"centroid {i} has dimension {len(vec)}, expected {dim}")
+            if not all(math.isfinite(x) for x in vec):
+                raise ValueError(f"centroid {i} holds a non-finite value")
+            norm = math.sqrt(sum(x * x for x in vec))
+            if abs(norm - 1.0) > 1e-3:
+                raise ValueError(f"centroid {i} is not a unit vector (norm {norm:.6f})")
+        return vectors
+
+    @property
+    def dim(self) -> int:
+        return len(self.vectors[0])
+
+
+class Privacy(_Frozen):
+    """How the published centroid was protected."""
+
+    mechanism: Literal["none", "gaussian"] = "none"
+    epsilon: float | None = None
+    delta: float | None = None
+    clip_norm: float | None = None
+    min_samples: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Privacy":
+        if self.mechanism == "none" and any(
+            v is not None for v in (self.epsilon, self.delta, self.clip_norm)
+        ):
+            raise ValueError("privacy mechanism 'none' cannot carry epsilon/delta/clip_norm")
+        if self.mechanism == "gaussian":
+            if self.epsilon is None or self.delta is None or self.epsilon <= 0:
+                raise ValueError("gaussian mechanism needs epsilon > 0 and delta")
+            if not 0 < self.delta < 1:
+                raise ValueError("delta must lie in (0, 1)")
+        return self
+
+
+class FederatedProvenance(_Frozen):
+    rounds: int = Field(ge=1)
+    participants: int = Field(ge=1)
+    secure_aggregation: bool
+
+
+class TrainingProvenance(_Frozen):
+    steps: int = Field(ge=0)
+    lr: float = Field(ge=0)
+    batch_size: int = Field(ge=1)
+    seed: int
+    federated: FederatedProvenance | None = None
+
+
+class FileEntry(_Frozen):
+    sha256: str = Field(pattern=_HEX64)
+    size: int = Field(ge=0)
+
+
+class Manifest(_Frozen):
+    """Everything a node needs to decide whether to trust, retrieve and load an adapter."""
+
+    schema_version: Literal[1] = MANIFEST_SCHEMA_VERSION
+    name: str = Field(pattern=NAME_PATTERN)
+    version: int = Field(ge=1, le=2**53)
+    #: Key id of the signer; empty in a bundle that has not been signed yet.
+    publisher: str = Field(pattern=r"^([0-9a-f]{16})?$")
+    base_model: BaseModelRef
+    target_modules: list[str] = Field(min_length=1, max_length=512)
+    rank: int = Field(ge=1, le=1024)
+    alpha: float = Field(gt=0)
+    vocabulary: list[str] = Field(min_length=1, max_length=1024)
+    domain: str = Field(max_length=1024)
+    centroids: Centroids
+    sample_count: int = Field(ge=1)
+    privacy: Privacy
+    training: TrainingProvenance
+    files: dict[str, FileEntry]
+    created_at: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
+
+    @field_validator("files")
+    @classmethod
+    def _exact_files(cls, files: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        expected = {ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE}
+        if set(files) != expected:
+            raise ValueError(f"files must list exactly {sorted(expected)}, got {sorted(files)}")
+        return files
+
+    @field_validator("target_modules")
+    @classmethod
+    def _module_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not re.fullmatch(r"[A-Za-z0-9_.]{1,256}", name):
+                raise ValueError(f"bad target module name {name!r}")
+        return names
+
+    @model_validator(mode="after")
+    def _samples_vs_privacy(self) -> "Manifest":
+        if self.sample_count < self.privacy.min_samples:
+            raise ValueError(
+                f"sample_count {self.sample_count} is below the privacy minimum "
+                f"{self.privacy.min_samples}"
+            )
+        return self
+
+    # -- encoding -----------------------------------------------------------------------------
+    def to_canonical(self) -> bytes:
+        """Canonical JSON of this manifest (what is written to manifest.json and signed)."""
+        return canonical_json(self.model_dump(mode="json"))
+
+    @classmethod
+    def parse(cls, data: bytes | str) -> "Manifest":
+        """Parse manifest bytes strictly.
+
+        Raises:
+            ManifestError: not strict JSON, an unknown or missing field, or a bad value.
+        """
+        raw = strict_json_loads(data, what="manifest.json")
+        if not isinstance(raw, dict):
+            raise ManifestError("manifest.json must hold a JSON object")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "manifest"
+            raise ManifestError(f"manifest field {where}: {first['msg']}") from None
+
+
+def signing_payload(manifest: Manifest) -> bytes:
+    """The exact bytes an Ed25519 manifest signature covers."""
+    return SIGNING_CONTEXT + manifest.to_canonical()

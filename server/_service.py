@@ -1,0 +1,270 @@
+"""What the registry does, apart from HTTP: register keys, accept bundles, answer queries.
+
+Routes in :mod:`semla.server.app` parse a request, call one method here and format the result.
+Verification itself is :func:`semla.registry.bundle.check_bundle`; this module adds only the
+registry's own rules (who owns a name, versions only go up) and the storage order that keeps
+a refused upload from leaving anything behind:
+
+1. verify the bundle against the active publisher keys (nothing written yet);
+2. check the name/version rule;
+3. write the four files as blobs (durable), then insert the rows and commit;
+4. if the commit fails (a concurrent upload won the UNIQUE(name, version) race), delete the
+   blobs this upload created that no row references, and answer ``stale_version``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from semla.registry import keys as _keys
+from semla.registry.bundle import check_bundle, sha256_bytes
+from semla.schemas import (
+    BUNDLE_FILES,
+    MANIFEST_FILE,
+    AdapterSummary,
+    KeyCreate,
+    KeyPublic,
+    Manifest,
+    UploadReceipt,
+    canonical_json,
+    strict_json_loads,
+)
+from semla.schemas.errors import ConflictError, InvalidInputError, ManifestError, NotFoundError
+from semla.server.blobs import BlobStore
+from semla.server.db import Adapter, AdapterFile, Publisher, iso_utc
+
+__all__ = ["RegistryService"]
+
+
+def _key_public(row: Publisher) -> KeyPublic:
+    return KeyPublic(
+        key_id=row.key_id,
+        public_key=row.public_key,
+        label=row.label,
+        active=row.active,
+        created_at=iso_utc(row.created_at),
+    )
+
+
+def _summary(row: Adapter) -> AdapterSummary:
+    return AdapterSummary(
+        name=row.name,
+        version=row.version,
+        publisher=row.publisher_key_id,
+        base_fingerprint=row.base_fingerprint,
+        domain=row.domain,
+        sample_count=row.sample_count,
+        manifest_sha256=row.manifest_sha256,
+        centroids=strict_json_loads(row.centroids, what="stored centroids"),
+        created_at=iso_utc(row.created_at),
+    )
+
+
+class RegistryService:
+    """The registry's operations over one database and one blob store.
+
+    Args:
+        sessions: Session factory bound to the registry database.
+        blobs: Where bundle files are stored.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], blobs: BlobStore) -> None:
+        self._sessions = sessions
+        self._blobs = blobs
+        # Serialises "check version → write blobs → commit → clean up" inside one process,
+        # so two uploads here never race; across replicas the UNIQUE constraint decides.
+        self._publish_lock = threading.Lock()
+
+    # -- keys -----------------------------------------------------------------------------------
+    def register_key(self, body: KeyCreate) -> KeyPublic:
+        """Register a publisher key (active from now on).
+
+        Raises:
+            InvalidInputError: not a valid Ed25519 public key.
+            ConflictError: ``key_exists``, the key is already registered.
+        """
+        try:
+            public = _keys.public_key_from_hex(body.public_key)
+        except ValueError:
+            raise InvalidInputError("public_key is not a valid Ed25519 public key") from None
+        raw = _keys.public_bytes(public)
+        kid = _keys.key_id(raw)
+        with self._sessions() as session:
+            if session.get(Publisher, kid) is not None:
+                raise ConflictError(f"key {kid} is already registered", code="key_exists")
+            row = Publisher(key_id=kid, public_key=raw.hex(), label=body.label, active=True)
+            session.add(row)
+            try:
+                session.commit()
+            except IntegrityError:
+                raise ConflictError(f"key {kid} is already registered", code="key_exists") from None
+            return _key_public(row)
+
+    def list_keys(self) -> list[KeyPublic]:
+        with self._sessions() as session:
+            rows = session.scalars(select(Publisher).order_by(Publisher.created_at, Publisher.key_id))
+            return [_key_public(row) for row in rows]
+
+    def _trusted_keys(self) -> dict[str, bytes]:
+        with self._sessions() as session:
+            rows = session.scalars(select(Publisher).where(Publisher.active.is_(True)))
+            return {row.key_id: bytes.fromhex(row.public_key) for row in rows}
+
+    # -- publishing -----------------------------------------------------------------------------
+    def publish(self, files: Mapping[str, bytes]) -> UploadReceipt:
+        """Verify a bundle (file name → bytes) and store it as a new adapter version.
+
+        Raises:
+            VerificationError: any subclass from ``check_bundle`` (nothing is stored).
+            ManifestError: ``manifest_not_canonical``, manifest.json is not the exact
+                canonical encoding of the signed manifest.
+            ConflictError: ``name_taken`` or ``stale_version`` (nothing is stored).
+        """
+        report = check_bundle(files, self._trusted_keys())
+        if report.error is not None:
+            raise report.error
+        manifest = report.manifest
+        assert manifest is not None
+        if files[MANIFEST_FILE] != manifest.to_canonical():
+            # The signature covers the canonical encoding; storing other bytes would let two
+            # different manifest.json files (and manifest_sha256 values) carry one signature.
+            raise ManifestError(
+                f"{MANIFEST_FILE} is not in canonical JSON form (sorted keys, no whitespace)",
+                code="manifest_not_canonical",
+            )
+        with self._publish_lock, self._sessions() as session:
+            self._check_version_rule(session, manifest)
+            digests = {name: sha256_bytes(files[name]) for name in BUNDLE_FILES}
+            created: list[str] = []
+            try:
+                for name in BUNDLE_FILES:
+                    if not self._blobs.exists(digests[name]):
+                        self._blobs.put(files[name])
+                        created.append(digests[name])
+                session.add(self._adapter_row(manifest, files, digests))
+                session.commit()
+            except IntegrityError:
+                session.rollback()
+                self._discard_unreferenced(session, created)
+                raise ConflictError(
+                    f"{manifest.name} version {manifest.version} was published concurrently",
+                    code="stale_version",
+                ) from None
+            except BaseException:
+                session.rollback()
+                self._discard_unreferenced(session, created)
+                raise
+        # Another replica may have discarded a blob it shared with us before our row existed;
+        # now that the row is committed, make sure every blob is (still) there.
+        for name in BUNDLE_FILES:
+            if not self._blobs.exists(digests[name]):
+                self._blobs.put(files[name])
+        return UploadReceipt(
+            name=manifest.name,
+            version=manifest.version,
+            publisher=manifest.publisher,
+            manifest_sha256=digests[MANIFEST_FILE],
+        )
+
+    def _check_version_rule(self, session: Session, manifest: Manifest) -> None:
+        latest = session.execute(
+            select(Adapter.publisher_key_id, Adapter.version)
+            .where(Adapter.name == manifest.name)
+            .order_by(Adapter.version.desc())
+            .limit(1)
+        ).first()
+        if latest is None:
+            return
+        owner, version = latest
+        if owner != manifest.publisher:
+            raise ConflictError(
+                f"adapter name {manifest.name!r} belongs to publisher {owner}", code="name_taken"
+            )
+        if manifest.version <= version:
+            raise ConflictError(
+                f"{manifest.name} version {manifest.version} is not newer than the stored version {version}",
+                code="stale_version",
+            )
+
+    @staticmethod
+    def _adapter_row(manifest: Manifest, files: Mapping[str, bytes], digests: Mapping[str, str]) -> Adapter:
+        row = Adapter(
+            name=manifest.name,
+            version=manifest.version,
+            publisher_key_id=manifest.publisher,
+            manifest_sha256=digests[MANIFEST_FILE],
+            base_fingerprint=manifest.base_model.fingerprint,
+            domain=manifest.domain,
+            sample_count=manifest.sample_count,
+            centroids=canonical_json(manifest.centroids.vectors).decode("utf-8"),
+        )
+        row.files = [
+            AdapterFile(filename=name, sha256=digests[name], size=len(files[name])) for name in BUNDLE_FILES
+        ]
+        return row
+
+    def _discard_unreferenced(self, session: Session, digests: list[str]) -> None:
+        for digest in digests:
+            referenced = session.scalar(select(func.count()).where(AdapterFile.sha256 == digest))
+            if not referenced:
+                self._blobs.delete(digest)
+
+    # -- queries --------------------------------------------------------------------------------
+    def list_adapters(self, *, name: str | None = None, domain: str | None = None) -> list[AdapterSummary]:
+        """The newest version of every adapter name, optionally filtered (domain: substring)."""
+        newest = (
+            select(Adapter.name, func.max(Adapter.version).label("version")).group_by(Adapter.name).subquery()
+        )
+        stmt = select(Adapter).join(
+            newest, (Adapter.name == newest.c.name) & (Adapter.version == newest.c.version)
+        )
+        if name is not None:
+            stmt = stmt.where(Adapter.name == name)
+        if domain:
+            stmt = stmt.where(Adapter.domain.icontains(domain, autoescape=True))
+        with self._sessions() as session:
+            return [_summary(row) for row in session.scalars(stmt.order_by(Adapter.name))]
+
+    def adapter_versions(self, name: str) -> list[AdapterSummary]:
+        """Every stored version of ``name``, newest first.
+
+        Raises:
+            NotFoundError: no adapter has this name.
+        """
+        with self._sessions() as session:
+            rows = session.scalars(select(Adapter).where(Adapter.name == name).order_by(Adapter.version.desc()))
+            out = [_summary(row) for row in rows]
+        if not out:
+            raise NotFoundError(f"no adapter named {name!r}")
+        return out
+
+    def file_path(self, name: str, version: int, filename: str) -> Path:
+        """Path of the stored blob for one bundle file (looked up by sha from the database).
+
+        Raises:
+            NotFoundError: unknown file name, adapter or version.
+            RuntimeError: the database names a blob the store does not hold (storage damage).
+        """
+        if filename not in BUNDLE_FILES:
+            raise NotFoundError(f"no bundle file {filename!r}; bundle files are {', '.join(BUNDLE_FILES)}")
+        with self._sessions() as session:
+            digest = session.scalar(
+                select(AdapterFile.sha256)
+                .join(Adapter, AdapterFile.adapter_id == Adapter.id)
+                .where(Adapter.name == name, Adapter.version == version, AdapterFile.filename == filename)
+            )
+        if digest is None:
+            raise NotFoundError(f"no adapter {name!r} version {version}")
+        if not self._blobs.exists(digest):
+            raise RuntimeError(f"blob {digest} of {name} v{version}/{filename} is missing from the store")
+        return self._blobs.path(digest)
+
+    def file_bytes(self, name: str, version: int, filename: str) -> bytes:
+        """Like :meth:`file_path`, returning the bytes."""
+        return self.file_path(name, version, filename).read_bytes()

@@ -1,0 +1,245 @@
+"""The registry's HTTP API: ``create_app(settings)`` builds a FastAPI app.
+
+Nothing is created at import: the engine, sessions, blob store and service are built inside
+:func:`create_app` and kept on ``app.state``. Routes are thin: parse the request, call one
+:class:`~semla.server._service.RegistryService` method, format the answer. Every error is
+``{"error": {"code": ..., "message": ...}}`` (see :mod:`semla.server._errors`).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import metadata
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi.responses import FileResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+
+from semla.schemas import BUNDLE_FILES, MANIFEST_FILE, AdapterSummary, KeyCreate, KeyPublic, UploadReceipt
+from semla.schemas.manifest import NAME_PATTERN
+from semla.server._errors import ERROR_RESPONSES, install_error_handlers
+from semla.server._multipart import read_multipart
+from semla.server._service import RegistryService
+from semla.server.blobs import BlobStore
+from semla.server.db import create_schema, make_engine, make_sessionmaker
+from semla.server.settings import ServerSettings
+
+__all__ = ["create_app"]
+
+
+def _version() -> str:
+    try:
+        return metadata.version("semla-registry")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "0"
+
+
+# -- dependencies ---------------------------------------------------------------------------------
+def _service(request: Request) -> RegistryService:
+    return request.app.state.service
+
+
+def _settings(request: Request) -> ServerSettings:
+    return request.app.state.settings
+
+
+ServiceDep = Annotated[RegistryService, Depends(_service)]
+SettingsDep = Annotated[ServerSettings, Depends(_settings)]
+_bearer = HTTPBearer(auto_error=False, description="the registry's admin token (SEMLA_ADMIN_TOKEN)")
+
+
+def _require_admin(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    if settings.admin_token is None:
+        raise HTTPException(
+            503,
+            detail={
+                "code": "admin_disabled",
+                "message": "admin endpoints are disabled: start the registry with SEMLA_ADMIN_TOKEN set",
+            },
+        )
+    expected = settings.admin_token.get_secret_value().encode("utf-8")
+    given = credentials.credentials.encode("utf-8") if credentials is not None else b""
+    if not hmac.compare_digest(given, expected):
+        raise HTTPException(
+            401,
+            detail={"code": "unauthorized", "message": "missing or wrong admin token (Authorization: Bearer ...)"},
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+AdapterName = Annotated[str, Path(pattern=NAME_PATTERN, description="adapter name", examples=["city-streets"])]
+Version = Annotated[int, Path(ge=1, le=2**53, description="adapter version")]
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "the four bundle files, each a form part named exactly by its file name",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": list(BUNDLE_FILES),
+                    "properties": {name: {"type": "string", "format": "binary"} for name in BUNDLE_FILES},
+                }
+            }
+        },
+    }
+}
+
+# -- routes ---------------------------------------------------------------------------------------
+router = APIRouter()
+
+
+@router.get("/healthz", tags=["ops"], summary="Liveness probe")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.post(
+    "/v1/keys",
+    tags=["keys"],
+    status_code=201,
+    summary="Register a publisher key (admin)",
+    dependencies=[Depends(_require_admin)],
+    responses={
+        400: ERROR_RESPONSES,
+        401: ERROR_RESPONSES,
+        409: {**ERROR_RESPONSES, "description": "key_exists"},
+        422: ERROR_RESPONSES,
+        503: {**ERROR_RESPONSES, "description": "admin_disabled: no admin token configured"},
+    },
+)
+def register_key(body: KeyCreate, service: ServiceDep) -> KeyPublic:
+    return service.register_key(body)
+
+
+@router.get("/v1/keys", tags=["keys"], summary="List publisher keys")
+def list_keys(service: ServiceDep) -> list[KeyPublic]:
+    return service.list_keys()
+
+
+@router.post(
+    "/v1/adapters",
+    tags=["adapters"],
+    status_code=201,
+    summary="Publish a signed adapter bundle",
+    description=(
+        "Verifies the bundle (file set, manifest schema, signature by an active registered key, "
+        "file hashes, adapter config, safetensors header) and the version rule (name unused or "
+        "owned by the signer, version strictly greater than the last). A refused upload leaves "
+        "nothing behind."
+    ),
+    openapi_extra=_UPLOAD_BODY,
+    responses={
+        400: ERROR_RESPONSES,
+        403: {**ERROR_RESPONSES, "description": "bad_signature, unsigned, unknown_key"},
+        409: {**ERROR_RESPONSES, "description": "name_taken, stale_version"},
+        413: {**ERROR_RESPONSES, "description": "too_large"},
+        422: {
+            **ERROR_RESPONSES,
+            "description": "missing_file, extra_file, manifest_invalid, hash_mismatch, tensor_format, ...",
+        },
+    },
+)
+async def publish_adapter(request: Request, service: ServiceDep, settings: SettingsDep) -> UploadReceipt:
+    files = await read_multipart(request, max_bytes=settings.max_upload_bytes)
+    return await run_in_threadpool(service.publish, files)
+
+
+@router.get(
+    "/v1/adapters",
+    tags=["adapters"],
+    summary="Index: newest version of every adapter",
+    responses={422: ERROR_RESPONSES},
+)
+def list_adapters(
+    service: ServiceDep,
+    name: Annotated[str | None, Query(pattern=NAME_PATTERN, description="only this adapter name")] = None,
+    domain: Annotated[str | None, Query(max_length=256, description="substring of the domain (any case)")] = None,
+) -> list[AdapterSummary]:
+    return service.list_adapters(name=name, domain=domain)
+
+
+@router.get(
+    "/v1/adapters/{name}",
+    tags=["adapters"],
+    summary="Every version of one adapter, newest first",
+    responses={404: ERROR_RESPONSES, 422: ERROR_RESPONSES},
+)
+def adapter_versions(name: AdapterName, service: ServiceDep) -> list[AdapterSummary]:
+    return service.adapter_versions(name)
+
+
+@router.get(
+    "/v1/adapters/{name}/{version}/manifest",
+    tags=["adapters"],
+    summary="The stored manifest.json bytes",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/json": {}}, "description": "manifest.json, byte-identical"},
+        404: ERROR_RESPONSES,
+        422: ERROR_RESPONSES,
+    },
+)
+def get_manifest(name: AdapterName, version: Version, service: ServiceDep) -> Response:
+    return Response(service.file_bytes(name, version, MANIFEST_FILE), media_type="application/json")
+
+
+@router.get(
+    "/v1/adapters/{name}/{version}/files/{filename}",
+    tags=["adapters"],
+    summary="One bundle file, byte-identical",
+    description=f"`filename` is one of: {', '.join(BUNDLE_FILES)}.",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "the file's bytes"},
+        404: ERROR_RESPONSES,
+        422: ERROR_RESPONSES,
+    },
+)
+def get_file(name: AdapterName, version: Version, filename: str, service: ServiceDep) -> FileResponse:
+    return FileResponse(service.file_path(name, version, filename), media_type="application/octet-stream")
+
+
+# -- factory --------------------------------------------------------------------------------------
+def create_app(settings: ServerSettings) -> FastAPI:
+    """Build the registry app: data dir, database schema, blob store, routes, error handlers.
+
+    Raises:
+        OSError: the data directory cannot be created.
+        sqlalchemy.exc.SQLAlchemyError: the database URL is invalid or unreachable.
+    """
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.resolved_database_url)
+    create_schema(engine)
+    blobs = BlobStore(settings.data_dir / "blobs")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="SemLA adapter registry",
+        version=_version(),
+        description=(
+            "Registry of signed LoRA adapters for open-vocabulary segmentation. Publishers upload "
+            "signed bundles; nodes pull the index (with centroids, for local retrieval) and the "
+            "files, and verify every signature again before loading."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.blobs = blobs
+    app.state.service = RegistryService(make_sessionmaker(engine), blobs)
+    install_error_handlers(app)
+    app.include_router(router)
+    return app

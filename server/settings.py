@@ -1,0 +1,61 @@
+"""Registry server settings, read from ``SEMLA_*`` environment variables (pydantic-settings).
+
+Nothing is read or created at import: build a :class:`ServerSettings` and hand it to
+:func:`semla.server.create_app`. Flags of ``semla-server`` override the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ServerSettings", "DEFAULT_MAX_UPLOAD_BYTES"]
+
+DEFAULT_MAX_UPLOAD_BYTES = 256 * 1024 * 1024
+
+
+class ServerSettings(BaseSettings):
+    """Everything the registry server needs to start.
+
+    Attributes:
+        data_dir: Holds the blob store (``blobs/``) and, by default, the SQLite database.
+        host: Interface to listen on.
+        port: TCP port to listen on.
+        admin_token: Bearer token for admin endpoints (key registration). When unset, every
+            admin endpoint answers 503: nobody can register keys by accident.
+        database_url: SQLAlchemy URL; default ``sqlite:///{data_dir}/registry.db``. A
+            ``postgresql+psycopg://...`` URL works with the same code.
+        max_upload_bytes: Largest accepted upload body (checked on Content-Length and on the
+            bytes actually read).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SEMLA_", extra="forbid", frozen=True)
+
+    data_dir: Path = Field(default=Path("./semla-data"), description="blob store and default SQLite database")
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8080, ge=1, le=65535)
+    #: A secret: ``SecretStr`` keeps it out of reprs and logs. Empty means unset.
+    admin_token: SecretStr | None = None
+    database_url: str | None = None
+    max_upload_bytes: int = Field(default=DEFAULT_MAX_UPLOAD_BYTES, ge=1)
+
+    @field_validator("admin_token", mode="after")
+    @classmethod
+    def _empty_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            return None
+        return value
+
+    @field_validator("database_url", mode="after")
+    @classmethod
+    def _empty_url_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    @property
+    def resolved_database_url(self) -> str:
+        """``database_url``, or the SQLite file inside ``data_dir`` when it is unset."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'registry.db'}"

@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny base model, a small trained bundle, keys, a free loopback port."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+GOLDEN_DIR = Path(__file__).parent / "goldens"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-goldens", action="store_true", help="rewrite tests/goldens/* from the current code")
+
+
+@pytest.fixture
+def update_goldens(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--update-goldens"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    """The bundled semla-tiny base (shared: do not mutate; use ``fresh_base``)."""
+    from semla.registry.model import load_base
+
+    return load_base()
+
+
+@pytest.fixture
+def fresh_base(tiny_base):
+    return copy.deepcopy(tiny_base)
+
+
+@pytest.fixture(scope="session")
+def fog_data(tmp_path_factory) -> Path:
+    from semla.registry import synth
+
+    return synth.write_dataset("fog", 50, 7, tmp_path_factory.mktemp("data") / "fog")
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(tmp_path_factory, fog_data, tiny_base) -> Path:
+    """An unsigned bundle trained for a few steps on 50 fog images (kept read-only by tests)."""
+    from semla.registry.train import TrainConfig, train_adapter
+
+    out = tmp_path_factory.mktemp("bundles") / "fog"
+    train_adapter(fog_data, out, "fog", TrainConfig(steps=8, lr=5e-3, seed=3), base=tiny_base, progress=False)
+    return out
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
