@@ -74,6 +74,27 @@ def registry_server(data_dir: Path, token: str):
         log.close()
 
 
+def publish_owner(client: RegistryClient, token: str, domain: str, owner: Path, base, *, seed: int,
+                  n_train: int, steps: int, progress: bool) -> dict:
+    """One data owner: key, registration, private data, training, signing, upload."""
+    owner.mkdir(parents=True)
+    key = keys.generate_key()
+    keys.save_keypair(key, owner / "owner.key")
+    client.register_key(keys.public_bytes(key).hex(), token, label=f"{domain} owner")
+    data = synth.write_dataset(domain, n_train, TRAIN_SEED + seed, owner / "private")
+    t0 = time.perf_counter()
+    train_adapter(data, owner / "bundle", domain, TrainConfig(steps=steps, seed=seed), base=base, progress=progress)
+    seconds = time.perf_counter() - t0
+    receipt = publish_bundle(owner / "bundle", client, key=key)
+    return {"train_seconds": round(seconds, 1), "version": receipt.version, "publisher": receipt.publisher}
+
+
+def test_set(domain: str, n_test: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Held-out images of a domain (a seed no owner trains on)."""
+    images, masks = zip(*(synth.render(domain, TEST_SEED, i) for i in range(n_test)))
+    return list(images), list(masks)
+
+
 def run(workdir: Path, domains: list[str], unseen: list[str], *, n_train: int, n_test: int, steps: int,
         top_k: int, temperature: float, quiet: bool = False) -> dict:
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -88,22 +109,12 @@ def run(workdir: Path, domains: list[str], unseen: list[str], *, n_train: int, n
     with registry_server(workdir / "registry", token) as url:
         say(f"registry running at {url}")
         client = RegistryClient(url)
-        for domain in domains:
-            owner = workdir / "owners" / domain
-            owner.mkdir(parents=True)
-            key = keys.generate_key()
-            keys.save_keypair(key, owner / "owner.key")
-            client.register_key(keys.public_bytes(key).hex(), token, label=f"{domain} owner")
-            data = synth.write_dataset(domain, n_train, TRAIN_SEED + domains.index(domain), owner / "private")
-            t0 = time.perf_counter()
-            train_adapter(data, owner / "bundle", domain, TrainConfig(steps=steps, seed=domains.index(domain)),
-                          base=base, progress=not quiet)
-            seconds = time.perf_counter() - t0
-            receipt = publish_bundle(owner / "bundle", client, key=key)
-            results["owners"][domain] = {"train_seconds": round(seconds, 1), "version": receipt.version,
-                                         "publisher": receipt.publisher}
-            say(f"owner {domain:6s}: trained in {seconds:5.1f} s, published v{receipt.version} "
-                f"by key {receipt.publisher}")
+        for i, domain in enumerate(domains):
+            info = publish_owner(client, token, domain, workdir / "owners" / domain, base, seed=i, n_train=n_train,
+                                 steps=steps, progress=not quiet)
+            results["owners"][domain] = info
+            say(f"owner {domain:6s}: trained in {info['train_seconds']:5.1f} s, published v{info['version']} "
+                f"by key {info['publisher']}")
 
         node = Node(client, base=base, cache_dir=workdir / "node-cache")
         node.pull()
@@ -114,17 +125,19 @@ def run(workdir: Path, domains: list[str], unseen: list[str], *, n_train: int, n
         say("")
         say(f"{'image':16s} {'top contributions (weight)':44s} {'base':>6s} {'fused':>6s}")
         for domain in domains + unseen:
-            images, masks = zip(*(synth.render(domain, TEST_SEED, i) for i in range(n_test)))
-            preds = seg.segment(list(images), with_base=True)
+            images, masks = test_set(domain, n_test)
+            preds = seg.segment(images, with_base=True)
             for i, (img, pred) in enumerate(zip(images, preds)):
                 pred.image = f"{domain}/{i:03d}"
                 Image.fromarray(overlay(img, pred.mask, len(classes))).save(out_dir / f"{domain}-{i:03d}.png")
-            base_miou = miou([p.base_mask for p in preds], list(masks), len(classes))
-            fused_miou = miou([p.mask for p in preds], list(masks), len(classes))
+            base_miou = miou([p.base_mask for p in preds], masks, len(classes))
+            own = seg.segment(images, adapter=domain) if domain in domains else None
+            fused_miou = miou([p.mask for p in preds], masks, len(classes))
             top1 = [p.contributions[0].name for p in preds]
             results["domains"][domain] = {
                 "published": domain in domains, "n_test": n_test, "base_miou": round(base_miou, 4),
                 "fused_miou": round(fused_miou, 4),
+                "own_adapter_miou": round(miou([p.mask for p in own], masks, len(classes)), 4) if own else None,
                 "top1_own_adapter_rate": round(top1.count(domain) / n_test, 4) if domain in domains else None,
                 "mean_top1_weight": round(float(np.mean([p.contributions[0].weight for p in preds])), 4),
             }

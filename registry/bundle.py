@@ -225,7 +225,7 @@ def check_bundle(
 ) -> BundleReport:
     """Verify a bundle given as file name → bytes.
 
-    In order: the exact file set; the manifest schema; the Ed25519 signature by a trusted key
+    In order: the exact file set; the manifest schema and its canonical bytes; the Ed25519 signature by a trusted key
     (``trusted_keys`` maps key id → raw public key); each file's sha256 and size; the adapter
     config against the manifest; the safetensors header, LoRA layout (modules = target modules,
     rank = manifest rank) and finite values.
@@ -234,6 +234,13 @@ def check_bundle(
     try:
         _check_file_set(files)
         manifest = Manifest.parse(files[MANIFEST_FILE])
+        if files[MANIFEST_FILE] != manifest.to_canonical():
+            # The signature covers the canonical encoding; accepting other bytes would let two
+            # different manifest.json files (and manifest hashes) carry one signature.
+            raise ManifestError(
+                f"{MANIFEST_FILE} is not in canonical JSON form (sorted keys, no whitespace)",
+                code="manifest_not_canonical",
+            )
         if not manifest.publisher:
             raise SignatureError("manifest has no publisher: the bundle was never signed", code="unsigned")
         public = trusted_keys.get(manifest.publisher)

@@ -144,8 +144,11 @@ class DenseClip(nn.Module):
         ref: the base-model reference recorded in every adapter manifest.
     """
 
-    def __init__(self, clip: nn.Module, arch: str, tag: str) -> None:
+    def __init__(self, clip: nn.Module, arch: str, tag: str, embedding: str = "clip-global") -> None:
         super().__init__()
+        if embedding not in RETRIEVAL_EMBEDDINGS:
+            raise InvalidInputError(f"unknown retrieval embedding {embedding!r}; valid: {', '.join(RETRIEVAL_EMBEDDINGS)}")
+        self.embedding = embedding
         self.clip = swap_attention(clip)
         visual = clip.visual
         if getattr(visual, "attn_pool", None) is not None or visual.proj is None:
@@ -191,6 +194,19 @@ class DenseClip(nn.Module):
         pooled, _ = visual._pool(x)
         return F.normalize(pooled @ visual.proj, dim=-1)
 
+    def encode_patch_mean(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Mean of the patch tokens entering the last block, L2-normalised: (B, D)."""
+        return F.normalize(self._trunk(pixels)[:, 1:].mean(dim=1), dim=-1)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The retrieval key of each image (frozen base, no LoRA), L2-normalised: (B, D)."""
+        return RETRIEVAL_EMBEDDINGS[self.embedding](self, pixels)
+
+    @property
+    def embedding_model(self) -> str:
+        """Names the retrieval embedding space in every manifest: arch, base fingerprint, kind."""
+        return f"{self.ref.arch}:{self.ref.fingerprint[:16]}:{self.embedding}"
+
     def encode_dense(self, pixels: torch.Tensor) -> torch.Tensor:
         """MaskCLIP per-patch embeddings, L2-normalised: (B, g, g, E)."""
         visual = self.clip.visual
@@ -222,6 +238,15 @@ class DenseClip(nn.Module):
         logits = self.dense_logits(pixels, text)
         return F.interpolate(logits, size=size or pixels.shape[-2:], mode="bilinear", align_corners=False)
 
+
+#: Retrieval embeddings by name. ``clip-global`` is CLIP's own image embedding, the paper's key
+#: for web-pretrained CLIP. ``patch-mean`` (mean patch token entering the last block) is the
+#: key for semla-tiny: trained only for clear-weather segmentation, its global embedding keeps
+#: little appearance information, while its patch features separate domains (DESIGN §4 note).
+RETRIEVAL_EMBEDDINGS: dict[str, Callable[[DenseClip, torch.Tensor], torch.Tensor]] = {
+    "clip-global": DenseClip.encode_image,
+    "patch-mean": DenseClip.encode_patch_mean,
+}
 
 # -- backbones ------------------------------------------------------------------------------------
 Builder = Callable[[str, "str | None"], tuple[nn.Module, str]]
@@ -295,7 +320,7 @@ def load_base(arch: str = TINY, pretrained: str | None = None, device: str | tor
     if arch not in BACKBONES:
         raise InvalidInputError(f"unknown backbone {arch!r}; valid: {', '.join(list_backbones())}")
     clip, tag = BACKBONES[arch](arch, pretrained)
-    model = DenseClip(clip, arch, tag).to(device).eval()
+    model = DenseClip(clip, arch, tag, embedding="patch-mean" if arch == TINY else "clip-global").to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,7 +39,9 @@ from semla.registry.retrieval import (
     retrieve_torch,
 )
 from semla.schemas import ADAPTER_WEIGHTS_FILE, BUNDLE_FILES, MANIFEST_FILE, AdapterSummary, Manifest
-from semla.schemas.errors import InvalidInputError, NotFoundError, VerificationError
+from semla.schemas.errors import IncompatibleAdapterError, InvalidInputError, NotFoundError, VerificationError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Node", "Segmenter", "Prediction", "Contribution", "default_cache_dir", "resolve_device"]
 
@@ -154,11 +157,27 @@ class Node:
             raise VerificationError(f"{self._key(summary)}: manifest differs from the one the registry listed")
         if (manifest.name, manifest.version, manifest.publisher) != (summary.name, summary.version, summary.publisher):
             raise VerificationError(f"{self._key(summary)}: signed name/version/publisher differ from the listing")
+        if manifest.centroids.embedding_model != self.base.embedding_model:
+            raise IncompatibleAdapterError(
+                f"{self._key(summary)}: centroids live in {manifest.centroids.embedding_model}, "
+                f"this node retrieves in {self.base.embedding_model}"
+            )
         listed = np.asarray(summary.centroids, dtype=np.float64)
         signed = np.asarray(manifest.centroids.vectors, dtype=np.float64)
         if listed.shape != signed.shape or not np.allclose(listed, signed, atol=1e-6):
             raise VerificationError(f"{self._key(summary)}: listed centroids differ from the signed manifest")
         return manifest
+
+    def _read_cache(self, summary: AdapterSummary, path: Path) -> tuple[dict[str, bytes], Manifest] | None:
+        """A cached bundle, re-verified (re-hashed) on every load; None when absent or bad."""
+        if not path.is_dir():
+            return None
+        try:
+            files = read_bundle(path)
+            return files, self._verify(summary, files)
+        except VerificationError as exc:
+            logger.warning("cached %s failed verification (%s); fetching it again", path, exc)
+            return None
 
     def adapter(self, summary: AdapterSummary) -> LoraAdapter:
         """The verified, loaded adapter for a library entry (downloaded once, then cached)."""
@@ -166,18 +185,13 @@ class Node:
         if key in self._loaded:
             return self._loaded[key]
         cached = self.cache_dir / summary.name / f"{summary.version}-{summary.manifest_sha256[:16]}"
-        if cached.is_dir():
-            files = read_bundle(cached)
-            try:
-                manifest = self._verify(summary, files)  # disk entries are re-hashed on load
-            except VerificationError:
-                files = None
-        else:
-            files = None
-        if files is None:
+        found = self._read_cache(summary, cached)
+        if found is None:
             files = {f: self.client.fetch_file(summary.name, summary.version, f) for f in BUNDLE_FILES}
             manifest = self._verify(summary, files)
             atomic_replace_dir(cached, files, overwrite=True)
+        else:
+            files, manifest = found
         adapter = load_adapter(key, files[ADAPTER_WEIGHTS_FILE], manifest, self.base.ref.fingerprint,
                                self.engine.targets, device=self.device)
         self._loaded[key] = adapter
@@ -222,32 +236,55 @@ class Segmenter:
 
     @torch.no_grad()
     def segment(
-        self, images: Sequence[str | Path | np.ndarray], *, with_base: bool = False, batch_size: int = 16
+        self,
+        images: Sequence[str | Path | np.ndarray],
+        *,
+        with_base: bool = False,
+        adapter: str | None = None,
+        batch_size: int = 16,
     ) -> list[Prediction]:
-        """Segment images (paths or uint8 (H, W, 3) arrays), batch by batch."""
+        """Segment images (paths or uint8 (H, W, 3) arrays), batch by batch.
+
+        Args:
+            with_base: also fill each prediction's ``base_mask`` (the base model alone).
+            adapter: pin one adapter by name (weight 1) instead of retrieving per image.
+        """
+        pinned = None
+        if adapter is not None:
+            names = [a.name for a in self.node.library]
+            if adapter not in names:
+                raise NotFoundError(f"adapter {adapter!r} is not in the library; have: {', '.join(names)}")
+            pinned = names.index(adapter)
         out: list[Prediction] = []
         for start in range(0, len(images), batch_size):
-            out.extend(self._segment_batch(images[start : start + batch_size], with_base))
+            out.extend(self._segment_batch(images[start : start + batch_size], with_base, pinned))
         return out
 
-    def _segment_batch(self, images: Sequence[str | Path | np.ndarray], with_base: bool) -> list[Prediction]:
+    def _segment_batch(
+        self, images: Sequence[str | Path | np.ndarray], with_base: bool, pinned: int | None
+    ) -> list[Prediction]:
         node = self.node
         arrays = [read_image(Path(i)) if isinstance(i, (str, Path)) else np.asarray(i, dtype=np.uint8) for i in images]
         labels = [str(i) if isinstance(i, (str, Path)) else f"image-{n}" for n, i in enumerate(images)]
         sizes = [a.shape[:2] for a in arrays]
         pixels = node.base.pixels(arrays)
         node.engine.clear()
-        query = node.base.encode_image(pixels)  # frozen base embedding: the retrieval key
+        query = node.base.embed(pixels)  # frozen base embedding: the retrieval key
         base_masks = self._masks(pixels, sizes) if with_base else [None] * len(arrays)
-        idx, dist, weights = retrieve_torch(query, node._table, top_k=self.top_k, temperature=self.temperature,
-                                            distance=self.distance)
+        table = node._table
+        if pinned is None:
+            idx, dist, weights = retrieve_torch(query, table, top_k=self.top_k, temperature=self.temperature,
+                                                distance=self.distance)
+        else:  # one adapter at weight 1; its distance still reported
+            all_idx, all_dist, _ = retrieve_torch(query, table, top_k=table.n_adapters, distance=self.distance)
+            pos = (all_idx == pinned).int().argmax(1, keepdim=True)
+            idx, dist = all_idx.gather(1, pos), all_dist.gather(1, pos)
+            weights = torch.ones_like(dist)
         needed = sorted(set(idx.flatten().tolist()))
         column = {lib_i: c for c, lib_i in enumerate(needed)}
         adapters = [node.adapter(node.library[i]) for i in needed]
-        mix = torch.zeros(len(arrays), len(needed), device=node.device)
-        for b in range(len(arrays)):
-            for j in range(idx.shape[1]):
-                mix[b, column[int(idx[b, j])]] = weights[b, j]
+        cols = torch.tensor([column[i] for i in idx.flatten().tolist()], device=node.device).view_as(idx)
+        mix = torch.zeros(len(arrays), len(needed), device=node.device).scatter_(1, cols, weights)  # (B, n)
         node.engine.set_mixture(adapters, mix)
         try:
             masks = self._masks(pixels, sizes)

@@ -62,8 +62,8 @@ class TrainConfig:
 
 @torch.no_grad()
 def embed_images(model: DenseClip, images: Sequence[np.ndarray], batch_size: int = 64) -> torch.Tensor:
-    """Frozen-base global embeddings (B, E), L2-normalised, on the CPU."""
-    out = [model.encode_image(model.pixels(images[i : i + batch_size])).cpu() for i in range(0, len(images), batch_size)]
+    """Frozen-base retrieval embeddings (B, D), L2-normalised, on the CPU."""
+    out = [model.embed(model.pixels(images[i : i + batch_size])).cpu() for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 
 
@@ -207,7 +207,7 @@ def train_adapter(
         "vocabulary": list(data.classes),
         "domain": domain,
         "centroids": {
-            "embedding_model": f"{model.ref.arch}:{model.ref.fingerprint[:16]}:image-global",
+            "embedding_model": model.embedding_model,
             "vectors": [[float(v) for v in row] for row in centroids],
         },
         "sample_count": len(data),

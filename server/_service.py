@@ -35,7 +35,7 @@ from semla.schemas import (
     canonical_json,
     strict_json_loads,
 )
-from semla.schemas.errors import ConflictError, InvalidInputError, ManifestError, NotFoundError
+from semla.schemas.errors import ConflictError, InvalidInputError, NotFoundError
 from semla.server.blobs import BlobStore
 from semla.server.db import Adapter, AdapterFile, Publisher, iso_utc
 
@@ -122,8 +122,6 @@ class RegistryService:
 
         Raises:
             VerificationError: any subclass from ``check_bundle`` (nothing is stored).
-            ManifestError: ``manifest_not_canonical``, manifest.json is not the exact
-                canonical encoding of the signed manifest.
             ConflictError: ``name_taken`` or ``stale_version`` (nothing is stored).
         """
         report = check_bundle(files, self._trusted_keys())
@@ -131,13 +129,6 @@ class RegistryService:
             raise report.error
         manifest = report.manifest
         assert manifest is not None
-        if files[MANIFEST_FILE] != manifest.to_canonical():
-            # The signature covers the canonical encoding; storing other bytes would let two
-            # different manifest.json files (and manifest_sha256 values) carry one signature.
-            raise ManifestError(
-                f"{MANIFEST_FILE} is not in canonical JSON form (sorted keys, no whitespace)",
-                code="manifest_not_canonical",
-            )
         with self._publish_lock, self._sessions() as session:
             self._check_version_rule(session, manifest)
             digests = {name: sha256_bytes(files[name]) for name in BUNDLE_FILES}

@@ -19,8 +19,15 @@ from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from semla.schemas import BUNDLE_FILES, MANIFEST_FILE, AdapterSummary, KeyCreate, KeyPublic, UploadReceipt
-from semla.schemas.manifest import NAME_PATTERN
+from semla.schemas import (
+    BUNDLE_FILES,
+    MANIFEST_FILE,
+    NAME_PATTERN,
+    AdapterSummary,
+    KeyCreate,
+    KeyPublic,
+    UploadReceipt,
+)
 from semla.server._errors import ERROR_RESPONSES, install_error_handlers
 from semla.server._multipart import read_multipart
 from semla.server._service import RegistryService

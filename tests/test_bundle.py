@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 
 import pytest
@@ -32,7 +33,7 @@ def test_canonical_json_golden_bytes(update_goldens):
     if update_goldens:
         path.write_bytes(data)
     assert data == path.read_bytes()
-    assert canonical_json(__import__("json").loads(data)) == data  # stable under a round trip
+    assert canonical_json(json.loads(data)) == data  # stable under a round trip
     with pytest.raises(ValueError):
         canonical_json({"x": float("nan")})
 
@@ -116,6 +117,9 @@ TAMPERS = {
     "extra_file": (lambda f, k, o: {**f, "notes.txt": b"hi"}, FileSetError, "extra_file"),
     "unknown_manifest_field": (lambda f, k, o: bf.edit_manifest(f, lambda m: m.update(comment="x"), resign_with=k),
                                ManifestError, "manifest_invalid"),
+    "manifest_not_canonical": (
+        lambda f, k, o: {**f, MANIFEST_FILE: json.dumps(json.loads(f[MANIFEST_FILE]), indent=1).encode()},
+        ManifestError, "manifest_not_canonical"),
     "signature_truncated": (lambda f, k, o: {**f, SIGNATURE_FILE: f[SIGNATURE_FILE][:10]}, SignatureError,
                             "bad_signature"),
     "nan_weights": (lambda f, k, o: bf.replace_file(f, ADAPTER_WEIGHTS_FILE, _nan_weights(), key=k),

@@ -31,7 +31,8 @@ def test_lora_on_out_proj_changes_the_output(fresh_base):
     x = torch.randn(1, 3, 96, 96)
     before = fresh_base.encode_image(x)
     with torch.no_grad():
-        fresh_base.clip.visual.transformer.resblocks[0].attn.out_proj.weight.add_(0.05)
+        out_proj = fresh_base.clip.visual.transformer.resblocks[0].attn.out_proj
+        out_proj.weight.add_(0.05 * torch.randn_like(out_proj.weight))
     assert (fresh_base.encode_image(x) - before).abs().max() > 1e-4
 
 
