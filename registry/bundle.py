@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from semla.registry import keys as _keys
+from semla.registry._fs import fsync_dir, write_durable
 from semla.schemas import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
@@ -294,21 +295,6 @@ def read_bundle(path: Path) -> dict[str, bytes]:
     return files
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def atomic_replace_dir(target: Path, files: Mapping[str, bytes], *, overwrite: bool = False) -> None:
     """Write ``files`` into a fresh temp dir beside ``target`` and rename it into place.
 
@@ -324,8 +310,8 @@ def atomic_replace_dir(target: Path, files: Mapping[str, bytes], *, overwrite: b
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         for name, data in files.items():
-            _write_durable(tmp / name, data)
-        _fsync_dir(tmp)
+            write_durable(tmp / name, data)
+        fsync_dir(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -334,7 +320,7 @@ def atomic_replace_dir(target: Path, files: Mapping[str, bytes], *, overwrite: b
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

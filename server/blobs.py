@@ -16,20 +16,13 @@ import re
 import tempfile
 from pathlib import Path
 
+from semla.registry._fs import fsync_dir
 from semla.registry.bundle import sha256_bytes
 from semla.schemas.errors import InvalidInputError
 
 __all__ = ["BlobStore"]
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BlobStore:
@@ -66,7 +59,7 @@ class BlobStore:
         shard = target.parent
         if not shard.is_dir():
             shard.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(self._base)
+            fsync_dir(self._base)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=shard)
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -78,7 +71,7 @@ class BlobStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(shard)
+        fsync_dir(shard)
         return digest
 
     def get(self, sha256: str) -> bytes:
@@ -96,4 +89,4 @@ class BlobStore:
             target.unlink()
         except FileNotFoundError:
             return
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
