@@ -13,8 +13,9 @@
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -264,10 +265,22 @@ def list_backbones() -> list[str]:
     return sorted(BACKBONES)
 
 
+@contextlib.contextmanager
+def _no_random_init_warning():
+    """open_clip warns on the root logger that a model without ``pretrained`` is random."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def _build_tiny(arch: str, pretrained: str | None) -> tuple[nn.Module, str]:
     from safetensors.torch import load_file
 
-    clip = open_clip.create_model(arch, pretrained=None)
+    with _no_random_init_warning():  # the weights are loaded right below
+        clip = open_clip.create_model(arch, pretrained=None)
     swap_attention(clip)
     tag = pretrained or "bundled"
     if tag == "none":

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from semla.registry import synth
 from semla.registry.model import PROMPT_TEMPLATES, TINY, TINY_WEIGHTS, load_base, state_dict_fingerprint
 from semla.registry.train import batches, segmentation_loss
+from semla.schemas import canonical_json
 
 __all__ = ["source_domains", "train_base", "main"]
 
@@ -99,7 +100,9 @@ def train_base(out: Path, *, n_images: int = 3000, steps: int = 2500, batch_size
     state = {k: v.detach().contiguous() for k, v in model.clip.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "classes": json.dumps(classes), "seed": str(seed)})
+    # one metadata key: safetensors writes several in hash order, and the file must be reproducible
+    info = canonical_json({"classes": classes, "seed": seed, "steps": steps}).decode()
+    save_file(state, str(tmp), metadata={"semla-tiny": info})
     tmp.replace(out)
     return {"out": str(out), "fingerprint": state_dict_fingerprint(model.clip), "classes": classes,
             "steps": steps, "seconds": round(time.time() - start, 1), "bytes": out.stat().st_size}

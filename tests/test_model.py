@@ -89,3 +89,13 @@ def test_local_checkpoint_path_loads(tmp_path):
     expected = M.state_dict_fingerprint(M.swap_attention(src))
     assert base.ref.fingerprint == expected
     assert base.ref.tag == "file:ckpt.safetensors"
+
+
+def test_base_training_is_seeded_and_reproducible(tmp_path):
+    from semla.registry.train_base import train_base
+
+    runs = [train_base(tmp_path / f"w{i}.safetensors", n_images=4, steps=3, batch_size=4, seed=5, progress=False)
+            for i in range(2)]
+    other = train_base(tmp_path / "w2.safetensors", n_images=4, steps=3, batch_size=4, seed=6, progress=False)
+    assert runs[0]["fingerprint"] == runs[1]["fingerprint"] != other["fingerprint"]
+    assert (tmp_path / "w0.safetensors").read_bytes() == (tmp_path / "w1.safetensors").read_bytes()
