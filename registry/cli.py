@@ -58,8 +58,7 @@ def _segment(args: argparse.Namespace) -> int:
     node = Node(args.registry, base=load_base(args.base, args.pretrained, device=device), device=str(device),
                 cache_dir=args.cache_dir)
     node.pull()
-    seg = node.segmenter(classes, top_k=args.top_k, temperature=args.temperature, distance=args.distance)
-    preds = seg.segment(images)
+    preds = node.segment(images, classes, top_k=args.top_k, temperature=args.temperature, distance=args.distance)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
     for path, image, pred in zip(args.images, images, preds):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -113,6 +113,7 @@ class FusionEngine:
             setattr(parent, leaf, wrapped)
             self.layers[name] = wrapped
         self._originals: dict[str, torch.Tensor] = {}
+        self._merged_key: Hashable | None = None
 
     @property
     def targets(self) -> dict[str, nn.Linear]:
@@ -151,10 +152,17 @@ class FusionEngine:
             layer.mix = layer.lora_A = layer.lora_B = None
 
     @torch.no_grad()
-    def merge(self, adapters: Sequence[LoraAdapter], weights: torch.Tensor) -> None:
-        """Write ``W + B_cat diag(w ⊗ s) A_cat`` into every layer (one weight vector (n,))."""
+    def merge(self, adapters: Sequence[LoraAdapter], weights: torch.Tensor, key: Hashable | None = None) -> None:
+        """Write ``W + B_cat diag(w ⊗ s) A_cat`` into every layer (one weight vector (n,)).
+
+        With a ``key``, a repeated call for the same key keeps the merged weights as they are
+        (a stream of one domain merges once).
+        """
+        if key is not None and key == self._merged_key:
+            return
         self.unmerge()
         self.clear()
+        self._merged_key = key
         for name, layer in self.layers.items():
             if not any(name in a.A for a in adapters):
                 continue
@@ -170,3 +178,4 @@ class FusionEngine:
         for name, original in self._originals.items():
             self.layers[name].base.weight.copy_(original)
         self._originals.clear()
+        self._merged_key = None

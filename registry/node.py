@@ -3,7 +3,13 @@
 Retrieval runs here, on the node (the query embedding never leaves it). Only the adapters an
 image needs are downloaded, and each is verified end to end before use (publisher signature,
 every file hash, safetensors header, the listing's centroids against the signed manifest, the
-base fingerprint); verified bundles are cached on disk and re-verified when read back.
+base fingerprint and embedding space), then kept in a three-tier verified cache
+(:mod:`semla.registry.cache`). When the registry is unreachable the node keeps serving from
+its cache and the last index it accepted, until that index is older than ``max_index_age``.
+
+Fusion picks its path per batch: when every image shares one weight vector (a pinned adapter,
+a stream of one domain) the weights are merged into the base once and kept merged while the
+vector repeats; otherwise each image gets its own low-rank mixture in the same batch.
 
 Python API::
 
@@ -18,7 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from semla.registry.bundle import atomic_replace_dir, read_bundle, verify_bundle
+from semla.registry.cache import AdapterCache, CacheLimits
 from semla.registry.data import read_image
 from semla.registry.fusion import FusionEngine, LoraAdapter, load_adapter
 from semla.registry.http import RegistryClient
@@ -38,12 +47,20 @@ from semla.registry.retrieval import (
     CentroidTable,
     retrieve_torch,
 )
-from semla.schemas import ADAPTER_WEIGHTS_FILE, BUNDLE_FILES, MANIFEST_FILE, AdapterSummary, Manifest
-from semla.schemas.errors import IncompatibleAdapterError, InvalidInputError, NotFoundError, VerificationError
+from semla.schemas import ADAPTER_WEIGHTS_FILE, BUNDLE_FILES, MANIFEST_FILE, AdapterSummary, canonical_json
+from semla.schemas.errors import (
+    IncompatibleAdapterError,
+    InvalidInputError,
+    NotFoundError,
+    RegistryError,
+    VerificationError,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Node", "Segmenter", "Prediction", "Contribution", "default_cache_dir", "resolve_device"]
+
+INDEX_FILE = "index.json"
 
 
 def default_cache_dir() -> Path:
@@ -101,13 +118,25 @@ class Prediction:
         }
 
 
+@dataclasses.dataclass
+class Retrieval:
+    """Per image: library indices (B, k), distances (B, k) and fusion weights (B, k)."""
+
+    idx: torch.Tensor
+    dist: torch.Tensor
+    weights: torch.Tensor
+
+
 class Node:
     """An inference node bound to one registry and one base model.
 
     Args:
         registry: registry URL or a :class:`RegistryClient`.
         base: a loaded base model (default: semla-tiny on ``device``).
-        cache_dir: verified adapter cache (default ``~/.cache/semla/adapters``).
+        cache_dir: verified adapter cache and last accepted index (default ``~/.cache/semla/adapters``).
+        limits: byte budgets of the cache tiers.
+        max_index_age: seconds the node keeps serving from its last index while the registry
+            is unreachable; after that it refuses.
     """
 
     def __init__(
@@ -117,85 +146,260 @@ class Node:
         base: DenseClip | None = None,
         device: str | None = "cpu",
         cache_dir: Path | None = None,
+        limits: CacheLimits = CacheLimits(),
+        max_index_age: float = 86400.0,
     ) -> None:
         self.client = registry if isinstance(registry, RegistryClient) else RegistryClient(registry)
         self.device = resolve_device(device)
         self.base = (base or load_base(device=self.device)).to(self.device)
         self.engine = FusionEngine(self.base.clip, lora_target_modules(self.base.clip))
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache = AdapterCache(
+            self.cache_dir / "bundles", self.device, limits, fetch=self._fetch, load=self._verify_and_load,
+            store=lambda path, files: atomic_replace_dir(path, files, overwrite=True), read=read_bundle,
+        )
+        self.max_index_age = max_index_age
         self.library: list[AdapterSummary] = []
         self.trusted_keys: dict[str, bytes] = {}
-        self._loaded: dict[str, LoraAdapter] = {}
+        self.index_time: float | None = None
+        self.offline = False
         self._table: CentroidTable | None = None
+        self._texts: dict[tuple[str, ...], torch.Tensor] = {}
 
     # -- library ------------------------------------------------------------------------------
     def pull(self) -> list[AdapterSummary]:
         """Fetch the adapter list and publisher keys; keep the adapters made for this base.
 
+        When the registry cannot be reached, fall back to the last accepted index on disk.
+
         Raises:
+            RegistryError: unreachable and no usable index on disk, or refused.
             NotFoundError: the registry holds no adapter for this node's base model.
         """
-        listing = self.client.list_adapters()
-        self.trusted_keys = self.client.trusted_keys()
+        try:
+            listing = self.client.list_adapters()
+            keys = self.client.trusted_keys()
+            fetched_at = time.time()
+            self.offline = False
+        except RegistryError as exc:
+            if exc.code != "unreachable":
+                raise
+            listing, keys, fetched_at = self._load_index(exc)
+            self.offline = True
+            logger.warning("registry unreachable; serving from the index accepted at %s", time.ctime(fetched_at))
         fingerprint = self.base.ref.fingerprint
-        self.library = [a for a in listing if a.base_fingerprint == fingerprint]
-        if not self.library:
+        library = [a for a in listing if a.base_fingerprint == fingerprint]
+        if not library:
             raise NotFoundError(
                 f"the registry lists {len(listing)} adapter(s), none for base {self.base.ref.arch} "
                 f"({fingerprint[:12]})"
             )
-        self._table = CentroidTable.from_lists([a.centroids for a in self.library])
+        self.library, self.trusted_keys, self.index_time = library, keys, fetched_at
+        self._table = CentroidTable.from_lists([a.centroids for a in library])
+        if not self.offline:
+            self._save_index(listing, keys, fetched_at)
+            dropped = self.cache.retain(library)  # revoked adapters leave every tier
+            if dropped:
+                logger.info("dropped %d adapter(s) no longer in the library: %s", len(dropped), ", ".join(dropped))
         return self.library
 
-    @staticmethod
-    def _key(summary: AdapterSummary) -> str:
-        return f"{summary.name}@{summary.version}"
+    def _save_index(self, listing: list[AdapterSummary], keys: dict[str, bytes], fetched_at: float) -> None:
+        doc = {"fetched_at": fetched_at, "registry": self.client.url,
+               "adapters": [a.model_dump(mode="json") for a in listing],
+               "keys": {k: v.hex() for k, v in keys.items()}}
+        atomic_replace_dir(self.cache_dir / "index", {INDEX_FILE: canonical_json(doc)}, overwrite=True)
 
-    def _verify(self, summary: AdapterSummary, files: dict[str, bytes]) -> Manifest:
+    def _load_index(self, cause: RegistryError) -> tuple[list[AdapterSummary], dict[str, bytes], float]:
+        path = self.cache_dir / "index" / INDEX_FILE
+        try:
+            doc = json.loads(path.read_text())
+            if doc["registry"] != self.client.url:
+                raise KeyError("registry")
+            return ([AdapterSummary.model_validate(a) for a in doc["adapters"]],
+                    {k: bytes.fromhex(v) for k, v in doc["keys"].items()}, float(doc["fetched_at"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            raise RegistryError(f"{cause.message}; and no earlier index of this registry is cached",
+                                code="unreachable") from None
+
+    def index_age(self) -> float | None:
+        return None if self.index_time is None else time.time() - self.index_time
+
+    def health(self) -> dict:
+        """What a health endpoint reports: ok, offline (serving from cache) or expired."""
+        age = self.index_age()
+        expired = age is not None and age > self.max_index_age
+        status = "no_index" if age is None else "expired" if expired else "offline" if self.offline else "ok"
+        return {"status": status, "registry": self.client.url, "offline": self.offline,
+                "index_age_s": None if age is None else round(age, 1), "max_index_age_s": self.max_index_age,
+                "adapters": len(self.library), "device": str(self.device), "cache": self.cache.usage(),
+                "cache_stats": dict(self.cache.stats)}
+
+    def _check_servable(self) -> None:
+        if not self.library:
+            self.pull()
+        age = self.index_age()
+        if age is not None and age > self.max_index_age:
+            raise RegistryError(
+                f"the last accepted index is {age:.0f} s old (limit {self.max_index_age:.0f} s) and the registry "
+                "cannot be reached; refusing to serve", code="index_expired")
+
+    # -- verification and loading -------------------------------------------------------------
+    def _fetch(self, summary: AdapterSummary) -> dict[str, bytes]:
+        return {f: self.client.fetch_file(summary.name, summary.version, f) for f in BUNDLE_FILES}
+
+    def _verify_and_load(self, summary: AdapterSummary, files: dict[str, bytes]) -> LoraAdapter:
+        key = f"{summary.name}@{summary.version}"
         manifest = verify_bundle(files, self.trusted_keys)
         if hashlib.sha256(files[MANIFEST_FILE]).hexdigest() != summary.manifest_sha256:
-            raise VerificationError(f"{self._key(summary)}: manifest differs from the one the registry listed")
+            raise VerificationError(f"{key}: manifest differs from the one the registry listed")
         if (manifest.name, manifest.version, manifest.publisher) != (summary.name, summary.version, summary.publisher):
-            raise VerificationError(f"{self._key(summary)}: signed name/version/publisher differ from the listing")
+            raise VerificationError(f"{key}: signed name/version/publisher differ from the listing")
         if manifest.centroids.embedding_model != self.base.embedding_model:
             raise IncompatibleAdapterError(
-                f"{self._key(summary)}: centroids live in {manifest.centroids.embedding_model}, "
+                f"{key}: centroids live in {manifest.centroids.embedding_model}, "
                 f"this node retrieves in {self.base.embedding_model}"
             )
         listed = np.asarray(summary.centroids, dtype=np.float64)
         signed = np.asarray(manifest.centroids.vectors, dtype=np.float64)
         if listed.shape != signed.shape or not np.allclose(listed, signed, atol=1e-6):
-            raise VerificationError(f"{self._key(summary)}: listed centroids differ from the signed manifest")
-        return manifest
-
-    def _read_cache(self, summary: AdapterSummary, path: Path) -> tuple[dict[str, bytes], Manifest] | None:
-        """A cached bundle, re-verified (re-hashed) on every load; None when absent or bad."""
-        if not path.is_dir():
-            return None
-        try:
-            files = read_bundle(path)
-            return files, self._verify(summary, files)
-        except VerificationError as exc:
-            logger.warning("cached %s failed verification (%s); fetching it again", path, exc)
-            return None
+            raise VerificationError(f"{key}: listed centroids differ from the signed manifest")
+        return load_adapter(key, files[ADAPTER_WEIGHTS_FILE], manifest, self.base.ref.fingerprint,
+                            self.engine.targets, device="cpu")
 
     def adapter(self, summary: AdapterSummary) -> LoraAdapter:
-        """The verified, loaded adapter for a library entry (downloaded once, then cached)."""
-        key = self._key(summary)
-        if key in self._loaded:
-            return self._loaded[key]
-        cached = self.cache_dir / summary.name / f"{summary.version}-{summary.manifest_sha256[:16]}"
-        found = self._read_cache(summary, cached)
-        if found is None:
-            files = {f: self.client.fetch_file(summary.name, summary.version, f) for f in BUNDLE_FILES}
-            manifest = self._verify(summary, files)
-            atomic_replace_dir(cached, files, overwrite=True)
-        else:
-            files, manifest = found
-        adapter = load_adapter(key, files[ADAPTER_WEIGHTS_FILE], manifest, self.base.ref.fingerprint,
-                               self.engine.targets, device=self.device)
-        self._loaded[key] = adapter
-        return adapter
+        """The verified adapter for a library entry, resident on the node's device."""
+        return self.cache.get_many([summary])[0]
+
+    # -- inference ----------------------------------------------------------------------------
+    def text(self, classes: Sequence[str]) -> torch.Tensor:
+        """Text embeddings of a vocabulary, cached: (C, E)."""
+        key = tuple(classes)
+        if key not in self._texts:
+            if not key:
+                raise InvalidInputError("the class list is empty")
+            if len(self._texts) >= 64:
+                self._texts.pop(next(iter(self._texts)))
+            with torch.no_grad():
+                self._texts[key] = self.base.encode_classes(list(key))
+        return self._texts[key]
+
+    @torch.no_grad()
+    def embed(self, arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixels (B, 3, S, S), retrieval embeddings (B, D)) from the frozen base."""
+        self.engine.unmerge()
+        self.engine.clear()
+        pixels = self.base.pixels(arrays)
+        return pixels, self.base.embed(pixels)
+
+    def retrieve(self, query: torch.Tensor, *, top_k: int = DEFAULT_TOP_K, temperature: float = DEFAULT_TEMPERATURE,
+                 distance: str = DEFAULT_DISTANCE, pinned: int | None = None) -> Retrieval:
+        """Top-k adapters per image; with ``pinned``, that one library entry at weight 1."""
+        self._check_servable()
+        table = self._table
+        try:
+            if pinned is None:
+                return Retrieval(*retrieve_torch(query, table, top_k=top_k, temperature=temperature, distance=distance))
+            idx, dist, _ = retrieve_torch(query, table, top_k=table.n_adapters, distance=distance)
+        except ValueError as exc:
+            raise InvalidInputError(str(exc)) from None
+        pos = (idx == pinned).int().argmax(1, keepdim=True)
+        dist = dist.gather(1, pos)
+        return Retrieval(idx.gather(1, pos), dist, torch.ones_like(dist))
+
+    @torch.no_grad()
+    def fused_dense(self, pixels: torch.Tensor, retrieval: Retrieval | None) -> torch.Tensor:
+        """Dense embeddings (B, g, g, E) with each image's adapters fused (None: the base)."""
+        if retrieval is None or retrieval.idx.numel() == 0:
+            self.engine.unmerge()
+            self.engine.clear()
+            return self.base.encode_dense(pixels)
+        idx = retrieval.idx
+        needed = sorted(set(idx.flatten().tolist()))
+        column = {lib_i: c for c, lib_i in enumerate(needed)}
+        adapters = self.cache.get_many([self.library[i] for i in needed])
+        cols = torch.tensor([column[i] for i in idx.flatten().tolist()], device=self.device).view_as(idx)
+        mix = torch.zeros(len(idx), len(needed), device=self.device).scatter_(1, cols, retrieval.weights)  # (B, n)
+        if bool((mix == mix[:1]).all()):  # one weight vector for the whole batch: merged path
+            self.engine.clear()
+            self.engine.merge(adapters, mix[0], key=(tuple(a.key for a in adapters), tuple(mix[0].tolist())))
+            return self.base.encode_dense(pixels)
+        self.engine.unmerge()
+        self.engine.set_mixture(adapters, mix)
+        try:
+            return self.base.encode_dense(pixels)
+        finally:
+            self.engine.clear()
+
+    def logits(self, dense: torch.Tensor, texts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-image class logits (C_b, g, g) from dense embeddings and each image's vocabulary."""
+        scale = self.base.clip.logit_scale.exp()
+        return [scale * torch.einsum("hwe,ce->chw", dense[b], t) for b, t in enumerate(texts)]
+
+    @staticmethod
+    def masks(logits: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        return [
+            F.interpolate(lg[None], size=size, mode="bilinear", align_corners=False)[0].argmax(0)
+            .to(torch.uint8).cpu().numpy()
+            for lg, size in zip(logits, sizes)
+        ]
+
+    def contributions(self, retrieval: Retrieval, b: int) -> list[Contribution]:
+        return [
+            Contribution(name=self.library[i].name, version=self.library[i].version,
+                         publisher=self.library[i].publisher, distance=float(d), weight=float(w))
+            for i, d, w in zip(retrieval.idx[b].tolist(), retrieval.dist[b].tolist(), retrieval.weights[b].tolist())
+        ]
+
+    @torch.no_grad()
+    def segment(
+        self,
+        images: Sequence[str | Path | np.ndarray],
+        classes: Sequence[str] | Sequence[Sequence[str]],
+        *,
+        top_k: int = DEFAULT_TOP_K,
+        temperature: float = DEFAULT_TEMPERATURE,
+        distance: str = DEFAULT_DISTANCE,
+        with_base: bool = False,
+        adapter: str | None = None,
+        batch_size: int = 16,
+    ) -> list[Prediction]:
+        """Segment images (paths or uint8 (H, W, 3) arrays), batch by batch.
+
+        Args:
+            classes: one vocabulary for every image, or one per image.
+            with_base: also fill each prediction's ``base_mask`` (the base model alone).
+            adapter: pin one adapter by name (weight 1) instead of retrieving per image.
+        """
+        if classes and isinstance(classes[0], str):
+            classes = [list(classes)] * len(images)
+        if len(classes) != len(images):
+            raise InvalidInputError(f"{len(images)} images but {len(classes)} class lists")
+        if top_k < 1 or not temperature > 0:
+            raise InvalidInputError("top-k must be >= 1 and temperature > 0")
+        self._check_servable()
+        pinned = None
+        if adapter is not None:
+            names = [a.name for a in self.library]
+            if adapter not in names:
+                raise NotFoundError(f"adapter {adapter!r} is not in the library; have: {', '.join(names)}")
+            pinned = names.index(adapter)
+        out: list[Prediction] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            arrays = [read_image(Path(i)) if isinstance(i, (str, Path)) else np.asarray(i, dtype=np.uint8)
+                      for i in chunk]
+            labels = [str(i) if isinstance(i, (str, Path)) else f"image-{start + n}" for n, i in enumerate(chunk)]
+            vocab = [list(c) for c in classes[start : start + batch_size]]
+            texts = [self.text(v) for v in vocab]
+            sizes = [a.shape[:2] for a in arrays]
+            pixels, query = self.embed(arrays)
+            base = self.masks(self.logits(self.fused_dense(pixels, None), texts), sizes) if with_base else None
+            retrieval = self.retrieve(query, top_k=top_k, temperature=temperature, distance=distance, pinned=pinned)
+            masks = self.masks(self.logits(self.fused_dense(pixels, retrieval), texts), sizes)
+            for b in range(len(arrays)):
+                out.append(Prediction(labels[b], vocab[b], masks[b], self.contributions(retrieval, b),
+                                      base[b] if base is not None else None))
+        return out
 
     def segmenter(
         self,
@@ -211,7 +415,7 @@ class Node:
 
 
 class Segmenter:
-    """Segments images with a fixed vocabulary, fusing each image's own top-k adapters."""
+    """A node bound to one vocabulary and retrieval settings."""
 
     def __init__(self, node: Node, classes: Sequence[str], *, top_k: int, temperature: float, distance: str) -> None:
         classes = [c.strip() for c in classes if c.strip()]
@@ -222,82 +426,9 @@ class Segmenter:
         self.node = node
         self.classes = classes
         self.top_k, self.temperature, self.distance = top_k, temperature, distance
-        with torch.no_grad():
-            self.text = node.base.encode_classes(classes)
 
-    @torch.no_grad()
-    def _masks(self, pixels: torch.Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
-        logits = self.node.base.dense_logits(pixels, self.text)  # (B, C, g, g)
-        return [
-            F.interpolate(logits[i : i + 1], size=size, mode="bilinear", align_corners=False)[0].argmax(0)
-            .to(torch.uint8).cpu().numpy()
-            for i, size in enumerate(sizes)
-        ]
-
-    @torch.no_grad()
-    def segment(
-        self,
-        images: Sequence[str | Path | np.ndarray],
-        *,
-        with_base: bool = False,
-        adapter: str | None = None,
-        batch_size: int = 16,
-    ) -> list[Prediction]:
-        """Segment images (paths or uint8 (H, W, 3) arrays), batch by batch.
-
-        Args:
-            with_base: also fill each prediction's ``base_mask`` (the base model alone).
-            adapter: pin one adapter by name (weight 1) instead of retrieving per image.
-        """
-        pinned = None
-        if adapter is not None:
-            names = [a.name for a in self.node.library]
-            if adapter not in names:
-                raise NotFoundError(f"adapter {adapter!r} is not in the library; have: {', '.join(names)}")
-            pinned = names.index(adapter)
-        out: list[Prediction] = []
-        for start in range(0, len(images), batch_size):
-            out.extend(self._segment_batch(images[start : start + batch_size], with_base, pinned))
-        return out
-
-    def _segment_batch(
-        self, images: Sequence[str | Path | np.ndarray], with_base: bool, pinned: int | None
-    ) -> list[Prediction]:
-        node = self.node
-        arrays = [read_image(Path(i)) if isinstance(i, (str, Path)) else np.asarray(i, dtype=np.uint8) for i in images]
-        labels = [str(i) if isinstance(i, (str, Path)) else f"image-{n}" for n, i in enumerate(images)]
-        sizes = [a.shape[:2] for a in arrays]
-        pixels = node.base.pixels(arrays)
-        node.engine.clear()
-        query = node.base.embed(pixels)  # frozen base embedding: the retrieval key
-        base_masks = self._masks(pixels, sizes) if with_base else [None] * len(arrays)
-        table = node._table
-        if pinned is None:
-            idx, dist, weights = retrieve_torch(query, table, top_k=self.top_k, temperature=self.temperature,
-                                                distance=self.distance)
-        else:  # one adapter at weight 1; its distance still reported
-            all_idx, all_dist, _ = retrieve_torch(query, table, top_k=table.n_adapters, distance=self.distance)
-            pos = (all_idx == pinned).int().argmax(1, keepdim=True)
-            idx, dist = all_idx.gather(1, pos), all_dist.gather(1, pos)
-            weights = torch.ones_like(dist)
-        needed = sorted(set(idx.flatten().tolist()))
-        column = {lib_i: c for c, lib_i in enumerate(needed)}
-        adapters = [node.adapter(node.library[i]) for i in needed]
-        cols = torch.tensor([column[i] for i in idx.flatten().tolist()], device=node.device).view_as(idx)
-        mix = torch.zeros(len(arrays), len(needed), device=node.device).scatter_(1, cols, weights)  # (B, n)
-        node.engine.set_mixture(adapters, mix)
-        try:
-            masks = self._masks(pixels, sizes)
-        finally:
-            node.engine.clear()
-        preds = []
-        for b in range(len(arrays)):
-            contribs = [
-                Contribution(
-                    name=node.library[int(i)].name, version=node.library[int(i)].version,
-                    publisher=node.library[int(i)].publisher, distance=float(d), weight=float(w),
-                )
-                for i, d, w in zip(idx[b].tolist(), dist[b].tolist(), weights[b].tolist())
-            ]
-            preds.append(Prediction(labels[b], self.classes, masks[b], contribs, base_masks[b]))
-        return preds
+    def segment(self, images: Sequence[str | Path | np.ndarray], *, with_base: bool = False,
+                adapter: str | None = None, batch_size: int = 16) -> list[Prediction]:
+        """Segment images; see :meth:`Node.segment`."""
+        return self.node.segment(images, self.classes, top_k=self.top_k, temperature=self.temperature,
+                                 distance=self.distance, with_base=with_base, adapter=adapter, batch_size=batch_size)

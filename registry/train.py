@@ -176,7 +176,8 @@ def train_adapter(
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / config.steps)))
         model.train()
         bar = tqdm(batches(len(data), min(config.batch_size, len(data)), config.steps, config.seed),
-                   total=config.steps, desc=f"train {name}", unit="step", disable=not progress, leave=False)
+                   total=config.steps, desc=f"train {name}", unit="step", disable=not progress, leave=False,
+                   mininterval=1.0)
         for idx, gen in bar:
             x, y = pixels[idx], masks[idx]
             flip = torch.rand(len(idx), generator=gen) < 0.5
