@@ -114,6 +114,8 @@ class FusionEngine:
             self.layers[name] = wrapped
         self._originals: dict[str, torch.Tensor] = {}
         self._merged_key: Hashable | None = None
+        self._cat_of: tuple[LoraAdapter, ...] = ()
+        self._cats: dict[str, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
 
     @property
     def targets(self) -> dict[str, nn.Linear]:
@@ -135,14 +137,22 @@ class FusionEngine:
         return torch.cat(cols, dim=-1)
 
     def set_mixture(self, adapters: Sequence[LoraAdapter], weights: torch.Tensor) -> None:
-        """Per-image fusion: ``weights`` (B, n_adapters), row b the fusion weights of image b."""
+        """Per-image fusion: ``weights`` (B, n_adapters), row b the fusion weights of image b.
+
+        The concatenated A/B of the last adapter set are kept, so consecutive batches over the
+        same adapters only recompute the (B, R) scales.
+        """
         if weights.ndim != 2 or weights.shape[1] != len(adapters):
             raise ValueError(f"weights must be (batch, {len(adapters)}), got {tuple(weights.shape)}")
+        same = len(adapters) == len(self._cat_of) and all(a is b for a, b in zip(adapters, self._cat_of))
+        if not same:  # holding the adapters themselves (not ids) keeps this check sound
+            self._cat_of = tuple(adapters)
+            self._cats = {n: self._cat(adapters, n) for n in self.layers if any(n in a.A for a in adapters)}
         for name, layer in self.layers.items():
-            if not any(name in a.A for a in adapters):
+            if name not in self._cats:
                 layer.mix = None
                 continue
-            present, A, B = self._cat(adapters, name)
+            present, A, B = self._cats[name]
             layer.lora_A, layer.lora_B = A, B
             layer.mix = self._rank_scales(adapters, present, weights.to(A.dtype), name)
 

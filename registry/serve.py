@@ -1,0 +1,725 @@
+"""``semla-node serve``: the inference node as an HTTP service with dynamic batching.
+
+Why a worker thread: :class:`~semla.registry.node.Node` is not thread-safe (fusion merges
+weights into the base model in place), so every call into it (segment, pull, health) runs on
+ONE worker thread. Requests never touch the node: they decode their images, put one job per
+image on a queue and await a future. The worker takes the first waiting job, gathers more
+for at most ``max_wait_ms`` after that job arrived (or until ``max_batch`` images), groups
+them by retrieval settings and calls ``node.segment`` once per group. Images of different
+requests (and different vocabularies) thus share one forward pass. Between batches the
+worker refreshes the adapter index every ``refresh_seconds`` (a failure is logged, the node
+keeps serving its last index) and takes a health snapshot that ``/healthz`` answers from
+without waiting for the worker.
+
+Python API::
+
+    node = Node("http://127.0.0.1:8080"); node.pull()
+    app = create_app(node, ServeSettings(max_batch=16, max_wait_ms=10))
+    uvicorn.run(app, host="127.0.0.1", port=8090)
+
+Every error is ``{"error": {"code": ..., "message": ...}}``, as on the registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import concurrent.futures
+import copy
+import dataclasses
+import io
+import logging
+import math
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel
+from python_multipart import MultipartParser
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import parse_options_header
+from starlette.concurrency import run_in_threadpool
+
+from semla.registry._cli import EXIT_OK
+from semla.registry.retrieval import DEFAULT_DISTANCE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DISTANCES
+from semla.schemas.errors import InvalidInputError, RegistryError, SemlaError
+from semla.server._errors import ERROR_RESPONSES, RequestTooLarge, error_response, install_error_handlers, status_for
+
+if TYPE_CHECKING:
+    from semla.registry.node import Node, Prediction
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ServeSettings", "create_app", "add_parser", "encode_rle", "decode_rle", "encode_png", "decode_png"]
+
+#: Largest decoded image accepted (pixels); larger ones are refused before decoding.
+MAX_IMAGE_PIXELS = 4096 * 4096
+#: Masks are uint8 class indices.
+MAX_CLASSES = 255
+MAX_TOP_K = 64
+FORMATS = ("png", "rle")
+#: How often an idle worker refreshes the health snapshot (seconds).
+_HEALTH_INTERVAL = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """How the service batches, what it accepts and how often it refreshes the index.
+
+    Attributes:
+        max_batch: most images in one ``node.segment`` call.
+        max_wait_ms: longest a queued image waits for others to join its batch.
+        max_upload_bytes: largest request body (all parts together).
+        max_images: most images in one request.
+        max_queue: most images waiting; beyond it requests get 503 ``busy``.
+        refresh_seconds: period of the background ``node.pull()``; 0 disables it.
+        top_k, temperature, distance: retrieval defaults when a request gives none.
+    """
+
+    max_batch: int = 16
+    max_wait_ms: float = 10.0
+    max_upload_bytes: int = 16 * 1024 * 1024
+    max_images: int = 32
+    max_queue: int = 1024
+    refresh_seconds: float = 60.0
+    top_k: int = DEFAULT_TOP_K
+    temperature: float = DEFAULT_TEMPERATURE
+    distance: str = DEFAULT_DISTANCE
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("max_batch", "max_upload_bytes", "max_images", "max_queue"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        if not 0 <= self.max_wait_ms <= 10_000:
+            problems.append("max_wait_ms must be in [0, 10000]")
+        if not self.refresh_seconds >= 0:
+            problems.append("refresh_seconds must be >= 0 (0 disables refresh)")
+        if not 1 <= self.top_k <= MAX_TOP_K:
+            problems.append(f"top_k must be in [1, {MAX_TOP_K}]")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            problems.append("temperature must be > 0")
+        if self.distance not in DISTANCES:
+            problems.append(f"distance must be one of {', '.join(DISTANCES)}")
+        if problems:
+            raise InvalidInputError("invalid serve settings: " + "; ".join(problems))
+
+
+class UnprocessableError(InvalidInputError):
+    """A well-formed request whose content is refused (answered 422 with its own code)."""
+
+    code = "invalid_request"
+
+
+class ServiceBusyError(SemlaError):
+    """The queue is full or the worker is not running (answered 503)."""
+
+    code = "busy"
+
+
+# -- mask encodings -------------------------------------------------------------------------------
+def encode_png(mask: np.ndarray) -> str:
+    """uint8 (H, W) class indices → base64 of a greyscale PNG."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode_png(data: str) -> np.ndarray:
+    with Image.open(io.BytesIO(base64.b64decode(data))) as img:
+        return np.asarray(img, dtype=np.uint8).copy()
+
+
+def encode_rle(mask: np.ndarray, classes: list[str]) -> dict[str, list[list[int]]]:
+    """Runs ``[start, length]`` per class over the row-major flattened mask (every class listed)."""
+    flat = np.asarray(mask).ravel()
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1]) if flat.size else np.zeros(0, np.int64)
+    lengths = np.diff(np.concatenate([starts, [flat.size]]))
+    values = flat[starts]
+    out: dict[str, list[list[int]]] = {name: [] for name in classes}
+    for value, start, length in zip(values.tolist(), starts.tolist(), lengths.tolist()):
+        out[classes[value]].append([start, length])
+    return out
+
+
+def decode_rle(rle: dict[str, list[list[int]]], classes: list[str], height: int, width: int) -> np.ndarray:
+    flat = np.zeros(height * width, dtype=np.uint8)
+    for value, name in enumerate(classes):
+        for start, length in rle.get(name, []):
+            flat[start : start + length] = value
+    return flat.reshape(height, width)
+
+
+# -- the worker -----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Job:
+    image: np.ndarray
+    classes: list[str]
+    key: tuple[int, float, str]  # (top_k, temperature, distance): one node.segment call per value
+    future: concurrent.futures.Future
+    enqueued: float = dataclasses.field(default_factory=time.monotonic)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Done:
+    prediction: "Prediction"
+    queue_ms: float
+    compute_ms: float
+    batch_size: int
+
+
+_STOP = object()
+_REFRESH = object()
+
+
+class _Worker:
+    """The one thread that calls the node: batches, background refresh, health snapshots."""
+
+    def __init__(self, node: "Node", settings: ServeSettings) -> None:
+        self.node = node
+        self.settings = settings
+        self.queue: queue.Queue = queue.Queue()
+        self.thread: threading.Thread | None = None
+        self.health: dict[str, Any] | None = None
+        self.batches = 0
+        self.images = 0
+        self.failed_batches = 0
+        self.batch_sizes: Counter[int] = Counter()
+        self.refresh: dict[str, Any] = {"enabled": settings.refresh_seconds > 0, "count": 0, "failures": 0,
+                                        "last_ok_unix": None, "last_error": None}
+
+    # lifecycle (event loop side)
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name="semla-node-worker", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.thread is None:
+            return
+        self.queue.put(_STOP)
+        self.thread.join(timeout)
+        self.thread = None
+        while True:  # nothing is left hanging
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(job, _Job) and not job.future.cancelled():
+                job.future.set_exception(ServiceBusyError("the service is shutting down", code="shutting_down"))
+
+    def submit(self, jobs: list[_Job]) -> None:
+        if self.thread is None or not self.thread.is_alive():
+            raise ServiceBusyError("the inference worker is not running", code="not_running")
+        if self.queue.qsize() + len(jobs) > self.settings.max_queue:
+            raise ServiceBusyError(f"{self.queue.qsize()} images are queued (limit {self.settings.max_queue}); "
+                                   "retry later")
+        for job in jobs:
+            self.queue.put(job)
+
+    def request_refresh(self) -> None:
+        self.queue.put(_REFRESH)
+
+    # the worker thread
+    def _loop(self) -> None:
+        period = self.settings.refresh_seconds
+        next_refresh = time.monotonic() + period if period > 0 else math.inf
+        self._snapshot()
+        stopping = False
+        while not stopping:
+            now = time.monotonic()
+            if now >= next_refresh:
+                self._refresh()
+                next_refresh = time.monotonic() + period
+            try:
+                first = self.queue.get(timeout=max(0.0, min(next_refresh - now, _HEALTH_INTERVAL)))
+            except queue.Empty:
+                self._snapshot()
+                continue
+            if first is _STOP:
+                break
+            if first is _REFRESH:
+                self._refresh()
+                continue
+            batch, controls = self._gather(first)
+            self._run(batch)
+            for control in controls:
+                if control is _STOP:
+                    stopping = True
+                elif control is _REFRESH:
+                    self._refresh()
+            self._snapshot()
+
+    def _gather(self, first: _Job) -> tuple[list[_Job], list[object]]:
+        """Up to ``max_batch`` jobs, waiting at most ``max_wait_ms`` after ``first`` arrived."""
+        batch, controls = [first], []
+        deadline = first.enqueued + self.settings.max_wait_ms / 1000.0
+        while len(batch) < self.settings.max_batch:
+            remaining = deadline - time.monotonic()
+            try:
+                item = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Job):
+                batch.append(item)
+            else:
+                controls.append(item)
+                if item is _STOP:
+                    break
+        return batch, controls
+
+    def _run(self, batch: list[_Job]) -> None:
+        groups: dict[tuple, list[_Job]] = {}
+        for job in batch:
+            groups.setdefault(job.key, []).append(job)
+        for (top_k, temperature, distance), jobs in groups.items():
+            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+            if jobs:
+                self._segment(jobs, top_k, temperature, distance, isolate=True)
+
+    def _segment(self, jobs: list[_Job], top_k: int, temperature: float, distance: str, *, isolate: bool) -> None:
+        started = time.monotonic()
+        try:
+            preds = self.node.segment([j.image for j in jobs], [j.classes for j in jobs], top_k=top_k,
+                                      temperature=temperature, distance=distance, batch_size=len(jobs))
+        except InvalidInputError as exc:
+            if isolate and len(jobs) > 1:  # one image's problem must not fail its batch-mates
+                for job in jobs:
+                    self._segment([job], top_k, temperature, distance, isolate=False)
+                return
+            self._fail(jobs, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - handed to the requests; the route maps it (500 logged)
+            self._fail(jobs, exc)
+            return
+        compute_ms = (time.monotonic() - started) * 1000.0
+        self.batches += 1
+        self.images += len(jobs)
+        self.batch_sizes[len(jobs)] += 1
+        for job, pred in zip(jobs, preds):
+            job.future.set_result(_Done(pred, (started - job.enqueued) * 1000.0, compute_ms, len(jobs)))
+
+    def _fail(self, jobs: list[_Job], exc: Exception) -> None:
+        self.failed_batches += 1
+        for job in jobs:
+            job.future.set_exception(exc)
+
+    def _refresh(self) -> None:
+        self.refresh["count"] += 1
+        try:
+            self.node.pull()
+        except Exception as exc:  # noqa: BLE001 - a failed refresh never stops the service
+            self.refresh["failures"] += 1
+            self.refresh["last_error"] = f"{type(exc).__name__}: {exc}"
+            logger.warning("index refresh failed (still serving the last index): %s", exc)
+        else:
+            self.refresh["last_ok_unix"] = time.time()
+            self.refresh["last_error"] = None
+            if self.node.offline:
+                logger.warning("index refresh: registry unreachable, serving the cached index")
+        self._snapshot()
+
+    def _snapshot(self) -> None:
+        try:
+            health = self.node.health()
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("node health failed: %s", exc)
+            health = {"status": "error", "message": str(exc)}
+        self.health = {**health, "checked_at": time.monotonic()}
+
+    def stats(self) -> dict[str, Any]:
+        return {"queue": self.queue.qsize(), "batches_served": self.batches, "images_served": self.images,
+                "failed_batches": self.failed_batches,
+                "batch_sizes": {str(k): v for k, v in sorted(dict(self.batch_sizes).items())},
+                "refresh": dict(self.refresh),
+                "worker_alive": self.thread is not None and self.thread.is_alive()}
+
+
+# -- request parsing ------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Form:
+    images: list[tuple[str, bytes]] = dataclasses.field(default_factory=list)
+    fields: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+_FIELDS = ("classes", "top_k", "temperature", "distance", "format")
+
+
+class _FormParts:
+    """python-multipart callbacks: ``images`` parts (repeatable, with filename) and text fields."""
+
+    def __init__(self, max_images: int) -> None:
+        self.form = _Form()
+        self.max_images = max_images
+        self.ended = False
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._disposition = b""
+        self._name = ""
+        self._filename = ""
+        self._data = bytearray()
+
+    def callbacks(self) -> dict:
+        return {"on_part_begin": self.on_part_begin, "on_header_field": self.on_header_field,
+                "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
+                "on_headers_finished": self.on_headers_finished, "on_part_data": self.on_part_data,
+                "on_part_end": self.on_part_end, "on_end": self.on_end}
+
+    def on_part_begin(self) -> None:
+        self._disposition, self._name, self._filename, self._data = b"", "", "", bytearray()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if bytes(self._header_name).lower() == b"content-disposition":
+            self._disposition = bytes(self._header_value)
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        name = options.get(b"name", b"").decode("utf-8", errors="replace")
+        if name == "images":
+            if len(self.form.images) >= self.max_images:
+                raise RequestTooLarge(f"more than {self.max_images} images in one request")
+        elif name not in _FIELDS:
+            raise UnprocessableError(f"unexpected form part {name!r}; expected images and "
+                                     f"{', '.join(_FIELDS)}", code="invalid_form")
+        elif name in self.form.fields:
+            raise UnprocessableError(f"form field {name!r} given twice", code="invalid_form")
+        self._name = name
+        self._filename = options.get(b"filename", b"").decode("utf-8", errors="replace")
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self._data += data[start:end]
+
+    def on_part_end(self) -> None:
+        if self._name == "images":
+            self.form.images.append((self._filename or f"image-{len(self.form.images)}", bytes(self._data)))
+        else:
+            self.form.fields[self._name] = bytes(self._data).decode("utf-8", errors="replace")
+
+    def on_end(self) -> None:
+        self.ended = True
+
+
+async def _read_form(request: Request, settings: ServeSettings) -> _Form:
+    """Stream the multipart body into memory, counting bytes and images against the limits."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > settings.max_upload_bytes:
+        raise RequestTooLarge(f"upload of {declared} bytes exceeds the limit of {settings.max_upload_bytes} bytes")
+    content_type, params = parse_options_header(request.headers.get("content-type"))
+    boundary = params.get(b"boundary")
+    if content_type != b"multipart/form-data" or not boundary:
+        raise UnprocessableError("expected a multipart/form-data body", code="invalid_form")
+    parts = _FormParts(settings.max_images)
+    parser = MultipartParser(boundary, parts.callbacks())
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > settings.max_upload_bytes:
+                raise RequestTooLarge(f"upload exceeds the limit of {settings.max_upload_bytes} bytes")
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise UnprocessableError(f"malformed multipart body: {exc}", code="invalid_form") from None
+    if not parts.ended:
+        raise UnprocessableError("multipart body ended before its closing boundary", code="invalid_form")
+    return parts.form
+
+
+@dataclasses.dataclass(frozen=True)
+class _Params:
+    classes: list[str]
+    top_k: int
+    temperature: float
+    distance: str
+    format: str
+
+
+def _parse_params(fields: dict[str, str], settings: ServeSettings) -> _Params:
+    classes = [c.strip() for c in fields.get("classes", "").split(",") if c.strip()]
+    if not classes:
+        raise UnprocessableError("give the class names as a comma-separated form field classes=sky,road,...",
+                                 code="empty_classes")
+    if len(classes) > MAX_CLASSES or len(set(classes)) != len(classes):
+        raise UnprocessableError(f"classes must be at most {MAX_CLASSES} distinct names", code="bad_classes")
+    try:
+        top_k = int(fields.get("top_k") or settings.top_k)
+        temperature = float(fields.get("temperature") or settings.temperature)
+    except ValueError:
+        raise UnprocessableError("top_k must be an integer and temperature a number", code="bad_parameter") from None
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise UnprocessableError(f"top_k must be in [1, {MAX_TOP_K}], got {top_k}", code="bad_parameter")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise UnprocessableError(f"temperature must be a positive number, got {temperature}", code="bad_parameter")
+    distance = fields.get("distance") or settings.distance
+    if distance not in DISTANCES:
+        raise UnprocessableError(f"distance must be one of {', '.join(DISTANCES)}", code="bad_parameter")
+    fmt = fields.get("format") or "png"
+    if fmt not in FORMATS:
+        raise UnprocessableError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}", code="bad_parameter")
+    return _Params(classes, top_k, temperature, distance, fmt)
+
+
+def _decode_image(filename: str, data: bytes) -> np.ndarray:
+    """Uploaded bytes → uint8 RGB (H, W, 3), refusing non-images and oversized images."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise RequestTooLarge(f"image {filename!r} is {img.width}x{img.height}; "
+                                      f"the limit is {MAX_IMAGE_PIXELS} pixels")
+            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise UnprocessableError(f"cannot decode image {filename!r} ({type(exc).__name__}); send PNG or JPEG",
+                                 code="bad_image") from None
+
+
+# -- response schema ------------------------------------------------------------------------------
+class ContributionOut(BaseModel):
+    name: str
+    version: int
+    publisher: str
+    distance: float
+    weight: float
+
+
+class Timings(BaseModel):
+    queue: float
+    compute: float
+    batch_size: int
+
+
+class SegmentResult(BaseModel):
+    image: str
+    classes: list[str]
+    width: int
+    height: int
+    mask_png: str | None = None
+    rle: dict[str, list[list[int]]] | None = None
+    contributions: list[ContributionOut]
+    timings_ms: Timings
+
+
+class SegmentResponse(BaseModel):
+    results: list[SegmentResult]
+
+
+def _result(filename: str, done: _Done, fmt: str) -> dict[str, Any]:
+    pred = done.prediction
+    height, width = pred.mask.shape
+    out: dict[str, Any] = {"image": filename, "classes": pred.classes, "width": width, "height": height}
+    if fmt == "png":
+        out["mask_png"] = encode_png(pred.mask)
+    else:
+        out["rle"] = encode_rle(pred.mask, pred.classes)
+    out["contributions"] = [dataclasses.asdict(c) for c in pred.contributions]
+    out["timings_ms"] = {"queue": round(done.queue_ms, 3), "compute": round(done.compute_ms, 3),
+                         "batch_size": done.batch_size}
+    return out
+
+
+_SEGMENT_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "one or more images and the vocabulary to segment them with",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images", "classes"],
+                    "properties": {
+                        "images": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                   "description": "image files (PNG, JPEG, ...); repeat the part for several"},
+                        "classes": {"type": "string", "example": "sky,road,sidewalk,building,vegetation,car",
+                                    "description": "comma-separated class names (any vocabulary)"},
+                        "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K,
+                                  "description": "adapters fused per image (capped at the library size)"},
+                        "temperature": {"type": "number", "exclusiveMinimum": 0,
+                                        "description": "softmax temperature T of w = softmax(-d/T)"},
+                        "distance": {"type": "string", "enum": list(DISTANCES)},
+                        "format": {"type": "string", "enum": list(FORMATS), "default": "png",
+                                   "description": "png: base64 greyscale PNG of class indices; "
+                                                  "rle: {class: [[start, length], ...]} over the row-major mask"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+# -- app ------------------------------------------------------------------------------------------
+def _status(exc: SemlaError) -> int:
+    if isinstance(exc, UnprocessableError):
+        return 422
+    if isinstance(exc, ServiceBusyError) or (isinstance(exc, RegistryError) and exc.code == "index_expired"):
+        return 503
+    return status_for(exc)
+
+
+async def _semla_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, SemlaError)
+    status = _status(exc)
+    logger.info("%s %s refused: %s %s (%s)", request.method, request.url.path, status, exc.code, exc.message)
+    return error_response(status, exc.code, exc.message)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal", "internal server error (logged on the node)")
+
+
+def create_app(node: "Node", settings: ServeSettings = ServeSettings()) -> FastAPI:
+    """Build the node service around a pulled :class:`~semla.registry.node.Node`.
+
+    The worker thread starts with the app's lifespan and stops with it; from then on the
+    node belongs to that thread: do not call it from elsewhere while the app runs.
+    """
+    worker = _Worker(node, settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(worker.stop)
+
+    app = FastAPI(
+        title="SemLA inference node",
+        version="1",
+        description=(
+            "Open-vocabulary segmentation with LoRA adapters retrieved and fused on this node. "
+            "For each image the node embeds it with the frozen base, retrieves the nearest adapters "
+            "from the registry's signed library (locally), fuses them and segments with the class "
+            "names given. Concurrent requests are batched dynamically."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.worker = worker
+    install_error_handlers(app)  # HTTP and validation errors as on the registry
+    app.add_exception_handler(SemlaError, _semla_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+    @app.post(
+        "/v1/segment",
+        tags=["inference"],
+        summary="Segment images with retrieved, fused adapters",
+        openapi_extra=_SEGMENT_BODY,
+        response_model=SegmentResponse,
+        response_model_exclude_none=True,
+        responses={
+            413: {**ERROR_RESPONSES, "description": "too_large: too many images or bytes"},
+            422: {**ERROR_RESPONSES, "description": "bad_image, empty_classes, bad_classes, bad_parameter, "
+                                                    "no_images, invalid_form"},
+            503: {**ERROR_RESPONSES, "description": "busy, index_expired"},
+        },
+    )
+    async def segment(request: Request) -> dict[str, Any]:
+        form = await _read_form(request, settings)
+        params = _parse_params(form.fields, settings)
+        if not form.images:
+            raise UnprocessableError("send at least one file part named images", code="no_images")
+        arrays = await run_in_threadpool(lambda: [_decode_image(name, data) for name, data in form.images])
+        key = (params.top_k, params.temperature, params.distance)
+        jobs = [_Job(a, params.classes, key, concurrent.futures.Future()) for a in arrays]
+        worker.submit(jobs)
+        done = await asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs))
+        results = await run_in_threadpool(
+            lambda: [_result(name, d, params.format) for (name, _), d in zip(form.images, done)])
+        return {"results": results}
+
+    @app.get("/healthz", tags=["ops"], summary="Node health and service counters",
+             responses={503: {"description": "expired or no index: the node refuses to segment"}})
+    def healthz() -> JSONResponse:
+        snapshot = copy.deepcopy(worker.health) or {"status": "starting"}
+        checked = snapshot.pop("checked_at", None)
+        body = {**snapshot, "snapshot_age_s": None if checked is None else round(time.monotonic() - checked, 3),
+                **worker.stats()}
+        ok = snapshot.get("status") in ("ok", "offline") and body["worker_alive"]
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    return app
+
+
+# -- command line ---------------------------------------------------------------------------------
+_DESCRIPTION = """\
+Serve the inference node over HTTP. Each POST /v1/segment carries images and a vocabulary;
+requests arriving together are batched (up to --max-batch images, waiting at most
+--max-wait-ms), adapters are retrieved, verified and fused on this node, and the index is
+refreshed from the registry every --refresh-seconds (the node keeps serving its last index
+while the registry is unreachable). OpenAPI docs at /docs, health at /healthz.
+
+Example:
+  semla-node serve --registry http://127.0.0.1:8080 --port 8090
+  curl -F images=@street.png -F classes=sky,road,car http://127.0.0.1:8090/v1/segment
+"""
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from semla.registry.model import load_base
+    from semla.registry.node import Node, resolve_device
+
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                             max_upload_bytes=args.max_upload_bytes, max_images=args.max_images,
+                             refresh_seconds=args.refresh_seconds, top_k=args.top_k, temperature=args.temperature)
+    device = resolve_device(args.device)
+    node = Node(args.registry, base=load_base(args.base, args.pretrained, device=device), device=str(device),
+                cache_dir=args.cache_dir, max_index_age=args.max_index_age)
+    node.pull()  # unreachable with nothing cached: one-line error from the CLI runner
+    app = create_app(node, settings)
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["loggers"]["semla"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True, log_config=log_config)
+    return EXIT_OK
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``serve`` to ``semla-node``'s subcommands; the handler is ``args.func``."""
+    p = subparsers.add_parser("serve", help="serve segmentation over HTTP with dynamic batching",
+                              description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = ServeSettings()
+    p.add_argument("--registry", required=True, help="registry URL, e.g. http://127.0.0.1:8080")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8090, help="TCP port to listen on (default 8090)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--max-batch", type=int, default=defaults.max_batch,
+                   help=f"most images per forward pass (default {defaults.max_batch})")
+    p.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
+                   help=f"longest an image waits for batch-mates, in ms (default {defaults.max_wait_ms:g})")
+    p.add_argument("--max-images", type=int, default=defaults.max_images,
+                   help=f"most images per request (default {defaults.max_images})")
+    p.add_argument("--max-upload-bytes", type=int, default=defaults.max_upload_bytes,
+                   help=f"largest request body (default {defaults.max_upload_bytes})")
+    p.add_argument("--refresh-seconds", type=float, default=defaults.refresh_seconds,
+                   help=f"re-pull the adapter index this often; 0 disables (default {defaults.refresh_seconds:g})")
+    p.add_argument("--max-index-age", type=float, default=86400.0,
+                   help="seconds to keep serving the last index while the registry is unreachable (default 86400)")
+    p.add_argument("--top-k", type=int, default=defaults.top_k,
+                   help=f"default adapters fused per image (default {defaults.top_k})")
+    p.add_argument("--temperature", type=float, default=defaults.temperature,
+                   help=f"default softmax temperature (default {defaults.temperature})")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="verified adapter cache (default ~/.cache/semla/adapters)")
+    p.add_argument("--base", default="semla-tiny", help="base model architecture (default semla-tiny)")
+    p.add_argument("--pretrained", default=None, help="base weights (see semla-client train --help)")
+    p.set_defaults(func=_serve)
+    return p
