@@ -89,12 +89,19 @@ class Explanation:
 
     @property
     def changed_share(self) -> float:
+        """Share of the image's pixels that fusion changed."""
         return float(self.changed.mean())
+
+    @property
+    def redundant(self) -> np.ndarray:
+        """bool (H, W): changed pixels where no single adapter's removal lowers the margin (the
+        others alone keep the fused answer); they are still attributed by the largest drop."""
+        return self.changed & (self.margin_drop.max(0) <= 0)
 
 
 # -- attribution ---------------------------------------------------------------------------------
 def _upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(C, g, g) → (C, H, W), the same interpolation :meth:`Node.masks` uses."""
+    """(C, g, g) -> (C, H, W), the same interpolation :meth:`Node.masks` uses."""
     import torch.nn.functional as F
 
     return F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
@@ -213,6 +220,7 @@ def to_json(explanation: Explanation, image_name: str, classes: Sequence[str]) -
         "attribution": ATTRIBUTION_METHOD,
         "changed_share": round(e.changed_share, 6),
         "changed_pixels": int(e.changed.sum()),
+        "redundant_pixels": int(e.redundant.sum()),
         "contributions": [
             {**dataclasses.asdict(c),
              "attributed_share": round(s.attributed_share, 6),
@@ -288,7 +296,7 @@ def render(explanation: Explanation, image: np.ndarray, classes: Sequence[str]) 
     title_h, line_h = 26, 22
     names = [f"{c.name} v{c.version}" for c in e.contributions]
     bar_rows, legend_rows = k, n_classes
-    bottom_h = 30 + max(bar_rows * line_h + 2 * line_h, legend_rows * line_h) + _PAD
+    bottom_h = 30 + max(bar_rows * line_h + 44, legend_rows * line_h) + _PAD
     width = _PAD + 4 * (pw + _PAD)
     height = _PAD + title_h + ph + _PAD + bottom_h
     canvas = Image.new("RGB", (width, height), _BG)
@@ -317,14 +325,19 @@ def render(explanation: Explanation, image: np.ndarray, classes: Sequence[str]) 
         bar = max(1, round(bar_max * c.weight))
         draw.rectangle((x0, y + 2, x0 + bar_max, y + 18), outline=(210, 210, 210))
         draw.rectangle((x0, y + 2, x0 + bar, y + 18), fill=colour, outline=_FG)
-        draw.text((x0 + bar_max + 8, y + 1), f"{c.weight:.3f}  {100 * s.attributed_share:3.0f}% of changes",
+        weight = f"{c.weight:.3f}" if c.weight >= 0.0005 else "<0.001"
+        draw.text((x0 + bar_max + 8, y + 1), f"{weight}  {100 * s.attributed_share:3.0f}% of changes",
                   fill=_FG, font=font)
         y += line_h
-    draw.text((left, y + 6), f"top-k {k}; attribution: {ATTRIBUTION_METHOD}", fill=_MUTED, font=small)
+    draw.text((left, y + 6), f"top-k {k}; each changed pixel goes to the adapter whose removal drops the",
+              fill=_MUTED, font=small)
+    draw.text((left, y + 6 + 16), "fused winner's logit margin most"
+              + (f"; {100 * e.redundant.sum() / max(1, e.changed.sum()):.0f}% of changes survive any single removal"
+                 if e.redundant.any() else ""), fill=_MUTED, font=small)
 
     # class legend: colour, name, share of the image in base -> fused
     left = _PAD + 2 * (pw + _PAD)
-    draw.text((left, top), "classes  (% of image: base → fused)", fill=_FG, font=title_font)
+    draw.text((left, top), "classes  (% of image: base -> fused)", fill=_FG, font=title_font)
     total = e.base_mask.size
     base_counts = np.bincount(e.base_mask.ravel(), minlength=n_classes)
     fused_counts = np.bincount(e.fused_mask.ravel(), minlength=n_classes)
@@ -336,7 +349,7 @@ def render(explanation: Explanation, image: np.ndarray, classes: Sequence[str]) 
         draw.text((left + 20, y + 1), name, fill=_FG, font=font)
         b, f = 100 * base_counts[c] / total, 100 * fused_counts[c] / total
         delta = f - b
-        draw.text((left + name_w, y + 1), f"{b:5.1f}% → {f:5.1f}%", fill=_FG, font=font)
+        draw.text((left + name_w, y + 1), f"{b:5.1f}% -> {f:5.1f}%", fill=_FG, font=font)
         if abs(delta) >= 0.05:
             draw.text((left + name_w + 120, y + 1), f"({delta:+.1f})", fill=_MUTED, font=font)
         y += line_h
@@ -366,7 +379,7 @@ def _explain_command(args: argparse.Namespace) -> int:
         png, doc = args.out / f"{path.stem}.explain.png", args.out / f"{path.stem}.explain.json"
         render(e, image, classes).save(png)
         doc.write_text(json.dumps(to_json(e, str(path), classes), indent=2) + "\n")
-        who = ", ".join(f"{c.name} v{c.version} w {c.weight:.2f} → {100 * s.attributed_share:.0f}%"
+        who = ", ".join(f"{c.name} v{c.version} w {c.weight:.2f} -> {100 * s.attributed_share:.0f}%"
                         for c, s in zip(e.contributions, e.stats))
         print(f"{path}: {100 * e.changed_share:.1f}% of pixels changed ({who}); {png}")
     return EXIT_OK

@@ -123,8 +123,9 @@ class FusionEngine:
 
     def _cat(self, adapters: Sequence[LoraAdapter], name: str) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         present = [i for i, a in enumerate(adapters) if name in a.A]
-        A = torch.cat([adapters[i].A[name] for i in present])  # (R, in)
-        B = torch.cat([adapters[i].B[name] for i in present], dim=1)  # (out, R)
+        dtype = self.layers[name].base.weight.dtype  # fp16/bf16 bases fuse in their own precision
+        A = torch.cat([adapters[i].A[name] for i in present]).to(dtype)  # (R, in)
+        B = torch.cat([adapters[i].B[name] for i in present], dim=1).to(dtype)  # (out, R)
         return present, A, B
 
     @staticmethod

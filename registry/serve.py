@@ -424,7 +424,8 @@ async def _read_form(request: Request, settings: ServeSettings) -> _Form:
     content_type, params = parse_options_header(request.headers.get("content-type"))
     boundary = params.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
-        raise UnprocessableError("expected a multipart/form-data body", code="invalid_form")
+        raise UnprocessableError("expected a multipart/form-data body (file parts named images, field classes)",
+                                 code="invalid_form")
     parts = _FormParts(settings.max_images)
     parser = MultipartParser(boundary, parts.callbacks())
     received = 0

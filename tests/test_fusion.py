@@ -119,3 +119,34 @@ def test_adapter_for_another_base_is_refused(tiny_base, trained_bundle):
     engine_targets = {n: tiny_base.clip.get_submodule(n) for n in lora_target_modules(tiny_base.clip)}
     with pytest.raises(IncompatibleAdapterError, match="trained on base"):
         load_adapter("fog@1", files[ADAPTER_WEIGHTS_FILE], manifest, "0" * 64, engine_targets)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-2), (torch.bfloat16, 6e-2)])
+def test_mixture_and_merged_on_cuda(tiny_base, adapters, dtype, tol):
+    """On a GPU: both paths against the fp32 CPU dense reference; fp16/bf16 within a stated tolerance
+    on the unit-norm dense embeddings."""
+    base = copy.deepcopy(tiny_base).to("cuda", dtype)
+    engine = FusionEngine(base.clip, lora_target_modules(base.clip))
+    on_gpu = [LoraAdapter(a.key, a.scale, {k: v.cuda() for k, v in a.A.items()}, {k: v.cuda() for k, v in a.B.items()})
+              for a in adapters]
+    pixels = torch.randn(3, 3, 96, 96)
+    weights = torch.tensor([[0.7, 0.2, 0.1], [0.0, 1.0, 0.0], [0.2, 0.3, 0.5]])
+    engine.set_mixture(on_gpu, weights.cuda())
+    with torch.no_grad():
+        fused = base.encode_dense(pixels.cuda().to(dtype)).float().cpu()
+    engine.clear()
+    for b in range(3):
+        ref = copy.deepcopy(tiny_base)
+        with torch.no_grad():
+            for name in lora_target_modules(ref.clip):
+                lin = ref.clip.get_submodule(name)
+                for a, w in zip(adapters, weights[b]):
+                    if name in a.A:
+                        lin.weight.add_(float(w) * a.delta(name))
+            expected = ref.encode_dense(pixels[b : b + 1])
+        assert (fused[b : b + 1] - expected).abs().max() <= tol
+    engine.merge(on_gpu, weights[2].cuda())
+    with torch.no_grad():
+        merged = base.encode_dense(pixels[2:].cuda().to(dtype)).float().cpu()
+    assert (merged - fused[2:]).abs().max() <= tol

@@ -55,6 +55,8 @@ def png_bytes(image: np.ndarray) -> bytes:
 def post(client: httpx.Client, url: str, images: list[tuple[str, bytes]], **fields: str) -> httpx.Response:
     files = [("images", (name, data, "image/png")) for name, data in images]
     data = {"classes": ",".join(CLASSES), "temperature": str(TEMPERATURE), **fields}
+    if not files:  # still multipart/form-data, with text parts only
+        files, data = [(k, (None, v)) for k, v in data.items()], None
     return client.post(url + "/v1/segment", files=files, data=data, timeout=60)
 
 
