@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         "fused_beats_base_on_every_shifted_domain": all(doms[d]["fused_miou"] > doms[d]["base_miou"] for d in shifted),
         "min_top1_own_adapter_rate": min(doms[d]["top1_own_adapter_rate"] for d in doms),
     }
-    results["command"] = "python benchmarks/base_eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results["command"] = ("python benchmarks/base_eval.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     results["machine"] = {"device": "cpu", "threads": torch.get_num_threads(), "platform": platform.platform(),
                           "torch": torch.__version__}
     results["seconds"] = round(time.perf_counter() - t0, 1)

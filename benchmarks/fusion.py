@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                                   n_lib=8))
         retrieval = bench_retrieval(1_000_000, 512, device, reps=10)
     result = {
-        "command": "python benchmarks/fusion.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": ("python benchmarks/fusion.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "note": None if device.type == "cuda" else "CPU figures (no GPU on this machine); ViT-B-16 batch 64 skipped on CPU",
