@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from semla.registry._cli import EXIT_OK, run
+from semla.registry.explain import add_parser as add_explain_parser
+from semla.registry.serve import add_parser as add_serve_parser
 from semla.registry.retrieval import DEFAULT_DISTANCE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DISTANCES
 from semla.schemas.errors import InvalidInputError
 
@@ -94,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, help="base weights (see semla-client train --help)")
     p.add_argument("--cache-dir", type=Path, default=None, help="verified adapter cache (default ~/.cache/semla/adapters)")
     p.set_defaults(func=_segment)
+    add_serve_parser(sub)
+    add_explain_parser(sub)
     return parser
 
 

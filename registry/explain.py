@@ -253,7 +253,8 @@ def adapter_colours(n: int) -> np.ndarray:
     if n <= len(_ADAPTER_COLOURS):
         return _ADAPTER_COLOURS[:n]
     rng = np.random.default_rng(1)
-    return np.concatenate([_ADAPTER_COLOURS, rng.integers(64, 256, size=(n - len(_ADAPTER_COLOURS), 3), dtype=np.uint8)])
+    extra = rng.integers(64, 256, size=(n - len(_ADAPTER_COLOURS), 3), dtype=np.uint8)
+    return np.concatenate([_ADAPTER_COLOURS, extra])
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -338,7 +339,7 @@ def render(explanation: Explanation, image: np.ndarray, classes: Sequence[str]) 
     draw.text((left, y + 6), f"top-k {k}; each changed pixel goes to the adapter whose removal drops the",
               fill=_MUTED, font=small)
     draw.text((left, y + 6 + 16), "fused winner's logit margin most"
-              + (f"; {100 * e.redundant.sum() / max(1, e.changed.sum()):.0f}% of changes survive any single removal"
+              + (f"; {100 * e.redundant.sum() / max(1, e.changed.sum()):.1f}% of changes survive any single removal"
                  if e.redundant.any() else ""), fill=_MUTED, font=small)
 
     # class legend: colour, name, share of the image in base -> fused
@@ -410,6 +411,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--base", default="semla-tiny", help="base model architecture (default semla-tiny)")
     p.add_argument("--pretrained", default=None, help="base weights (see semla-client train --help)")
-    p.add_argument("--cache-dir", type=Path, default=None, help="verified adapter cache (default ~/.cache/semla/adapters)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="verified adapter cache (default ~/.cache/semla/adapters)")
     p.set_defaults(func=_explain_command)
     return p

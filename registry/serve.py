@@ -45,15 +45,19 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
-from python_multipart import MultipartParser
-from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
 
 from semla.registry._cli import EXIT_OK
+from semla.registry._web import (
+    ERROR_RESPONSES,
+    Part,
+    RequestTooLarge,
+    install_error_handlers,
+    read_multipart,
+    status_for,
+)
 from semla.registry.retrieval import DEFAULT_DISTANCE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DISTANCES
 from semla.schemas.errors import InvalidInputError, RegistryError, SemlaError
-from semla.server._errors import ERROR_RESPONSES, RequestTooLarge, error_response, install_error_handlers, status_for
 
 if TYPE_CHECKING:
     from semla.registry.node import Node, Prediction
@@ -354,93 +358,38 @@ class _Form:
 _FIELDS = ("classes", "top_k", "temperature", "distance", "format")
 
 
-class _FormParts:
-    """python-multipart callbacks: ``images`` parts (repeatable, with filename) and text fields."""
+def _form_part(max_images: int):
+    """``accept`` hook: repeatable ``images`` parts up to ``max_images``, each field at most once."""
 
-    def __init__(self, max_images: int) -> None:
-        self.form = _Form()
-        self.max_images = max_images
-        self.ended = False
-        self._header_name = bytearray()
-        self._header_value = bytearray()
-        self._disposition = b""
-        self._name = ""
-        self._filename = ""
-        self._data = bytearray()
-
-    def callbacks(self) -> dict:
-        return {"on_part_begin": self.on_part_begin, "on_header_field": self.on_header_field,
-                "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
-                "on_headers_finished": self.on_headers_finished, "on_part_data": self.on_part_data,
-                "on_part_end": self.on_part_end, "on_end": self.on_end}
-
-    def on_part_begin(self) -> None:
-        self._disposition, self._name, self._filename, self._data = b"", "", "", bytearray()
-
-    def on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._header_name += data[start:end]
-
-    def on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header_value += data[start:end]
-
-    def on_header_end(self) -> None:
-        if bytes(self._header_name).lower() == b"content-disposition":
-            self._disposition = bytes(self._header_value)
-        self._header_name.clear()
-        self._header_value.clear()
-
-    def on_headers_finished(self) -> None:
-        _, options = parse_options_header(self._disposition)
-        name = options.get(b"name", b"").decode("utf-8", errors="replace")
+    def accept(name: str, parts: list[Part]) -> None:
         if name == "images":
-            if len(self.form.images) >= self.max_images:
-                raise RequestTooLarge(f"more than {self.max_images} images in one request")
+            if sum(p.name == "images" for p in parts) >= max_images:
+                raise RequestTooLarge(f"more than {max_images} images in one request")
         elif name not in _FIELDS:
             raise UnprocessableError(f"unexpected form part {name!r}; expected images and "
                                      f"{', '.join(_FIELDS)}", code="invalid_form")
-        elif name in self.form.fields:
+        elif any(p.name == name for p in parts):
             raise UnprocessableError(f"form field {name!r} given twice", code="invalid_form")
-        self._name = name
-        self._filename = options.get(b"filename", b"").decode("utf-8", errors="replace")
 
-    def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        self._data += data[start:end]
-
-    def on_part_end(self) -> None:
-        if self._name == "images":
-            self.form.images.append((self._filename or f"image-{len(self.form.images)}", bytes(self._data)))
-        else:
-            self.form.fields[self._name] = bytes(self._data).decode("utf-8", errors="replace")
-
-    def on_end(self) -> None:
-        self.ended = True
+    return accept
 
 
 async def _read_form(request: Request, settings: ServeSettings) -> _Form:
     """Stream the multipart body into memory, counting bytes and images against the limits."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > settings.max_upload_bytes:
-        raise RequestTooLarge(f"upload of {declared} bytes exceeds the limit of {settings.max_upload_bytes} bytes")
-    content_type, params = parse_options_header(request.headers.get("content-type"))
-    boundary = params.get(b"boundary")
-    if content_type != b"multipart/form-data" or not boundary:
-        raise UnprocessableError("expected a multipart/form-data body (file parts named images, field classes)",
-                                 code="invalid_form")
-    parts = _FormParts(settings.max_images)
-    parser = MultipartParser(boundary, parts.callbacks())
-    received = 0
     try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > settings.max_upload_bytes:
-                raise RequestTooLarge(f"upload exceeds the limit of {settings.max_upload_bytes} bytes")
-            parser.write(chunk)
-        parser.finalize()
-    except MultipartParseError as exc:
-        raise UnprocessableError(f"malformed multipart body: {exc}", code="invalid_form") from None
-    if not parts.ended:
-        raise UnprocessableError("multipart body ended before its closing boundary", code="invalid_form")
-    return parts.form
+        parts = await read_multipart(request, max_bytes=settings.max_upload_bytes,
+                                     accept=_form_part(settings.max_images))
+    except InvalidInputError as exc:
+        if isinstance(exc, (RequestTooLarge, UnprocessableError)):
+            raise
+        raise UnprocessableError(exc.message, code=exc.code) from None
+    form = _Form()
+    for part in parts:
+        if part.name == "images":
+            form.images.append((part.filename or f"image-{len(form.images)}", part.data))
+        else:
+            form.fields[part.name] = part.data.decode("utf-8", errors="replace")
+    return form
 
 
 @dataclasses.dataclass(frozen=True)
@@ -573,18 +522,6 @@ def _status(exc: SemlaError) -> int:
     return status_for(exc)
 
 
-async def _semla_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, SemlaError)
-    status = _status(exc)
-    logger.info("%s %s refused: %s %s (%s)", request.method, request.url.path, status, exc.code, exc.message)
-    return error_response(status, exc.code, exc.message)
-
-
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal", "internal server error (logged on the node)")
-
-
 def create_app(node: "Node", settings: ServeSettings = ServeSettings()) -> FastAPI:
     """Build the node service around a pulled :class:`~semla.registry.node.Node`.
 
@@ -614,9 +551,7 @@ def create_app(node: "Node", settings: ServeSettings = ServeSettings()) -> FastA
     )
     app.state.settings = settings
     app.state.worker = worker
-    install_error_handlers(app)  # HTTP and validation errors as on the registry
-    app.add_exception_handler(SemlaError, _semla_error)
-    app.add_exception_handler(Exception, _unexpected)
+    install_error_handlers(app, service="node", status=_status)
 
     @app.post(
         "/v1/segment",

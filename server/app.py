@@ -19,6 +19,7 @@ from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
+from semla.registry._web import ERROR_RESPONSES, Part, install_error_handlers, read_multipart
 from semla.schemas import (
     BUNDLE_FILES,
     MANIFEST_FILE,
@@ -28,8 +29,7 @@ from semla.schemas import (
     KeyPublic,
     UploadReceipt,
 )
-from semla.server._errors import ERROR_RESPONSES, install_error_handlers
-from semla.server._multipart import read_multipart
+from semla.schemas.errors import FileSetError
 from semla.server._service import RegistryService
 from semla.server.blobs import BlobStore
 from semla.server.db import create_schema, make_engine, make_sessionmaker
@@ -100,6 +100,18 @@ _UPLOAD_BODY = {
     }
 }
 
+#: More parts than this is not a bundle (it has four files); refused before they are buffered.
+MAX_PARTS = 16
+
+
+def _bundle_part(name: str, parts: list[Part]) -> None:
+    """Refuse a part sent twice or far too many parts; check_bundle judges the names."""
+    if len(parts) >= MAX_PARTS:
+        raise FileSetError(f"upload has more than {MAX_PARTS} parts", code="extra_file")
+    if any(p.name == name for p in parts):
+        raise FileSetError(f"bundle file {name} was sent more than once", code="extra_file")
+
+
 # -- routes ---------------------------------------------------------------------------------------
 router = APIRouter()
 
@@ -156,7 +168,8 @@ def list_keys(service: ServiceDep) -> list[KeyPublic]:
     },
 )
 async def publish_adapter(request: Request, service: ServiceDep, settings: SettingsDep) -> UploadReceipt:
-    files = await read_multipart(request, max_bytes=settings.max_upload_bytes)
+    parts = await read_multipart(request, max_bytes=settings.max_upload_bytes, accept=_bundle_part)
+    files = {part.name: part.data for part in parts}
     return await run_in_threadpool(service.publish, files)
 
 
@@ -247,6 +260,6 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.engine = engine
     app.state.blobs = blobs
     app.state.service = RegistryService(make_sessionmaker(engine), blobs)
-    install_error_handlers(app)
+    install_error_handlers(app, service="registry")
     app.include_router(router)
     return app

@@ -425,7 +425,7 @@ def test_missing_blob_is_a_logged_500(tmp_path, data_dir, caplog):
         assert upload(client, files).status_code == 201
         client.app.state.blobs.delete(hashlib.sha256(files[SIGNATURE_FILE]).hexdigest())
         assert_error(client.get(f"/v1/adapters/city-streets/1/files/{SIGNATURE_FILE}"), 500, "internal")
-    logged = [r for r in caplog.records if r.name == "semla.server" and r.levelname == "ERROR"]
+    logged = [r for r in caplog.records if r.name == "semla.http" and r.levelname == "ERROR"]
     assert logged and "missing from the store" in str(logged[0].exc_info[1])
 
 
