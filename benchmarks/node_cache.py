@@ -29,6 +29,7 @@ from semla.registry.cache import CacheLimits  # noqa: E402
 from semla.registry.http import RegistryClient  # noqa: E402
 from semla.registry.model import load_base  # noqa: E402
 from semla.registry.node import Node  # noqa: E402
+from semla.server.local import local_registry  # noqa: E402
 
 DOMAINS = ["clear", "fog", "night", "rain", "snow", "sepia"]
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True)
     base = load_base()
     token = os.urandom(8).hex()
-    with demo.registry_server(args.workdir / "registry", token) as url:
+    with local_registry(args.workdir / "registry", token) as url:
         client = RegistryClient(url)
         for i, domain in enumerate(DOMAINS):
             demo.publish_owner(client, token, domain, args.workdir / "owners" / domain, base, seed=i, n_train=50,

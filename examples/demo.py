@@ -13,19 +13,15 @@ Run ``python examples/demo.py --help`` for options; ``make demo`` runs it with t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -37,41 +33,9 @@ from semla.registry.http import RegistryClient  # noqa: E402
 from semla.registry.model import load_base  # noqa: E402
 from semla.registry.node import Node  # noqa: E402
 from semla.registry.train import TrainConfig, train_adapter  # noqa: E402
+from semla.server.local import local_registry  # noqa: E402
 
 TRAIN_SEED, TEST_SEED = 100, 9000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def registry_server(data_dir: Path, token: str):
-    """Run ``semla-server`` on a free loopback port until the block ends."""
-    port = free_port()
-    exe = Path(sys.executable).with_name("semla-server")
-    log = open(data_dir.parent / "server.log", "w")
-    proc = subprocess.Popen([str(exe), "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port),
-                             "--admin-token", token], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"registry did not start; see {log.name}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
 
 
 def publish_owner(client: RegistryClient, token: str, domain: str, owner: Path, base, *, seed: int,
@@ -106,7 +70,7 @@ def run(workdir: Path, domains: list[str], unseen: list[str], *, n_train: int, n
     results: dict = {"config": {"domains": domains, "unseen": unseen, "n_train": n_train, "n_test": n_test,
                                 "steps": steps, "top_k": top_k, "temperature": temperature,
                                 "base_fingerprint": base.ref.fingerprint}, "owners": {}, "domains": {}}
-    with registry_server(workdir / "registry", token) as url:
+    with local_registry(workdir / "registry", token, log=workdir / "server.log") as url:
         say(f"registry running at {url}")
         client = RegistryClient(url)
         for i, domain in enumerate(domains):

@@ -7,13 +7,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from semla.server.local import local_registry
 
 BIN = Path(sys.executable).parent
 TOKEN = "test-admin-token"
@@ -36,26 +37,9 @@ def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) ->
 
 
 @pytest.fixture
-def registry(tmp_path, free_port):
-    proc = subprocess.Popen(
-        [str(BIN / "semla-server"), "--data-dir", str(tmp_path / "reg"), "--host", "127.0.0.1",
-         "--port", str(free_port), "--admin-token", TOKEN],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    url = f"http://127.0.0.1:{free_port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("registry did not start")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+def registry(tmp_path):
+    with local_registry(tmp_path / "reg", TOKEN) as url:
+        yield url
 
 
 def test_full_loop_on_loopback(tmp_path, registry):

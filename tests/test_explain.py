@@ -7,13 +7,7 @@ import argparse
 import copy
 import json
 import shutil
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -25,8 +19,8 @@ from semla.registry._cli import run
 from semla.registry.explain import add_parser, explain, render, to_json
 from semla.registry.node import Node, Retrieval
 from semla.schemas.errors import InvalidInputError
+from semla.server.local import local_registry
 
-BIN = Path(sys.executable).parent
 TOKEN = "explain-admin-token"
 CLASSES = list(synth.get_scene("street").classes)
 
@@ -40,24 +34,7 @@ def registry_url(tmp_path_factory, trained_bundle, tiny_base):
     from semla.registry.train import TrainConfig, train_adapter
 
     work = tmp_path_factory.mktemp("explain")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [str(BIN / "semla-server"), "--data-dir", str(work / "reg"), "--host", "127.0.0.1", "--port", str(port),
-         "--admin-token", TOKEN], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("registry did not start")
-            time.sleep(0.2)
+    with local_registry(work / "reg", TOKEN) as url:
         fog = shutil.copytree(trained_bundle, work / "fog")  # the shared bundle stays unsigned
         night = work / "night"
         train_adapter(synth.write_dataset("night", 50, 11, work / "night-data"), night, "night",
@@ -69,9 +46,6 @@ def registry_url(tmp_path_factory, trained_bundle, tiny_base):
             sign_bundle(bundle, key)
             publish_bundle(bundle, client)
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
