@@ -29,6 +29,7 @@ from semla.client.publish import publish_bundle  # noqa: E402
 from semla.registry import keys, synth  # noqa: E402
 from semla.registry.cli import overlay  # noqa: E402
 from semla.registry.data import miou  # noqa: E402
+from semla.registry.explain import explain, render, to_json  # noqa: E402
 from semla.registry.http import RegistryClient  # noqa: E402
 from semla.registry.model import load_base  # noqa: E402
 from semla.registry.node import Node  # noqa: E402
@@ -112,7 +113,14 @@ def run(workdir: Path, domains: list[str], unseen: list[str], *, n_train: int, n
             r = results["domains"][domain]
             hit = f"top-1 own adapter {r['top1_own_adapter_rate']:.0%}" if domain in domains else "(unseen domain)"
             say(f"{domain + ' (all)':16s} {hit:44s} {base_miou:6.3f} {fused_miou:6.3f}")
-        say(f"\noverlays in {out_dir}")
+        explain_dir = workdir / "explain"
+        explain_dir.mkdir()
+        for domain in domains + unseen:
+            image = test_set(domain, 1)[0][0]
+            e = explain(node, image, classes, top_k=top_k, temperature=temperature)
+            render(e, image, classes).save(explain_dir / f"{domain}.explain.png")
+            (explain_dir / f"{domain}.explain.json").write_text(json.dumps(to_json(e, f"{domain}/000", classes), indent=2))
+        say(f"\noverlays in {out_dir}; explanations (which adapter changed which pixels) in {explain_dir}")
     (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
