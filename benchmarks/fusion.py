@@ -5,7 +5,9 @@ good as pretrained weights for timing), batch size and k, with a library of adap
 ranks (8 and 16) and per-image random top-k weights, this measures in one run:
 
 * ``base``: the dense forward with no adapter;
-* ``mixture``: our per-image path (``W x + B_cat diag(w_b ⊗ s) A_cat x``, one GEMM pair a layer);
+* ``mixture``: our per-image path (``W x + B diag(w_b ⊗ s) A x``, one GEMM pair a layer), with
+  the layout it picks by itself, and each layout forced (``concat``: every image times the
+  batch's union of adapters; ``gather``: each image only its own top-k, batched GEMMs);
 * ``merged_cold`` / ``merged_warm``: our merged path for a batch sharing one weight vector,
   including / excluding the merge itself (a stream of one domain merges once);
 * ``naive peft per-image merge``: what a SemLA user does with peft today:
@@ -133,13 +135,15 @@ def bench_model(arch: str, batches: list[int], ks: list[int], device: torch.devi
                 used = [i for i in range(n_lib) if w[:, i].any()]  # the node fuses only what the batch needs
                 batch_lib, batch_w = [library[i] for i in used], w[:, used]
 
-                def mixture():
-                    engine.set_mixture(batch_lib, batch_w)
+                def mixture(layout="auto"):
+                    engine.set_mixture(batch_lib, batch_w, layout=layout)
                     out = engine_model.encode_dense(pixels)
                     engine.clear()
                     return out
 
                 row["mixture_ms"] = round(timed(mixture, device, reps), 3)
+                for layout in ("concat", "gather"):
+                    row[f"mixture_{layout}_ms"] = round(timed(lambda: mixture(layout), device, reps), 3)
                 shared = w[0]
 
                 def merged_cold():

@@ -27,6 +27,8 @@ from semla.schemas.errors import IncompatibleAdapterError
 __all__ = ["FusedLinear", "LoraAdapter", "FusionEngine", "load_adapter", "FUSION_MODES", "list_fusion_modes"]
 
 FUSION_MODES = ("mixture", "merged")
+#: How the mixture path lays out the adapters of a batch (see FusionEngine.set_mixture).
+MIXTURE_LAYOUTS = ("auto", "concat", "gather")
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
 
@@ -35,21 +37,26 @@ def list_fusion_modes() -> list[str]:
 
 
 class FusedLinear(nn.Module):
-    """An ``nn.Linear`` plus an optional per-image low-rank mixture."""
+    """An ``nn.Linear`` plus an optional per-image low-rank mixture.
+
+    ``At``/``Bt`` are either shared by the batch (``(in, R)`` / ``(R, out)``, the concatenation of
+    the batch's adapters) or gathered per image (``(B, in, R)`` / ``(B, R, out)``, each image's
+    own top-k only); ``mix`` (B, R) holds each rank row's weight x scale for each image.
+    """
 
     def __init__(self, base: nn.Linear) -> None:
         super().__init__()
         self.base = base
-        self.lora_A: torch.Tensor | None = None  # (R, in)
-        self.lora_B: torch.Tensor | None = None  # (out, R)
-        self.mix: torch.Tensor | None = None  # (B, R): per-image weight x scale, per rank row
+        self.At: torch.Tensor | None = None
+        self.Bt: torch.Tensor | None = None
+        self.mix: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, N, in)
         y = self.base(x)
         if self.mix is None:
             return y
-        h = (x @ self.lora_A.T) * self.mix[:, None, :]  # (B, N, R)
-        return y + h @ self.lora_B.T  # (B, N, out)
+        h = (x @ self.At) * self.mix[:, None, :]  # (B, N, R)
+        return y + h @ self.Bt  # (B, N, out)
 
 
 @dataclasses.dataclass
@@ -114,53 +121,86 @@ class FusionEngine:
             self.layers[name] = wrapped
         self._originals: dict[str, torch.Tensor] = {}
         self._merged_key: Hashable | None = None
-        self._cat_of: tuple[LoraAdapter, ...] = ()
-        self._cats: dict[str, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
+        self._stack_of: tuple[LoraAdapter, ...] = ()
+        self._stack: dict[str, dict[str, torch.Tensor]] = {}
 
     @property
     def targets(self) -> dict[str, nn.Linear]:
         return {name: layer.base for name, layer in self.layers.items()}
 
-    def _cat(self, adapters: Sequence[LoraAdapter], name: str) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    def _stacks(self, adapters: Sequence[LoraAdapter], name: str) -> dict[str, torch.Tensor]:
+        """One layer's view of an adapter set: concatenated A^T/B^T with each rank row's owner
+        and scale; the padded per-adapter stacks for the gather layout are added on demand."""
         present = [i for i, a in enumerate(adapters) if name in a.A]
         dtype = self.layers[name].base.weight.dtype  # fp16/bf16 bases fuse in their own precision
-        A = torch.cat([adapters[i].A[name] for i in present]).to(dtype)  # (R, in)
-        B = torch.cat([adapters[i].B[name] for i in present], dim=1).to(dtype)  # (out, R)
-        return present, A, B
+        ranks = [adapters[i].A[name].shape[0] for i in present]
+        device = adapters[present[0]].A[name].device
+        return {
+            "At": torch.cat([adapters[i].A[name] for i in present]).T.to(dtype),  # (in, R)
+            "Bt": torch.cat([adapters[i].B[name] for i in present], dim=1).T.to(dtype),  # (R, out)
+            "owner": torch.tensor([i for i, r in zip(present, ranks) for _ in range(r)], device=device),
+            "scale": torch.tensor([adapters[i].scale for i, r in zip(present, ranks) for _ in range(r)],
+                                  device=device, dtype=dtype),
+        }
 
-    @staticmethod
-    def _rank_scales(adapters: Sequence[LoraAdapter], present: list[int], weights: torch.Tensor, name: str) -> torch.Tensor:
-        """weights (..., n_adapters) → (..., R): each adapter's weight x scale over its rank rows."""
-        cols = [
-            weights[..., i : i + 1].repeat_interleave(adapters[i].A[name].shape[0], dim=-1) * adapters[i].scale
-            for i in present
-        ]
-        return torch.cat(cols, dim=-1)
+    def _padded(self, adapters: Sequence[LoraAdapter], name: str, st: dict[str, torch.Tensor]) -> None:
+        """Per-adapter stacks padded to the largest rank: (n, in, r), (n, r, out), (n, r)."""
+        n, r_max = len(adapters), max(a.A[name].shape[0] for a in adapters if name in a.A)
+        A = st["At"]
+        st["At_pad"] = A.new_zeros(n, A.shape[0], r_max)
+        st["Bt_pad"] = A.new_zeros(n, r_max, st["Bt"].shape[1])
+        st["scale_pad"] = A.new_zeros(n, r_max)
+        row = 0
+        for i, a in enumerate(adapters):
+            if name in a.A:
+                r = a.A[name].shape[0]
+                st["At_pad"][i, :, :r] = st["At"][:, row : row + r]
+                st["Bt_pad"][i, :r] = st["Bt"][row : row + r]
+                st["scale_pad"][i, :r] = a.scale
+                row += r
 
-    def set_mixture(self, adapters: Sequence[LoraAdapter], weights: torch.Tensor) -> None:
+    def set_mixture(self, adapters: Sequence[LoraAdapter], weights: torch.Tensor, layout: str = "auto") -> None:
         """Per-image fusion: ``weights`` (B, n_adapters), row b the fusion weights of image b.
 
-        The concatenated A/B of the last adapter set are kept, so consecutive batches over the
-        same adapters only recompute the (B, R) scales.
+        Two exact layouts of the same sum: ``concat`` multiplies every image by all the batch's
+        adapters (one plain GEMM pair; rank = the batch's union), ``gather`` gives each image
+        only its own top-k (a batched GEMM pair; rank = k x the largest rank). ``auto`` picks
+        gather when the union is more than 1.5x larger. The stacks of the last adapter set are
+        kept, so consecutive batches over the same adapters only recompute the scales.
         """
         if weights.ndim != 2 or weights.shape[1] != len(adapters):
             raise ValueError(f"weights must be (batch, {len(adapters)}), got {tuple(weights.shape)}")
-        same = len(adapters) == len(self._cat_of) and all(a is b for a, b in zip(adapters, self._cat_of))
+        if layout not in MIXTURE_LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(MIXTURE_LAYOUTS)}")
+        same = len(adapters) == len(self._stack_of) and all(a is b for a, b in zip(adapters, self._stack_of))
         if not same:  # holding the adapters themselves (not ids) keeps this check sound
-            self._cat_of = tuple(adapters)
-            self._cats = {n: self._cat(adapters, n) for n in self.layers if any(n in a.A for a in adapters)}
+            self._stack_of = tuple(adapters)
+            self._stack = {n: self._stacks(adapters, n) for n in self.layers if any(n in a.A for a in adapters)}
+        k = int((weights != 0).sum(dim=1).max().clamp(min=1))
+        vals, idx = weights.topk(k, dim=1)  # (B, k): each image's own adapters
         for name, layer in self.layers.items():
-            if name not in self._cats:
+            st = self._stack.get(name)
+            if st is None:
                 layer.mix = None
                 continue
-            present, A, B = self._cats[name]
-            layer.lora_A, layer.lora_B = A, B
-            layer.mix = self._rank_scales(adapters, present, weights.to(A.dtype), name)
+            w = weights.to(st["At"].dtype)
+            r_max = max(a.A[name].shape[0] for a in adapters if name in a.A)
+            use_gather = layout == "gather" or (layout == "auto" and st["owner"].numel() > 1.5 * k * r_max)
+            if not use_gather:
+                layer.At, layer.Bt = st["At"], st["Bt"]
+                layer.mix = w[:, st["owner"]] * st["scale"]  # (B, R)
+                continue
+            if "At_pad" not in st:
+                self._padded(adapters, name, st)
+            b = weights.shape[0]
+            layer.At = st["At_pad"][idx].permute(0, 2, 1, 3).reshape(b, st["At"].shape[0], k * r_max)
+            layer.Bt = st["Bt_pad"][idx].reshape(b, k * r_max, st["Bt"].shape[1])
+            layer.mix = (vals.to(w.dtype)[..., None] * st["scale_pad"][idx]).reshape(b, k * r_max)
 
     def clear(self) -> None:
         """Back to the plain base model (mixture off; merged weights are left to :meth:`unmerge`)."""
         for layer in self.layers.values():
-            layer.mix = layer.lora_A = layer.lora_B = None
+            layer.mix = layer.At = layer.Bt = None
 
     @torch.no_grad()
     def merge(self, adapters: Sequence[LoraAdapter], weights: torch.Tensor, key: Hashable | None = None) -> None:
@@ -177,11 +217,11 @@ class FusionEngine:
         for name, layer in self.layers.items():
             if not any(name in a.A for a in adapters):
                 continue
-            present, A, B = self._cat(adapters, name)
-            scales = self._rank_scales(adapters, present, weights.to(A.dtype), name)  # (R,)
+            st = self._stacks(adapters, name)
+            scales = weights.to(st["At"].dtype)[st["owner"]] * st["scale"]  # (R,)
             weight = layer.base.weight
             self._originals[name] = weight.detach().clone()
-            weight.add_(((B * scales) @ A).to(weight.dtype))
+            weight.add_(((st["At"] * scales) @ st["Bt"]).T.to(weight.dtype))
 
     @torch.no_grad()
     def unmerge(self) -> None:

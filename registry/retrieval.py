@@ -8,6 +8,7 @@ top-k. Both functions return identical results up to float rounding (tested).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,6 +58,22 @@ class CentroidTable:
     vectors: np.ndarray
     owner: np.ndarray
     n_adapters: int
+    _on_device: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def tensors(self, device: Any) -> tuple[Any, Any]:
+        """(centroids, owner) as torch tensors on ``device``, copied there once per table."""
+        import torch
+
+        key = str(device)
+        if key not in self._on_device:
+            owner = None if self.one_per_adapter else torch.as_tensor(self.owner, device=device)
+            self._on_device[key] = (torch.as_tensor(self.vectors, device=device), owner)
+        return self._on_device[key]
+
+    @functools.cached_property
+    def one_per_adapter(self) -> bool:
+        """Row i is adapter i's only centroid: the min over centroids can be skipped."""
+        return len(self.owner) == self.n_adapters and bool((self.owner == np.arange(self.n_adapters)).all())
 
     @classmethod
     def from_lists(cls, centroids_per_adapter: Sequence[Sequence[Sequence[float]]]) -> "CentroidTable":
@@ -101,8 +118,11 @@ def retrieve_numpy(
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
     sim = q @ table.vectors.T  # (Q, C)
     d_cent = np.sqrt(np.clip(2.0 - 2.0 * sim, 0.0, None)) if distance == "euclidean" else 1.0 - sim
-    d_adapter = np.full((q.shape[0], table.n_adapters), np.inf, dtype=np.float32)
-    np.minimum.at(d_adapter, (slice(None), table.owner), d_cent)
+    if table.one_per_adapter:
+        d_adapter = d_cent
+    else:
+        d_adapter = np.full((q.shape[0], table.n_adapters), np.inf, dtype=np.float32)
+        np.minimum.at(d_adapter, (slice(None), table.owner), d_cent)
     k = min(top_k, table.n_adapters)
     idx = np.argsort(d_adapter, axis=1, kind="stable")[:, :k]
     dist = np.take_along_axis(d_adapter, idx, axis=1)
@@ -124,12 +144,14 @@ def retrieve_torch(
     _check(distance, top_k, temperature)
     q = torch.as_tensor(queries, dtype=torch.float32, device=device)
     q = torch.nn.functional.normalize(q, dim=1)
-    cents = torch.as_tensor(table.vectors, device=q.device)
-    owner = torch.as_tensor(table.owner, device=q.device)
+    cents, owner = table.tensors(q.device)
     sim = q @ cents.T  # (Q, C)
     d_cent = torch.sqrt(torch.clamp(2.0 - 2.0 * sim, min=0.0)) if distance == "euclidean" else 1.0 - sim
-    d_adapter = torch.full((q.shape[0], table.n_adapters), float("inf"), device=q.device)
-    d_adapter = d_adapter.scatter_reduce(1, owner.expand_as(d_cent), d_cent, reduce="amin")
+    if table.one_per_adapter:
+        d_adapter = d_cent
+    else:
+        d_adapter = torch.full((q.shape[0], table.n_adapters), float("inf"), device=q.device)
+        d_adapter = d_adapter.scatter_reduce(1, owner.expand_as(d_cent), d_cent, reduce="amin")
     k = min(top_k, table.n_adapters)
     dist, idx = torch.topk(d_adapter, k, dim=1, largest=False, sorted=True)
     weights = torch.softmax(-dist / temperature, dim=1)

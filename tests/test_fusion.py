@@ -47,13 +47,14 @@ def adapters(tiny_base):
     ]
 
 
-def test_mixture_equals_dense_reference_per_image(tiny_base, adapters):
+@pytest.mark.parametrize("layout", ["concat", "gather", "auto"])
+def test_mixture_equals_dense_reference_per_image(tiny_base, adapters, layout):
     base = copy.deepcopy(tiny_base)
     engine = FusionEngine(base.clip, lora_target_modules(base.clip))
     pixels = torch.randn(3, 3, 96, 96)
     text = base.encode_classes(["sky", "road", "car", "person"])
-    weights = torch.tensor([[0.7, 0.2, 0.1], [0.0, 1.0, 0.0], [0.2, 0.3, 0.5]])
-    engine.set_mixture(adapters, weights)
+    weights = torch.tensor([[0.7, 0.2, 0.1], [0.0, 1.0, 0.0], [0.2, 0.0, 0.8]])
+    engine.set_mixture(adapters, weights, layout=layout)
     with torch.no_grad():
         fused = base.dense_logits(pixels, text)
     for b in range(3):
@@ -132,7 +133,7 @@ def test_mixture_and_merged_on_cuda(tiny_base, adapters, dtype, tol):
               for a in adapters]
     pixels = torch.randn(3, 3, 96, 96)
     weights = torch.tensor([[0.7, 0.2, 0.1], [0.0, 1.0, 0.0], [0.2, 0.3, 0.5]])
-    engine.set_mixture(on_gpu, weights.cuda())
+    engine.set_mixture(on_gpu, weights.cuda(), layout="gather")
     with torch.no_grad():
         fused = base.encode_dense(pixels.cuda().to(dtype)).float().cpu()
     engine.clear()

@@ -14,10 +14,12 @@ def _unit(rng, n, d):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+@pytest.mark.parametrize("per_adapter", [1, 3])
 @pytest.mark.parametrize("distance", ["euclidean", "cosine"])
-def test_numpy_and_torch_agree(distance):
+def test_numpy_and_torch_agree(distance, per_adapter):
     rng = np.random.default_rng(0)
-    table = CentroidTable.from_lists([_unit(rng, int(rng.integers(1, 4)), 32) for _ in range(40)])
+    table = CentroidTable.from_lists([_unit(rng, int(rng.integers(1, per_adapter + 1)), 32) for _ in range(40)])
+    assert table.one_per_adapter == (per_adapter == 1)
     queries = rng.normal(size=(16, 32))
     i_np, d_np, w_np = retrieve_numpy(queries, table, top_k=5, temperature=0.05, distance=distance)
     i_t, d_t, w_t = retrieve_torch(torch.from_numpy(queries), table, top_k=5, temperature=0.05, distance=distance)
