@@ -8,8 +8,9 @@ base fingerprint and embedding space), then kept in a three-tier verified cache
 its cache and the last index it accepted, until that index is older than ``max_index_age``.
 
 Fusion picks its path per batch: when every image shares one weight vector (a pinned adapter,
-a stream of one domain) the weights are merged into the base once and kept merged while the
-vector repeats; otherwise each image gets its own low-rank mixture in the same batch.
+a batch of one domain) the fused weights are merged into the base for that batch; otherwise
+each image gets its own low-rank mixture in the same batch. (The base is restored before
+every retrieval embedding, which must come from the frozen base.)
 
 Python API::
 
@@ -224,10 +225,14 @@ class Node:
     def index_age(self) -> float | None:
         return None if self.index_time is None else time.time() - self.index_time
 
+    def _expired(self) -> bool:
+        age = self.index_age()
+        return age is not None and age > self.max_index_age
+
     def health(self) -> dict:
         """What a health endpoint reports: ok, offline (serving from cache) or expired."""
         age = self.index_age()
-        expired = age is not None and age > self.max_index_age
+        expired = self._expired()
         status = "no_index" if age is None else "expired" if expired else "offline" if self.offline else "ok"
         return {"status": status, "registry": self.client.url, "offline": self.offline,
                 "index_age_s": None if age is None else round(age, 1), "max_index_age_s": self.max_index_age,
@@ -235,10 +240,10 @@ class Node:
                 "cache_stats": dict(self.cache.stats)}
 
     def _check_servable(self) -> None:
-        if not self.library:
-            self.pull()
-        age = self.index_age()
-        if age is not None and age > self.max_index_age:
+        if not self.library or self._expired():
+            self.pull()  # online this refreshes the index; offline it reloads the saved one
+        if self._expired():
+            age = self.index_age()
             raise RegistryError(
                 f"the last accepted index is {age:.0f} s old (limit {self.max_index_age:.0f} s) and the registry "
                 "cannot be reached; refusing to serve", code="index_expired")

@@ -162,3 +162,11 @@ def test_pinned_adapter_and_per_image_vocabularies(registry, fresh_base, tmp_pat
         node.segment(images[:1], CLASSES, adapter="rain")
     with pytest.raises(InvalidInputError):
         node.segment(images[:2], [CLASSES])
+
+
+def test_an_old_index_is_refreshed_when_the_registry_answers(registry, fresh_base, tmp_path, images):
+    node = make_node(registry, fresh_base, tmp_path, max_index_age=60.0)
+    node.index_time -= 120.0  # the node has not pulled for two minutes
+    assert node.health()["status"] == "expired"
+    node.segment(images[:1], CLASSES, top_k=1)
+    assert node.index_age() < 60.0 and node.health()["status"] == "ok"
