@@ -6,10 +6,21 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from semla.schemas.errors import InvalidInputError, SemlaError
 
-__all__ = ["run", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE"]
+__all__ = [
+    "run",
+    "EXIT_OK",
+    "EXIT_FAILED",
+    "EXIT_USAGE",
+    "add_node_arguments",
+    "add_retrieval_arguments",
+    "build_node",
+    "parse_classes",
+]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -36,3 +47,49 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None, dispatch: Calla
     except OSError as exc:
         print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_FAILED
+
+
+# -- what every semla-node command shares ---------------------------------------------------------
+def add_node_arguments(p: argparse.ArgumentParser) -> None:
+    """--registry, --device, --base, --pretrained, --cache-dir."""
+    p.add_argument("--registry", required=True, help="registry URL, e.g. http://127.0.0.1:8080")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--base", default="semla-tiny", help="base model architecture (default semla-tiny)")
+    p.add_argument("--pretrained", default=None, help="base weights (see semla-client train --help)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="verified adapter cache (default ~/.cache/semla/adapters)")
+
+
+def add_retrieval_arguments(p: argparse.ArgumentParser, *, top_k: int, temperature: float) -> None:
+    """--top-k, --temperature, --distance."""
+    from semla.registry.retrieval import DEFAULT_DISTANCE, DISTANCES
+
+    p.add_argument("--top-k", type=int, default=top_k,
+                   help=f"adapters fused per image, capped at the library size (default {top_k})")
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help=f"softmax temperature T of w = softmax(-d/T) (default {temperature})")
+    p.add_argument("--distance", choices=DISTANCES, default=DEFAULT_DISTANCE, help="centroid distance")
+
+
+def parse_classes(text: str) -> list[str]:
+    """Comma-separated class names.
+
+    Raises:
+        InvalidInputError: no name given.
+    """
+    classes = [c.strip() for c in text.split(",") if c.strip()]
+    if not classes:
+        raise InvalidInputError("--classes is empty; give comma-separated class names")
+    return classes
+
+
+def build_node(args: argparse.Namespace, **kwargs: Any) -> Any:
+    """A pulled :class:`~semla.registry.node.Node` from the arguments of :func:`add_node_arguments`."""
+    from semla.registry.model import load_base
+    from semla.registry.node import Node, resolve_device
+
+    device = resolve_device(args.device)
+    node = Node(args.registry, base=load_base(args.base, args.pretrained, device=device), device=str(device),
+                cache_dir=args.cache_dir, **kwargs)
+    node.pull()  # unreachable with nothing cached: one-line error from the CLI runner
+    return node

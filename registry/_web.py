@@ -22,6 +22,7 @@ from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from semla.schemas import ErrorBody, ErrorResponse
 from semla.schemas.errors import (
@@ -104,7 +105,22 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this request's path.
+
+    Starlette's router answers 405 from the first route whose path matches and puts only *that*
+    route's methods in ``Allow``; a path served by several routes (``GET`` and ``POST /v1/keys``
+    are two routes) then advertises too few. RFC 9110 §15.5.6: ``Allow`` lists them all.
+    """
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= set(route_methods)
+    return sorted(methods)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail
     if isinstance(detail, dict) and {"code", "message"} <= set(detail):
@@ -112,7 +128,12 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     else:
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
         message = str(detail)
-    return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:
+        allowed = _allowed_methods(request)
+        if allowed:
+            headers["Allow"] = ", ".join(allowed)
+    return error_response(exc.status_code, code, message, headers=headers or None)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:

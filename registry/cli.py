@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from semla.registry._cli import EXIT_OK, run
+from semla.registry._cli import EXIT_OK, add_node_arguments, add_retrieval_arguments, build_node, parse_classes, run
 from semla.registry.explain import add_parser as add_explain_parser
 from semla.registry.serve import add_parser as add_serve_parser
-from semla.registry.retrieval import DEFAULT_DISTANCE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DISTANCES
-from semla.schemas.errors import InvalidInputError
+from semla.registry.retrieval import DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 
 __all__ = ["main", "build_parser", "palette", "overlay"]
 
@@ -49,17 +48,10 @@ def _segment(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from semla.registry.data import read_image
-    from semla.registry.model import load_base
-    from semla.registry.node import Node, resolve_device
 
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    if not classes:
-        raise InvalidInputError("--classes is empty; give comma-separated class names")
+    classes = parse_classes(args.classes)
     images = [read_image(p) for p in args.images]  # fail on a bad image before any download
-    device = resolve_device(args.device)
-    node = Node(args.registry, base=load_base(args.base, args.pretrained, device=device), device=str(device),
-                cache_dir=args.cache_dir)
-    node.pull()
+    node = build_node(args)
     preds = node.segment(images, classes, top_k=args.top_k, temperature=args.temperature, distance=args.distance)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -82,19 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("segment", help="segment images with retrieved, fused adapters")
     p.add_argument("images", nargs="+", type=Path, help="image files (PNG/JPEG)")
-    p.add_argument("--registry", required=True, help="registry URL, e.g. http://127.0.0.1:8080")
     p.add_argument("--classes", required=True, help="comma-separated class names (any vocabulary)")
-    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
-                   help=f"adapters fused per image, capped at the library size (default {DEFAULT_TOP_K})")
-    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
-                   help=f"softmax temperature T of w = softmax(-d/T) (default {DEFAULT_TEMPERATURE})")
-    p.add_argument("--distance", choices=DISTANCES, default=DEFAULT_DISTANCE, help="centroid distance")
+    add_retrieval_arguments(p, top_k=DEFAULT_TOP_K, temperature=DEFAULT_TEMPERATURE)
     p.add_argument("--out", type=Path, help="write DIR/<stem>.png (class indices) and DIR/<stem>.overlay.png")
     p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--base", default="semla-tiny", help="base model architecture (default semla-tiny)")
-    p.add_argument("--pretrained", default=None, help="base weights (see semla-client train --help)")
-    p.add_argument("--cache-dir", type=Path, default=None, help="verified adapter cache (default ~/.cache/semla/adapters)")
+    add_node_arguments(p)
     p.set_defaults(func=_segment)
     add_serve_parser(sub)
     add_explain_parser(sub)

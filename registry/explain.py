@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from semla.registry._cli import EXIT_OK
-from semla.registry.retrieval import DEFAULT_DISTANCE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DISTANCES
+from semla.registry._cli import EXIT_OK, add_node_arguments, add_retrieval_arguments, build_node, parse_classes
+from semla.registry.retrieval import DEFAULT_DISTANCE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 from semla.schemas.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -366,20 +366,13 @@ def render(explanation: Explanation, image: np.ndarray, classes: Sequence[str]) 
 # -- command line --------------------------------------------------------------------------------
 def _explain_command(args: argparse.Namespace) -> int:
     from semla.registry.data import read_image
-    from semla.registry.model import load_base
-    from semla.registry.node import Node, resolve_device
 
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    if not classes:
-        raise InvalidInputError("--classes is empty; give comma-separated class names")
+    classes = parse_classes(args.classes)
     stems = [p.stem for p in args.images]
     if len(set(stems)) != len(stems):
         raise InvalidInputError("two images share a file name stem; their outputs would overwrite each other")
     images = [read_image(p) for p in args.images]  # fail on a bad image before any download
-    device = resolve_device(args.device)
-    node = Node(args.registry, base=load_base(args.base, args.pretrained, device=device), device=str(device),
-                cache_dir=args.cache_dir)
-    node.pull()
+    node = build_node(args)
     args.out.mkdir(parents=True, exist_ok=True)
     for path, image in zip(args.images, images):
         e = explain(node, image, classes, top_k=args.top_k, temperature=args.temperature, distance=args.distance)
@@ -400,18 +393,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "every changed pixel to the adapter whose removal drops the fused winner's logit margin the "
                     "most. Writes DIR/<stem>.explain.png and DIR/<stem>.explain.json.")
     p.add_argument("images", nargs="+", type=Path, help="image files (PNG/JPEG)")
-    p.add_argument("--registry", required=True, help="registry URL, e.g. http://127.0.0.1:8080")
     p.add_argument("--classes", required=True, help="comma-separated class names (any vocabulary)")
     p.add_argument("--out", required=True, type=Path, help="write DIR/<stem>.explain.png and .explain.json")
-    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
-                   help=f"adapters fused per image, capped at the library size (default {DEFAULT_TOP_K})")
-    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
-                   help=f"softmax temperature T of w = softmax(-d/T) (default {DEFAULT_TEMPERATURE})")
-    p.add_argument("--distance", choices=DISTANCES, default=DEFAULT_DISTANCE, help="centroid distance")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--base", default="semla-tiny", help="base model architecture (default semla-tiny)")
-    p.add_argument("--pretrained", default=None, help="base weights (see semla-client train --help)")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="verified adapter cache (default ~/.cache/semla/adapters)")
+    add_retrieval_arguments(p, top_k=DEFAULT_TOP_K, temperature=DEFAULT_TEMPERATURE)
+    add_node_arguments(p)
     p.set_defaults(func=_explain_command)
     return p

@@ -37,7 +37,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,7 +46,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from semla.registry._cli import EXIT_OK
+from semla.registry._cli import EXIT_OK, add_node_arguments, build_node
 from semla.registry._web import (
     ERROR_RESPONSES,
     Part,
@@ -611,16 +610,10 @@ Example:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from semla.registry.model import load_base
-    from semla.registry.node import Node, resolve_device
-
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                              max_upload_bytes=args.max_upload_bytes, max_images=args.max_images,
                              refresh_seconds=args.refresh_seconds, top_k=args.top_k, temperature=args.temperature)
-    device = resolve_device(args.device)
-    node = Node(args.registry, base=load_base(args.base, args.pretrained, device=device), device=str(device),
-                cache_dir=args.cache_dir, max_index_age=args.max_index_age)
-    node.pull()  # unreachable with nothing cached: one-line error from the CLI runner
+    node = build_node(args, max_index_age=args.max_index_age)
     app = create_app(node, settings)
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["semla"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
@@ -633,10 +626,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="serve segmentation over HTTP with dynamic batching",
                               description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = ServeSettings()
-    p.add_argument("--registry", required=True, help="registry URL, e.g. http://127.0.0.1:8080")
+    add_node_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8090, help="TCP port to listen on (default 8090)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--max-batch", type=int, default=defaults.max_batch,
                    help=f"most images per forward pass (default {defaults.max_batch})")
     p.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
@@ -653,9 +645,5 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"default adapters fused per image (default {defaults.top_k})")
     p.add_argument("--temperature", type=float, default=defaults.temperature,
                    help=f"default softmax temperature (default {defaults.temperature})")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="verified adapter cache (default ~/.cache/semla/adapters)")
-    p.add_argument("--base", default="semla-tiny", help="base model architecture (default semla-tiny)")
-    p.add_argument("--pretrained", default=None, help="base weights (see semla-client train --help)")
     p.set_defaults(func=_serve)
     return p

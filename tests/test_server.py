@@ -123,6 +123,16 @@ def test_unknown_route_is_json_error(client):
     assert_error(client.delete("/v1/keys"), 405, "method_not_allowed")
 
 
+@pytest.mark.parametrize(("method", "path"), [("DELETE", "/v1/keys"), ("OPTIONS", "/v1/adapters"), ("PUT", "/healthz")])
+def test_405_allow_lists_every_method_of_the_path(client, method, path):
+    # GET and POST on one path are two routes; Starlette's 405 named only the first one's
+    # methods (``Allow: POST``), found by schemathesis (tests/test_fuzz_api.py).
+    resp = client.request(method, path)
+    assert_error(resp, 405, "method_not_allowed")
+    expected = {"GET", "HEAD"} if path == "/healthz" else {"GET", "HEAD", "POST"}
+    assert {m.strip() for m in resp.headers["allow"].split(",")} == expected
+
+
 def test_nothing_created_at_import_or_settings(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     settings = ServerSettings()
