@@ -105,19 +105,27 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+#: Methods probed to rebuild ``Allow`` on a 405.
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def _allowed_methods(request: Request) -> list[str]:
     """Every method some route serves at this request's path.
 
     Starlette's router answers 405 from the first route whose path matches and puts only *that*
     route's methods in ``Allow``; a path served by several routes (``GET`` and ``POST /v1/keys``
-    are two routes) then advertises too few. RFC 9110 §15.5.6: ``Allow`` lists them all.
+    are two routes) then advertises too few. RFC 9110 §15.5.6: ``Allow`` lists them all. Each
+    top-level route is asked, through the public ``BaseRoute.matches``, which methods it would
+    take at this path (FastAPI nests included routers, so ``route.methods`` is not enough); a
+    route that fully matches the refused method does not discriminate methods and is skipped.
     """
-    methods: set[str] = set()
+    scope = request.scope
+    allowed: set[str] = set()
     for route in request.app.router.routes:
-        route_methods = getattr(route, "methods", None)
-        if route_methods and route.matches(request.scope)[0] is not Match.NONE:
-            methods |= set(route_methods)
-    return sorted(methods)
+        if route.matches(scope)[0] is Match.FULL:
+            continue
+        allowed.update(m for m in _METHODS if route.matches({**scope, "method": m})[0] is Match.FULL)
+    return sorted(allowed)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

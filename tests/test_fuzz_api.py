@@ -10,7 +10,13 @@ fuzzing phases); every response must be
 * a status code the operation declares (``status_code_conformance``),
 * of a declared content type (``content_type_conformance``),
 * valid against the declared response schema (``response_schema_conformance``), so every
-  4xx is ``{"error": {"code", "message"}}``.
+  4xx is ``{"error": {"code", "message"}}``,
+* an undeclared method answered 405 with an ``Allow`` header (``unsupported_method``) that names
+  every documented method of the path (``allow_header_conformance``).
+
+The schema is loaded at import (one operation per test item). ``schemathesis.pytest.from_fixture``
+would defer that to a fixture, but schemathesis 4.32 sets ``request.node._nodeid`` there, which
+pytest 9.2 no longer has. The registry lives in a temporary directory removed at exit.
 
 Bounded for the default suite (25 examples per operation, derandomized, no example database);
 ``benchmarks/fuzz_api.py`` runs the same fuzzing with many more examples.
@@ -18,6 +24,9 @@ Bounded for the default suite (25 examples per operation, derandomized, no examp
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from pathlib import Path
 
 import bundle_factory
@@ -28,9 +37,11 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
+    allow_header_conformance,
     content_type_conformance,
     response_schema_conformance,
     status_code_conformance,
+    unsupported_method,
 )
 
 from semla.registry import keys
@@ -42,7 +53,14 @@ AUTH = {"Authorization": f"Bearer {ADMIN}"}
 ADAPTER = {"name": "city-streets", "version": 1}
 
 #: What every generated response must satisfy.
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    unsupported_method,
+    allow_header_conformance,
+]
 
 #: Hypothesis settings for the default suite: bounded and reproducible.
 FUZZ_SETTINGS = settings(
@@ -71,17 +89,19 @@ def seeded_registry(tmp: Path) -> FastAPI:
     return app
 
 
-@pytest.fixture(scope="module")
-def registry_app(tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
-    return seeded_registry(tmp_path_factory.mktemp("fuzz"))
+def _registry_for_this_module() -> FastAPI:
+    tmp = Path(tempfile.mkdtemp(prefix="semla-fuzz-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    return seeded_registry(tmp)
+
+
+APP = _registry_for_this_module()
+schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 
 @pytest.fixture(scope="module")
-def api_schema(registry_app: FastAPI):
-    return schemathesis.openapi.from_asgi("/openapi.json", registry_app)
-
-
-schema = schemathesis.pytest.from_fixture("api_schema")
+def api_schema():
+    return schema
 
 
 @schema.parametrize()
