@@ -29,6 +29,9 @@ from semla.schemas.api import (
     ErrorResponse,
     KeyCreate,
     KeyPublic,
+    RetrievedAdapter,
+    RetrieveRequest,
+    RetrieveResponse,
     UploadReceipt,
 )
 
@@ -56,5 +59,8 @@ __all__ = [
     "ErrorResponse",
     "KeyCreate",
     "KeyPublic",
+    "RetrievedAdapter",
+    "RetrieveRequest",
+    "RetrieveResponse",
     "UploadReceipt",
 ]

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import math
+from typing import Literal
 
-__all__ = ["AdapterSummary", "ErrorBody", "ErrorResponse", "KeyCreate", "KeyPublic", "UploadReceipt"]
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "AdapterSummary",
+    "ErrorBody",
+    "ErrorResponse",
+    "KeyCreate",
+    "KeyPublic",
+    "RetrieveRequest",
+    "RetrieveResponse",
+    "RetrievedAdapter",
+    "UploadReceipt",
+]
 
 
 class _Api(BaseModel):
@@ -58,3 +71,36 @@ class UploadReceipt(_Api):
     version: int
     publisher: str
     manifest_sha256: str
+
+
+class RetrieveRequest(_Api):
+    """Server-side retrieval for thin clients (a node retrieves locally and never sends this)."""
+
+    embedding: list[float] = Field(min_length=2, max_length=4096, description="the query image's embedding")
+    base_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$", description="only adapters of this base model")
+    top_k: int = Field(default=5, ge=1, le=100)
+    temperature: float = Field(default=0.05, gt=0, le=1e6)
+    distance: Literal["euclidean", "cosine"] = "euclidean"
+
+    @field_validator("embedding")
+    @classmethod
+    def _finite_nonzero(cls, v: list[float]) -> list[float]:
+        if not all(math.isfinite(x) for x in v):
+            raise ValueError("embedding holds NaN or Infinity")
+        if not any(v):
+            raise ValueError("embedding is all zeros")
+        return v
+
+
+class RetrievedAdapter(_Api):
+    name: str
+    version: int
+    publisher: str
+    distance: float
+    weight: float
+
+
+class RetrieveResponse(_Api):
+    """Nearest adapters first; weights = softmax(-distance / T) over them, summing to 1."""
+
+    results: list[RetrievedAdapter]

@@ -18,12 +18,14 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from semla.registry import keys as _keys
 from semla.registry.bundle import check_bundle, sha256_bytes
+from semla.registry.retrieval import CentroidTable, retrieve_numpy
 from semla.schemas import (
     BUNDLE_FILES,
     MANIFEST_FILE,
@@ -31,6 +33,9 @@ from semla.schemas import (
     KeyCreate,
     KeyPublic,
     Manifest,
+    RetrievedAdapter,
+    RetrieveRequest,
+    RetrieveResponse,
     UploadReceipt,
     canonical_json,
     strict_json_loads,
@@ -80,6 +85,8 @@ class RegistryService:
         # Serialises "check version → write blobs → commit → clean up" inside one process,
         # so two uploads here never race; across replicas the UNIQUE constraint decides.
         self._publish_lock = threading.Lock()
+        #: base fingerprint → (adapters-table generation, centroid table, summaries)
+        self._tables: dict[str, tuple[tuple, CentroidTable, list[AdapterSummary]]] = {}
 
     # -- keys -----------------------------------------------------------------------------------
     def register_key(self, body: KeyCreate) -> KeyPublic:
@@ -221,6 +228,43 @@ class RegistryService:
             stmt = stmt.where(Adapter.domain.icontains(domain, autoescape=True))
         with self._sessions() as session:
             return [_summary(row) for row in session.scalars(stmt.order_by(Adapter.name))]
+
+    def retrieve(self, body: RetrieveRequest) -> RetrieveResponse:
+        """Brute-force SemLA retrieval (numpy, the node's math) over the newest adapters of a base.
+
+        Raises:
+            NotFoundError: no adapter of this base model.
+            InvalidInputError: the embedding's dimension differs from the centroids'.
+        """
+        table, summaries = self._centroid_table(body.base_fingerprint)
+        dim = table.vectors.shape[1]
+        if len(body.embedding) != dim:
+            raise InvalidInputError(f"embedding has {len(body.embedding)} dimensions; "
+                                    f"the centroids of this base have {dim}")
+        idx, dist, weights = retrieve_numpy(np.asarray([body.embedding], dtype=np.float32), table,
+                                            top_k=body.top_k, temperature=body.temperature, distance=body.distance)
+        return RetrieveResponse(results=[
+            RetrievedAdapter(name=summaries[i].name, version=summaries[i].version, publisher=summaries[i].publisher,
+                             distance=float(d), weight=float(w))
+            for i, d, w in zip(idx[0].tolist(), dist[0].tolist(), weights[0].tolist())
+        ])
+
+    def _centroid_table(self, fingerprint: str) -> tuple[CentroidTable, list[AdapterSummary]]:
+        """The centroid table of one base, rebuilt only when the adapters table has changed
+        (checked on every call, so replicas sharing a database stay consistent)."""
+        with self._sessions() as session:
+            generation = tuple(session.execute(select(func.count(), func.max(Adapter.id))).one())
+        cached = self._tables.get(fingerprint)
+        if cached is not None and cached[0] == generation:
+            return cached[1], cached[2]
+        summaries = [a for a in self.list_adapters() if a.base_fingerprint == fingerprint]
+        if not summaries:
+            raise NotFoundError(f"no adapter for base model {fingerprint[:12]}")
+        table = CentroidTable.from_lists([a.centroids for a in summaries])
+        if len(self._tables) >= 8:
+            self._tables.pop(next(iter(self._tables)))
+        self._tables[fingerprint] = (generation, table, summaries)
+        return table, summaries
 
     def adapter_versions(self, name: str) -> list[AdapterSummary]:
         """Every stored version of ``name``, newest first.

@@ -27,6 +27,8 @@ from semla.schemas import (
     AdapterSummary,
     KeyCreate,
     KeyPublic,
+    RetrieveRequest,
+    RetrieveResponse,
     UploadReceipt,
 )
 from semla.schemas.errors import FileSetError
@@ -185,6 +187,22 @@ def list_adapters(
     domain: Annotated[str | None, Query(max_length=256, description="substring of the domain (any case)")] = None,
 ) -> list[AdapterSummary]:
     return service.list_adapters(name=name, domain=domain)
+
+
+@router.post(
+    "/v1/retrieve",
+    tags=["retrieval"],
+    summary="Nearest adapters to one embedding (for thin clients)",
+    description=(
+        "SemLA retrieval on the registry, for clients that cannot run it themselves: distance = min over "
+        "an adapter's centroids (euclidean between unit vectors, or cosine), top-k, weights softmax(-d/T). "
+        "Same math as the node's local retrieval; a node that retrieves locally never sends its query."
+    ),
+    responses={404: {**ERROR_RESPONSES, "description": "no adapter of this base"}, 422: ERROR_RESPONSES,
+               400: ERROR_RESPONSES},
+)
+def retrieve(body: RetrieveRequest, service: ServiceDep) -> RetrieveResponse:
+    return service.retrieve(body)
 
 
 @router.get(

@@ -119,6 +119,7 @@ def test_every_route_is_fuzzed(api_schema):
         "GET /v1/keys",
         "POST /v1/keys",
         "GET /v1/adapters",
+        "POST /v1/retrieve",
         "POST /v1/adapters",
         "GET /v1/adapters/{name}",
         "GET /v1/adapters/{name}/{version}/manifest",

@@ -500,3 +500,36 @@ def test_real_server_on_loopback(tmp_path, free_port):
             out, err = proc.communicate()
     assert '"GET /healthz HTTP/1.1" 200' in out, (out, err)
     assert (tmp_path / "d" / "registry.db").is_file()
+
+
+# -- server-side retrieval ------------------------------------------------------------------------
+def test_retrieve_matches_the_node_math_and_refuses_bad_queries(tmp_path, client, publisher):
+    import numpy as np
+
+    from semla.registry.retrieval import CentroidTable, retrieve_numpy
+
+    for i, name in enumerate(["alpha", "beta", "gamma"]):
+        assert upload(client, bundle_factory.make_bundle_files(tmp_path, publisher, name=name, seed=i, k=1 + i)).status_code == 201
+    listing = client.get("/v1/adapters").json()
+    query = listing[1]["centroids"][0]
+    body = {"embedding": query, "base_fingerprint": bundle_factory.FINGERPRINT, "top_k": 5, "temperature": 0.1}
+    r = client.post("/v1/retrieve", json=body)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["name"] for x in results][0] == "beta" and len(results) == 3  # capped at the library
+    assert sum(x["weight"] for x in results) == pytest.approx(1.0)
+    table = CentroidTable.from_lists([a["centroids"] for a in listing])
+    idx, dist, w = retrieve_numpy(np.asarray([query]), table, top_k=5, temperature=0.1)
+    assert [x["name"] for x in results] == [listing[i]["name"] for i in idx[0]]
+    assert [x["weight"] for x in results] == pytest.approx(w[0].tolist(), abs=1e-6)
+
+    assert upload(client, bundle_factory.make_bundle_files(tmp_path, publisher, name="delta", seed=9)).status_code == 201
+    assert len(client.post("/v1/retrieve", json=body).json()["results"]) == 4
+
+    bad = [({**body, "embedding": query[:-1]}, 400, "invalid_input"),
+           ({**body, "base_fingerprint": "0" * 64}, 404, "not_found"),
+           ({**body, "embedding": [0.0] * len(query)}, 422, "invalid_request"),
+           ({**body, "top_k": 0}, 422, "invalid_request")]
+    for payload, status, code in bad:
+        r = client.post("/v1/retrieve", json=payload)
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
