@@ -15,6 +15,7 @@ a refused upload from leaving anything behind:
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -212,6 +213,37 @@ class RegistryService:
             referenced = session.scalar(select(func.count()).where(AdapterFile.sha256 == digest))
             if not referenced:
                 self._blobs.delete(digest)
+
+    def sweep_orphans(self, *, min_age_s: float = 3600.0) -> dict[str, int]:
+        """Delete blobs no database row references, and temp files a crash left behind.
+
+        Only files older than ``min_age_s`` go: an upload in flight writes its blobs before its
+        row commits, so a young unreferenced blob may be about to be referenced (by this or
+        another replica).
+
+        Returns:
+            Counts: ``blobs`` and ``temp_files`` deleted, ``kept_young`` skipped for their age.
+        """
+        with self._sessions() as session:
+            referenced = set(session.scalars(select(AdapterFile.sha256).distinct()))
+        now = time.time()
+        counts = {"blobs": 0, "temp_files": 0, "kept_young": 0}
+        for path, digest in self._blobs.files():
+            if digest is not None and digest in referenced:
+                continue
+            if now - path.stat().st_mtime < min_age_s:
+                counts["kept_young"] += 1
+                continue
+            if digest is None:
+                path.unlink(missing_ok=True)
+                counts["temp_files"] += 1
+            else:
+                with self._publish_lock, self._sessions() as session:  # re-check under the lock
+                    if session.scalar(select(func.count()).where(AdapterFile.sha256 == digest)):
+                        continue
+                    self._blobs.delete(digest)
+                counts["blobs"] += 1
+        return counts
 
     # -- queries --------------------------------------------------------------------------------
     def list_adapters(self, *, name: str | None = None, domain: str | None = None) -> list[AdapterSummary]:

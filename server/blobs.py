@@ -74,6 +74,14 @@ class BlobStore:
         fsync_dir(shard)
         return digest
 
+    def files(self) -> list[tuple[Path, str | None]]:
+        """Every file in the store: (path, digest), digest None for a leftover temp file."""
+        out = []
+        for path in self._base.glob("*/*"):
+            if path.is_file():
+                out.append((path, path.name if _HEX64.fullmatch(path.name) else None))
+        return out
+
     def get(self, sha256: str) -> bytes:
         """The blob's bytes.
 

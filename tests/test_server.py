@@ -533,3 +533,16 @@ def test_retrieve_matches_the_node_math_and_refuses_bad_queries(tmp_path, client
     for payload, status, code in bad:
         r = client.post("/v1/retrieve", json=payload)
         assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+
+
+def test_orphan_sweep_removes_only_old_unreferenced_files(client, published, data_dir):
+    service = client.app.state.service
+    store = service._blobs
+    orphan = store.put(b"an orphan blob: written, never committed")
+    temp = store.path(orphan).parent / ".tmp-leftover"
+    temp.write_bytes(b"half written")
+    assert service.sweep_orphans(min_age_s=3600) == {"blobs": 0, "temp_files": 0, "kept_young": 2}
+    assert service.sweep_orphans(min_age_s=0) == {"blobs": 1, "temp_files": 1, "kept_young": 0}
+    assert not store.exists(orphan) and not temp.exists()
+    for name, data in published.items():  # the published bundle is untouched
+        assert client.get(f"/v1/adapters/city-streets/1/files/{name}").content == data
