@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -46,6 +46,9 @@ from semla.server.blobs import BlobStore
 from semla.server.db import Adapter, AdapterFile, Publisher, iso_utc
 
 __all__ = ["RegistryService"]
+
+#: pg_advisory_xact_lock key that serialises publishing across replicas ("SemLA" in ASCII).
+_PUBLISH_LOCK_KEY = 0x53656D4C41
 
 
 def _key_public(row: Publisher) -> KeyPublic:
@@ -138,6 +141,7 @@ class RegistryService:
         manifest = report.manifest
         assert manifest is not None
         with self._publish_lock, self._sessions() as session:
+            self._lock_publishing(session)
             self._check_version_rule(session, manifest)
             digests = {name: sha256_bytes(files[name]) for name in BUNDLE_FILES}
             created: list[str] = []
@@ -208,11 +212,22 @@ class RegistryService:
         ]
         return row
 
+    @staticmethod
+    def _lock_publishing(session: Session) -> None:
+        """Serialise "reuse or write blobs → commit" and "discard unreferenced blobs" across
+        replicas sharing one PostgreSQL database (held until the transaction ends). Without it a
+        failing upload could delete a blob that a concurrent upload reused but had not committed
+        yet. One process is already serialised by ``_publish_lock``."""
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PUBLISH_LOCK_KEY})
+
     def _discard_unreferenced(self, session: Session, digests: list[str]) -> None:
+        self._lock_publishing(session)
         for digest in digests:
             referenced = session.scalar(select(func.count()).where(AdapterFile.sha256 == digest))
             if not referenced:
                 self._blobs.delete(digest)
+        session.commit()  # ends the transaction: releases the lock
 
     def sweep_orphans(self, *, min_age_s: float = 3600.0) -> dict[str, int]:
         """Delete blobs no database row references, and temp files a crash left behind.
@@ -238,7 +253,8 @@ class RegistryService:
                 path.unlink(missing_ok=True)
                 counts["temp_files"] += 1
             else:
-                with self._publish_lock, self._sessions() as session:  # re-check under the lock
+                with self._publish_lock, self._sessions() as session:  # re-check under the locks
+                    self._lock_publishing(session)
                     if session.scalar(select(func.count()).where(AdapterFile.sha256 == digest)):
                         continue
                     self._blobs.delete(digest)

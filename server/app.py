@@ -34,8 +34,9 @@ from semla.schemas import (
 from semla.schemas.errors import FileSetError
 from semla.server._service import RegistryService
 from semla.server.blobs import BlobStore
-from semla.server.db import create_schema, make_engine, make_sessionmaker
+from semla.server.db import check_schema, make_engine, make_sessionmaker
 from semla.server.settings import ServerSettings
+from semla.server.web import add_web_routes
 
 __all__ = ["create_app"]
 
@@ -253,10 +254,16 @@ def create_app(settings: ServerSettings) -> FastAPI:
     Raises:
         OSError: the data directory cannot be created.
         sqlalchemy.exc.SQLAlchemyError: the database URL is invalid or unreachable.
+        semla.server.db.SchemaError: the database is not at this code's schema revision (an
+            empty SQLite database is migrated here; anything else needs ``semla-server db upgrade``).
     """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.resolved_database_url)
-    create_schema(engine)
+    try:
+        check_schema(engine, upgrade_if_empty=engine.dialect.name == "sqlite")
+    except BaseException:
+        engine.dispose()
+        raise
     blobs = BlobStore(settings.data_dir / "blobs")
 
     @asynccontextmanager
@@ -280,4 +287,5 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.service = RegistryService(make_sessionmaker(engine), blobs)
     install_error_handlers(app, service="registry")
     app.include_router(router)
+    add_web_routes(app)
     return app

@@ -1,7 +1,8 @@
-"""``semla-server``: run the registry with uvicorn.
+"""``semla-server``: run the registry with uvicorn; ``semla-server db upgrade``: migrate its database.
 
 Every flag defaults to its ``SEMLA_*`` environment variable (via :class:`ServerSettings`); a
-flag given on the command line wins. Bad settings end with one line on stderr and exit 2.
+flag given on the command line wins. Bad settings, an unreachable database or a database
+whose schema revision is not this release's head end with one line on stderr and exit 2.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
+from semla.server.db import SchemaError
 from semla.server.settings import DEFAULT_MAX_UPLOAD_BYTES, ServerSettings
 
 __all__ = ["main", "build_parser"]
@@ -40,6 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for dest, (flag, metavar, text) in _FLAGS.items():
         parser.add_argument(flag, dest=dest, metavar=metavar, default=None, help=text)
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", title="commands", description="without a command, run the server"
+    )
+    db = commands.add_parser(
+        "db", help="manage the database schema (Alembic migrations)",
+        description="Manage the registry database's schema. The server refuses to start on a database "
+        "whose revision is not this release's head; an empty SQLite database is set up automatically.",
+    )
+    db_commands = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    up = db_commands.add_parser(
+        "upgrade", help="migrate the database to this release's schema (creates it in an empty database)",
+        description="Migrate the database to this release's head schema revision: creates the tables in "
+        "an empty database, adopts one made before migrations existed, no-op when already at head. "
+        "Safe to run from several hosts at once on PostgreSQL.",
+    )
+    for dest in ("database_url", "data_dir"):
+        flag, metavar, text = _FLAGS[dest]
+        # SUPPRESS: a value given before the command (semla-server --data-dir X db upgrade) stays.
+        up.add_argument(flag, dest=dest, metavar=metavar, default=argparse.SUPPRESS, help=text)
     return parser
 
 
@@ -56,18 +77,48 @@ def _settings_error(exc: ValidationError) -> str:
     return f"invalid {where}: {first.get('msg', 'invalid value')}"
 
 
+def _db_upgrade(settings: ServerSettings) -> int:
+    from sqlalchemy.engine import make_url
+
+    from semla.server.db import current_revision, make_engine, upgrade
+
+    try:
+        engine = make_engine(settings.resolved_database_url)
+        where = make_url(settings.resolved_database_url).render_as_string(hide_password=True)
+    except (SQLAlchemyError, ImportError) as exc:
+        return _fail(f"cannot open the database: {str(exc).splitlines()[0]}")
+    try:
+        before = current_revision(engine)
+        head = upgrade(engine)
+    except SchemaError as exc:
+        return _fail(str(exc))
+    except (SQLAlchemyError, ImportError) as exc:
+        return _fail(f"cannot upgrade the database: {str(exc).splitlines()[0]}")
+    finally:
+        engine.dispose()
+    if before == head:
+        print(f"semla-server: {where} is already at schema revision {head} (head)")
+    else:
+        print(f"semla-server: upgraded {where} from schema revision {before or '(none)'} to {head} (head)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``semla-server``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    overrides = {dest: value for dest, value in vars(args).items() if value is not None}
+    overrides = {dest: getattr(args, dest) for dest in _FLAGS if getattr(args, dest, None) is not None}
     try:
         settings = ServerSettings(**overrides)
     except ValidationError as exc:
         return _fail(_settings_error(exc))
+    serving = args.command is None
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if serving or settings.database_url is None:  # db upgrade of a server database: no data dir
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return _fail(f"cannot create data directory {settings.data_dir}: {exc.strerror}")
+    if not serving:
+        return _db_upgrade(settings)
 
     import uvicorn
 
@@ -75,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         app = create_app(settings)
+    except SchemaError as exc:
+        return _fail(str(exc))
     except (SQLAlchemyError, ImportError) as exc:
         return _fail(f"cannot open the database: {str(exc).splitlines()[0]}")
     except OSError as exc:

@@ -1,8 +1,12 @@
 """The registry's tables and engine factory (SQLAlchemy 2.0 typed ORM).
 
-The schema lives here and only here: ``create_schema`` builds it at app start (Alembic
-migrations will start from exactly these tables). The same code runs on SQLite (embedded
-default, WAL) and PostgreSQL (production).
+The ORM models live here; the schema itself is built and changed only by the Alembic
+migrations shipped in ``semla/server/migrations`` (revision ``0001`` is exactly these tables).
+:func:`upgrade` migrates a database to the head revision (``semla-server db upgrade``);
+:func:`check_schema` is what the server runs at start: it refuses a database whose revision
+is not this code's head, and creates the schema itself only in an empty SQLite database (the
+embedded default, so a fresh ``--data-dir`` works with zero steps). The same code runs on
+SQLite (embedded default, WAL) and PostgreSQL (production, ``postgresql+psycopg://``).
 
 Blobs are not stored in the database: ``adapter_files`` records each file's sha256, and the
 bytes live in the content-addressed :class:`~semla.server.blobs.BlobStore`.
@@ -10,8 +14,10 @@ bytes live in the content-addressed :class:`~semla.server.blobs.BlobStore`.
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timezone
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     BigInteger,
@@ -23,9 +29,15 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker, Session
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from sqlalchemy import Connection
 
 __all__ = [
     "Base",
@@ -34,10 +46,25 @@ __all__ = [
     "AdapterFile",
     "make_engine",
     "make_sessionmaker",
-    "create_schema",
+    "SchemaError",
+    "MIGRATIONS_DIR",
+    "alembic_config",
+    "head_revision",
+    "current_revision",
+    "upgrade",
+    "check_schema",
     "utcnow",
     "iso_utc",
 ]
+
+#: The Alembic scripts (env.py, versions/), shipped as package data next to this module.
+MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
+#: The tables revision 0001 creates (a database holding exactly these and no
+#: ``alembic_version`` was made by ``create_all`` before migrations existed).
+_INITIAL_REVISION = "0001"
+_INITIAL_TABLES = frozenset({"publishers", "adapters", "adapter_files"})
+_VERSION_TABLE = "alembic_version"
+_UPGRADE_HINT = "run `semla-server db upgrade` with the same --database-url / SEMLA_DATABASE_URL"
 
 #: How long a SQLite writer waits for another writer's lock before giving up (ms).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -135,6 +162,131 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def create_schema(engine: Engine) -> None:
-    """Create every table that does not exist yet."""
-    Base.metadata.create_all(engine)
+class SchemaError(RuntimeError):
+    """The database's schema revision is not the one this code needs (message: one line)."""
+
+
+def alembic_config(url: str | None = None) -> Config:
+    """An Alembic config for the shipped migrations, built in code (no alembic.ini).
+
+    Pass a live connection in ``config.attributes["connection"]`` (what :func:`upgrade` does)
+    or a ``url`` for env.py to connect to.
+    """
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if url is not None:
+        # ConfigParser interpolation: a literal % in a password must be doubled.
+        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+@functools.lru_cache(maxsize=1)
+def _script():  # -> alembic.script.ScriptDirectory
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def head_revision() -> str:
+    """The newest revision this code ships (the one the server requires)."""
+    head = _script().get_current_head()
+    assert head is not None, f"no migrations under {MIGRATIONS_DIR}"
+    return head
+
+
+def _current(conn: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The database's revision (``alembic_version``), or None when it has none."""
+    with engine.connect() as conn:
+        return _current(conn)
+
+
+def _is_known(revision: str) -> bool:
+    from alembic.util import CommandError
+
+    try:
+        return _script().get_revision(revision) is not None
+    except CommandError:  # ResolutionError (a CommandError) for an id no script defines
+        return False
+
+
+def _table_names(conn: Connection) -> set[str]:
+    return set(inspect(conn).get_table_names())
+
+
+def upgrade(engine_or_url: Engine | str) -> str:
+    """Migrate the database to the head revision; returns it.
+
+    A database that holds exactly the initial tables but no revision (made by ``create_all``
+    before migrations existed) is stamped with the initial revision first, not rebuilt.
+
+    Raises:
+        SchemaError: the database is at a revision this code does not know (newer release).
+        sqlalchemy.exc.SQLAlchemyError: the database is unreachable or a migration failed.
+    """
+    from alembic import command
+
+    engine = make_engine(engine_or_url) if isinstance(engine_or_url, str) else engine_or_url
+    try:
+        current = current_revision(engine)
+        if current is not None and not _is_known(current):
+            raise SchemaError(_unknown_message(current))
+        config = alembic_config()
+        with engine.begin() as conn:
+            config.attributes["connection"] = conn
+            if current is None and _INITIAL_TABLES <= _table_names(conn):
+                command.stamp(config, _INITIAL_REVISION)
+            command.upgrade(config, "head")
+        return head_revision()
+    finally:
+        if engine is not engine_or_url:
+            engine.dispose()
+
+
+def _unknown_message(current: str) -> str:
+    return (f"the database schema is at revision {current}, which this semla-server does not know "
+            f"(its newest is {head_revision()}; written by a newer release?): upgrade semla-server")
+
+
+def check_schema(engine: Engine, *, upgrade_if_empty: bool = False) -> str:
+    """Make sure the database is at :func:`head_revision`; returns it.
+
+    Args:
+        upgrade_if_empty: create the schema when the database is empty (no tables at all).
+            The server passes True only for SQLite, the embedded default.
+
+    Raises:
+        SchemaError: the database is empty (and ``upgrade_if_empty`` is False), predates
+            migrations, is at an older revision, or at one this code does not know.
+        sqlalchemy.exc.SQLAlchemyError: the database is unreachable.
+    """
+    head = head_revision()
+    with engine.connect() as conn:
+        current = _current(conn)
+        tables = _table_names(conn) if current is None else set()
+    if current == head:
+        return head
+    if current is None:
+        if tables:
+            raise SchemaError("the database has tables but no schema revision (made before migrations?): "
+                              + _UPGRADE_HINT)
+        if not upgrade_if_empty:
+            raise SchemaError(f"the database is empty (no registry schema): {_UPGRADE_HINT}")
+        try:
+            return upgrade(engine)
+        except SQLAlchemyError:
+            # Another process sharing this SQLite file may have created it meanwhile.
+            if current_revision(engine) == head:
+                return head
+            raise
+    if not _is_known(current):
+        raise SchemaError(_unknown_message(current))
+    raise SchemaError(f"the database schema is at revision {current}, this semla-server needs {head}: "
+                      + _UPGRADE_HINT)
