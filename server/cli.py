@@ -57,10 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
         "an empty database, adopts one made before migrations existed, no-op when already at head. "
         "Safe to run from several hosts at once on PostgreSQL.",
     )
-    for dest in ("database_url", "data_dir"):
-        flag, metavar, text = _FLAGS[dest]
-        # SUPPRESS: a value given before the command (semla-server --data-dir X db upgrade) stays.
-        up.add_argument(flag, dest=dest, metavar=metavar, default=argparse.SUPPRESS, help=text)
+    sweep = commands.add_parser(
+        "sweep", help="delete blobs no adapter references and temp files a crash left behind",
+        description="Delete blob files that no database row references (an upload that failed or was cut "
+        "off by a crash) and leftover temp files. Only files older than --min-age go, so uploads in "
+        "flight on any replica are safe.",
+    )
+    sweep.add_argument("--min-age", type=float, default=3600.0, metavar="SECONDS",
+                       help="only delete files at least this old (default 3600)")
+    for command in (up, sweep):
+        for dest in ("database_url", "data_dir"):
+            flag, metavar, text = _FLAGS[dest]
+            # SUPPRESS: a value given before the command (semla-server --data-dir X db upgrade) stays.
+            command.add_argument(flag, dest=dest, metavar=metavar, default=argparse.SUPPRESS, help=text)
     return parser
 
 
@@ -117,10 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return _fail(f"cannot create data directory {settings.data_dir}: {exc.strerror}")
-    if not serving:
+    if args.command == "db":
         return _db_upgrade(settings)
-
-    import uvicorn
 
     from semla.server.app import create_app
 
@@ -132,6 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"cannot open the database: {str(exc).splitlines()[0]}")
     except OSError as exc:
         return _fail(f"cannot prepare {settings.data_dir}: {exc.strerror or exc}")
+    if args.command == "sweep":
+        counts = app.state.service.sweep_orphans(min_age_s=args.min_age)
+        print(f"deleted {counts['blobs']} orphan blob(s) and {counts['temp_files']} temp file(s); "
+              f"kept {counts['kept_young']} younger than {args.min_age:g} s")
+        return 0
+
+    import uvicorn
+
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=True)
     return 0
 

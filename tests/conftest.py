@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import socket
 from pathlib import Path
@@ -58,3 +59,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_db_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A throwaway PostgreSQL cluster on loopback (skipped where PostgreSQL is not installed)."""
+    import pg
+
+    reason = pg.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with pg.cluster() as c:
+        yield c
+
+
+@pytest.fixture()
+def pg_url(cluster) -> str:
+    """An empty PostgreSQL database of its own (no schema)."""
+    return cluster.create_database(f"semla_{next(_db_names)}")

@@ -20,17 +20,32 @@ import bundle_factory
 from semla.registry import keys
 from semla.registry.bundle import verify_bundle
 from semla.schemas import BUNDLE_FILES
-from semla.server import ServerSettings, create_app
 from semla.server.local import free_port
 
 TOKEN = "crash-test-token"
 CLIENTS, PER_CLIENT = 8, 12
 
 
-def start(data_dir: Path, port: int) -> subprocess.Popen:
+SERVER = str(Path(sys.executable).with_name("semla-server"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request) -> str | None:
+    """None: the embedded SQLite default; else a migrated PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        return None
+    from semla.server.db import upgrade
+
+    url = request.getfixturevalue("pg_url")
+    upgrade(url)
+    return url
+
+
+def start(data_dir: Path, port: int, database: str | None) -> subprocess.Popen:
+    db = ["--database-url", database] if database else []
     proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("semla-server")), "--data-dir", str(data_dir), "--host", "127.0.0.1",
-         "--port", str(port), "--admin-token", TOKEN], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [SERVER, "--data-dir", str(data_dir), *db, "--host", "127.0.0.1", "--port", str(port), "--admin-token", TOKEN],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -42,7 +57,7 @@ def start(data_dir: Path, port: int) -> subprocess.Popen:
     pytest.fail("registry did not start")
 
 
-def test_sigkill_during_concurrent_uploads(tmp_path):
+def test_sigkill_during_concurrent_uploads(tmp_path, database):
     key = keys.generate_key()
     bundles = {
         (c, v): bundle_factory.make_bundle_files(tmp_path / f"c{c}", key, name=f"owner-{c}", version=v, seed=c * 100 + v)
@@ -50,7 +65,7 @@ def test_sigkill_during_concurrent_uploads(tmp_path):
     }
     data_dir, port = tmp_path / "registry", free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start(data_dir, port)
+    proc = start(data_dir, port, database)
     httpx.post(url + "/v1/keys", json={"public_key": keys.public_bytes(key).hex()},
                headers={"Authorization": f"Bearer {TOKEN}"}).raise_for_status()
 
@@ -81,7 +96,7 @@ def test_sigkill_during_concurrent_uploads(tmp_path):
         t.join(timeout=30)
     assert 0 < len(acknowledged) < CLIENTS * PER_CLIENT, "the kill should land mid-stream"
 
-    proc = start(data_dir, port)
+    proc = start(data_dir, port, database)
     try:
         trusted = {keys.key_id(key): keys.public_bytes(key)}
         stored = set()
@@ -98,7 +113,7 @@ def test_sigkill_during_concurrent_uploads(tmp_path):
         proc.terminate()
         proc.wait(timeout=10)
 
-    engine = create_engine(f"sqlite:///{data_dir / 'registry.db'}")
+    engine = create_engine(database or f"sqlite:///{data_dir / 'registry.db'}")
     with engine.connect() as conn:
         rows = conn.execute(text("select count(*) from adapters")).scalar()
         file_rows = conn.execute(text("select count(*) from adapter_files")).scalar()
@@ -106,7 +121,11 @@ def test_sigkill_during_concurrent_uploads(tmp_path):
     engine.dispose()
     assert rows == len(stored) and file_rows == rows * len(BUNDLE_FILES)  # never a partial row
 
-    service = create_app(ServerSettings(data_dir=data_dir)).state.service
-    service.sweep_orphans(min_age_s=0)  # what the crash left: unreferenced blobs, temp files
+    db = ["--database-url", database] if database else []
+    swept = subprocess.run([SERVER, "sweep", "--data-dir", str(data_dir), *db, "--min-age", "0"],
+                           capture_output=True, text=True, timeout=60)
+    assert swept.returncode == 0 and swept.stdout.startswith("deleted"), swept.stderr
     on_disk = {p.name for p in (data_dir / "blobs").rglob("*") if p.is_file()}
     assert on_disk == referenced  # every blob referenced, every referenced blob present
+    print(f"[{database and 'postgresql' or 'sqlite'}] {len(acknowledged)} acknowledged, {len(stored)} stored "
+          f"of {CLIENTS * PER_CLIENT} attempted; sweep: {swept.stdout.strip()}")

@@ -8,7 +8,6 @@ need no cluster: they check the same revision rules on the embedded SQLite defau
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import subprocess
 import sys
@@ -42,25 +41,9 @@ from semla.server.db import (
 ADMIN = "pg-admin-token"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
 SERVER = Path(sys.executable).with_name("semla-server")
-_db_names = itertools.count()
 
 
 # -- fixtures and helpers -------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cluster():
-    reason = pg.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with pg.cluster() as c:
-        yield c
-
-
-@pytest.fixture()
-def pg_url(cluster) -> str:
-    """An empty database of its own (no schema)."""
-    return cluster.create_database(f"semla_{next(_db_names)}")
-
-
 def register(client, key) -> None:
     resp = client.post("/v1/keys", json={"public_key": keys.public_bytes(key).hex(), "label": "pg"}, headers=AUTH)
     assert resp.status_code == 201, resp.text
