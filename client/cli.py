@@ -109,6 +109,18 @@ def _publish(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _revoke(args: argparse.Namespace) -> int:
+    from semla.registry import keys
+    from semla.registry.http import RegistryClient
+    from semla.schemas import revocation_payload
+
+    key = keys.load_private_key(args.key)
+    with RegistryClient(args.registry) as client:
+        revoked = client.revoke(args.name, args.version, keys.sign(key, revocation_payload(args.name, args.version)))
+    print(f"revoked {revoked.name} v{revoked.version}; nodes drop it at their next pull")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semla-client", description=_DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", type=Path, help="sign with this key first")
     p.add_argument("--dry-run", action="store_true", help="print every file and field that would be sent; send nothing")
     p.set_defaults(func=_publish)
+
+    p = sub.add_parser("revoke", help="revoke one of your published adapter versions (signed request)")
+    p.add_argument("name", help="adapter name")
+    p.add_argument("version", type=int, help="version to revoke")
+    p.add_argument("--registry", required=True, help="registry URL")
+    p.add_argument("--key", type=Path, required=True, help="the private key that published it")
+    p.set_defaults(func=_revoke)
     return parser
 
 

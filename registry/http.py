@@ -73,6 +73,10 @@ class RegistryClient:
         parts = [(name, (name, data, "application/octet-stream")) for name, data in files.items()]
         return UploadReceipt.model_validate(self._request("POST", "/v1/adapters", files=parts).json())
 
+    def revoke(self, name: str, version: int, signature: bytes) -> AdapterSummary:
+        r = self._request("POST", f"/v1/adapters/{name}/{version}/revoke", json={"signature": signature.hex()})
+        return AdapterSummary.model_validate(r.json())
+
     def fetch_file(self, name: str, version: int, filename: str) -> bytes:
         return self._request("GET", f"/v1/adapters/{name}/{version}/files/{filename}").content
 

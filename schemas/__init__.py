@@ -21,6 +21,7 @@ from semla.schemas.manifest import (
     Manifest,
     Privacy,
     TrainingProvenance,
+    revocation_payload,
     signing_payload,
 )
 from semla.schemas.api import (
@@ -32,6 +33,7 @@ from semla.schemas.api import (
     RetrievedAdapter,
     RetrieveRequest,
     RetrieveResponse,
+    RevokeRequest,
     UploadReceipt,
 )
 
@@ -54,6 +56,7 @@ __all__ = [
     "Privacy",
     "TrainingProvenance",
     "signing_payload",
+    "revocation_payload",
     "AdapterSummary",
     "ErrorBody",
     "ErrorResponse",
@@ -62,5 +65,6 @@ __all__ = [
     "RetrievedAdapter",
     "RetrieveRequest",
     "RetrieveResponse",
+    "RevokeRequest",
     "UploadReceipt",
 ]

@@ -16,6 +16,7 @@ __all__ = [
     "RetrieveRequest",
     "RetrieveResponse",
     "RetrievedAdapter",
+    "RevokeRequest",
     "UploadReceipt",
 ]
 
@@ -64,6 +65,7 @@ class AdapterSummary(_Api):
     manifest_sha256: str
     centroids: list[list[float]]
     created_at: str
+    revoked: bool = False
 
 
 class UploadReceipt(_Api):
@@ -104,3 +106,10 @@ class RetrieveResponse(_Api):
     """Nearest adapters first; weights = softmax(-distance / T) over them, summing to 1."""
 
     results: list[RetrievedAdapter]
+
+
+class RevokeRequest(_Api):
+    """A publisher's signed revocation of one of its adapter versions."""
+
+    signature: str = Field(pattern=r"^[0-9a-f]{128}$",
+                           description="Ed25519 signature (hex) over semla-revoke-v1 + canonical {name, version}")

@@ -32,6 +32,8 @@ __all__ = [
     "Privacy",
     "TrainingProvenance",
     "signing_payload",
+    "revocation_payload",
+    "REVOCATION_CONTEXT",
 ]
 
 MANIFEST_SCHEMA_VERSION = 1
@@ -196,6 +198,14 @@ class Manifest(_Frozen):
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "manifest"
             raise ManifestError(f"manifest field {where}: {first['msg']}") from None
+
+
+REVOCATION_CONTEXT = b"semla-revoke-v1\n"
+
+
+def revocation_payload(name: str, version: int) -> bytes:
+    """The exact bytes a publisher signs to revoke one of its adapter versions."""
+    return REVOCATION_CONTEXT + canonical_json({"name": name, "version": version})
 
 
 def signing_payload(manifest: Manifest) -> bytes:

@@ -39,11 +39,12 @@ from semla.schemas import (
     RetrieveResponse,
     UploadReceipt,
     canonical_json,
+    revocation_payload,
     strict_json_loads,
 )
 from semla.schemas.errors import ConflictError, InvalidInputError, NotFoundError
 from semla.server.blobs import BlobStore
-from semla.server.db import Adapter, AdapterFile, Publisher, iso_utc
+from semla.server.db import Adapter, AdapterFile, Publisher, iso_utc, utcnow
 
 __all__ = ["RegistryService"]
 
@@ -72,6 +73,7 @@ def _summary(row: Adapter) -> AdapterSummary:
         manifest_sha256=row.manifest_sha256,
         centroids=strict_json_loads(row.centroids, what="stored centroids"),
         created_at=iso_utc(row.created_at),
+        revoked=row.revoked_at is not None,
     )
 
 
@@ -229,6 +231,44 @@ class RegistryService:
                 self._blobs.delete(digest)
         session.commit()  # ends the transaction: releases the lock
 
+    # -- revocation -----------------------------------------------------------------------------
+    def revoke_version(self, name: str, version: int, signature: bytes) -> AdapterSummary:
+        """Revoke one adapter version at its publisher's signed request.
+
+        The signature covers ``b"semla-revoke-v1\n" + canonical_json({"name", "version"})`` and
+        must be by the key that published the version.
+
+        Raises:
+            NotFoundError: no such version.
+            SignatureError: the signature is not the publisher's.
+            ConflictError: ``already_revoked``.
+        """
+        with self._sessions() as session:
+            row = session.scalar(select(Adapter).where(Adapter.name == name, Adapter.version == version))
+            if row is None:
+                raise NotFoundError(f"no adapter {name!r} version {version}")
+            publisher = session.get(Publisher, row.publisher_key_id)
+            _keys.verify(bytes.fromhex(publisher.public_key), signature, revocation_payload(name, version))
+            if row.revoked_at is not None:
+                raise ConflictError(f"{name} version {version} is already revoked", code="already_revoked")
+            row.revoked_at = utcnow()
+            session.commit()
+            return _summary(row)
+
+    def revoke_key(self, key_id: str) -> KeyPublic:
+        """Deactivate a publisher key (admin): it can no longer publish and its adapters leave the index.
+
+        Raises:
+            NotFoundError: no such key.
+        """
+        with self._sessions() as session:
+            row = session.get(Publisher, key_id)
+            if row is None:
+                raise NotFoundError(f"no publisher key {key_id}")
+            row.active = False
+            session.commit()
+            return _key_public(row)
+
     def sweep_orphans(self, *, min_age_s: float = 3600.0) -> dict[str, int]:
         """Delete blobs no database row references, and temp files a crash left behind.
 
@@ -263,9 +303,19 @@ class RegistryService:
 
     # -- queries --------------------------------------------------------------------------------
     def list_adapters(self, *, name: str | None = None, domain: str | None = None) -> list[AdapterSummary]:
-        """The newest version of every adapter name, optionally filtered (domain: substring)."""
+        """The newest live version of every adapter name, optionally filtered (domain: substring).
+
+        Revoked versions and the adapters of revoked (inactive) publisher keys are left out, so
+        they vanish from every node's retrieval at its next pull.
+        """
+        live = (Adapter.revoked_at.is_(None)) & Adapter.publisher_key_id.in_(
+            select(Publisher.key_id).where(Publisher.active.is_(True))
+        )
         newest = (
-            select(Adapter.name, func.max(Adapter.version).label("version")).group_by(Adapter.name).subquery()
+            select(Adapter.name, func.max(Adapter.version).label("version"))
+            .where(live)
+            .group_by(Adapter.name)
+            .subquery()
         )
         stmt = select(Adapter).join(
             newest, (Adapter.name == newest.c.name) & (Adapter.version == newest.c.version)

@@ -29,6 +29,7 @@ from semla.schemas import (
     KeyPublic,
     RetrieveRequest,
     RetrieveResponse,
+    RevokeRequest,
     UploadReceipt,
 )
 from semla.schemas.errors import FileSetError
@@ -188,6 +189,32 @@ def list_adapters(
     domain: Annotated[str | None, Query(max_length=256, description="substring of the domain (any case)")] = None,
 ) -> list[AdapterSummary]:
     return service.list_adapters(name=name, domain=domain)
+
+
+@router.post(
+    "/v1/keys/{key_id}/revoke",
+    tags=["keys"],
+    summary="Revoke a publisher key (admin): its adapters leave the index",
+    dependencies=[Depends(_require_admin)],
+    responses={400: ERROR_RESPONSES, 401: ERROR_RESPONSES, 404: ERROR_RESPONSES, 422: ERROR_RESPONSES,
+               503: ERROR_RESPONSES},
+)
+def revoke_key(key_id: Annotated[str, Path(pattern=r"^[0-9a-f]{16}$")], service: ServiceDep) -> KeyPublic:
+    return service.revoke_key(key_id)
+
+
+@router.post(
+    "/v1/adapters/{name}/{version}/revoke",
+    tags=["adapters"],
+    summary="Revoke one adapter version (signed by its publisher)",
+    description="The body holds the publisher's Ed25519 signature over "
+    '`semla-revoke-v1\\n` + canonical JSON `{"name": ..., "version": ...}`. A revoked version leaves '
+    "the index (the previous live version, if any, takes its place) and nodes drop it at their next pull.",
+    responses={400: ERROR_RESPONSES, 403: ERROR_RESPONSES, 404: ERROR_RESPONSES, 409: ERROR_RESPONSES,
+               422: ERROR_RESPONSES},
+)
+def revoke_version(name: AdapterName, version: Version, body: RevokeRequest, service: ServiceDep) -> AdapterSummary:
+    return service.revoke_version(name, version, bytes.fromhex(body.signature))
 
 
 @router.post(

@@ -1,7 +1,7 @@
 """The registry's tables and engine factory (SQLAlchemy 2.0 typed ORM).
 
 The ORM models live here; the schema itself is built and changed only by the Alembic
-migrations shipped in ``semla/server/migrations`` (revision ``0001`` is exactly these tables).
+migrations shipped in ``semla/server/migrations`` (``0001``: the first tables; ``0002``: revocation).
 :func:`upgrade` migrates a database to the head revision (``semla-server db upgrade``);
 :func:`check_schema` is what the server runs at start: it refuses a database whose revision
 is not this code's head, and creates the schema itself only in an empty SQLite database (the
@@ -115,6 +115,8 @@ class Adapter(Base):
     centroids: Mapped[str] = mapped_column(Text)
     #: When the registry accepted the upload (not the publisher's claimed created_at).
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: When its publisher revoked this version (signed request); revoked versions leave the index.
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, default=None)
 
     files: Mapped[list["AdapterFile"]] = relationship(
         back_populates="adapter", cascade="all, delete-orphan", passive_deletes=True

@@ -87,6 +87,9 @@ def test_full_loop_on_loopback(tmp_path, registry):
     assert (masks / "query1.overlay.png").exists()
     assert any((tmp_path / "cache").rglob("manifest.sig"))  # verified and cached
 
+    assert "revoked fog v1" in cli("semla-client", "revoke", "fog", "1", "--registry", registry, "--key", str(key)).stdout
+    assert httpx.get(registry + "/v1/adapters").json() == []
+
 
 @pytest.mark.parametrize(
     "args, fragment",

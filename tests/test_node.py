@@ -170,3 +170,29 @@ def test_an_old_index_is_refreshed_when_the_registry_answers(registry, fresh_bas
     assert node.health()["status"] == "expired"
     node.segment(images[:1], CLASSES, top_k=1)
     assert node.index_age() < 60.0 and node.health()["status"] == "ok"
+
+
+def test_a_revoked_adapter_vanishes_from_retrieval_and_the_cache(tiny_base, tmp_path, images):
+    from semla.schemas import revocation_payload
+
+    root = tmp_path / "own"  # a registry of its own: revocation must not leak into other tests
+    app = create_app(ServerSettings(data_dir=root / "registry", admin_token=TOKEN))
+    client = RegistryClient("http://own.test", client=TestClient(app, base_url="http://own.test"))
+    key = keys.generate_key()
+    client.register_key(keys.public_bytes(key).hex(), TOKEN)
+    for i, domain in enumerate(["fog", "night"]):
+        data = synth.write_dataset(domain, 50, 40 + i, root / f"{domain}-data")
+        train_adapter(data, root / domain, domain, TrainConfig(steps=2), base=tiny_base, progress=False)
+        publish_bundle(root / domain, client, key=key)
+    node = Node(client, base=copy.deepcopy(tiny_base), cache_dir=tmp_path / "cache")
+    node.pull()
+    node.segment(images, CLASSES, top_k=2)
+    assert sorted(node.cache.host.entries) == ["fog@1", "night@1"]
+
+    client.revoke("night", 1, keys.sign(key, revocation_payload("night", 1)))
+    node.pull()
+    assert [a.name for a in node.library] == ["fog"]
+    assert list(node.cache.host.entries) == ["fog@1"]
+    assert [p.parent.name for p in (tmp_path / "cache" / "bundles").glob("*/*")] == ["fog"]
+    preds = node.segment(images, CLASSES, top_k=5)
+    assert {c.name for p in preds for c in p.contributions} == {"fog"}

@@ -32,6 +32,7 @@ from semla.server.db import (
     AdapterFile,
     Base,
     Publisher,
+    alembic_config,
     current_revision,
     head_revision,
     make_engine,
@@ -44,6 +45,16 @@ SERVER = Path(sys.executable).with_name("semla-server")
 
 
 # -- fixtures and helpers -------------------------------------------------------------------------
+def first_release_tables(engine) -> None:
+    """The tables as the first release's ``create_all`` made them: revision 0001, unstamped."""
+    from alembic import command
+
+    config = alembic_config(engine.url.render_as_string(hide_password=False))
+    command.upgrade(config, "0001")
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE alembic_version"))
+
+
 def register(client, key) -> None:
     resp = client.post("/v1/keys", json={"public_key": keys.public_bytes(key).hex(), "label": "pg"}, headers=AUTH)
     assert resp.status_code == 201, resp.text
@@ -185,7 +196,7 @@ def test_server_and_upgrade_refuse_an_unknown_revision(pg_url, tmp_path):
 
 def test_a_database_made_before_migrations_is_refused_then_adopted(pg_url, tmp_path):
     engine = make_engine(pg_url)
-    Base.metadata.create_all(engine)  # what the server did before Alembic
+    first_release_tables(engine)  # what the server did before Alembic
     assert_refused_start(pg_url, tmp_path / "d", "semla-server db upgrade")
     upgrade(engine)  # stamps the initial revision instead of failing on existing tables
     assert current_revision(engine) == head_revision()
@@ -327,7 +338,7 @@ def test_sqlite_made_before_migrations_needs_db_upgrade(tmp_path):
     data_dir = tmp_path / "d"
     data_dir.mkdir()
     engine = make_engine(f"sqlite:///{data_dir / 'registry.db'}")
-    Base.metadata.create_all(engine)
+    first_release_tables(engine)
     engine.dispose()
     proc = run_server_cli("--data-dir", str(data_dir), "--port", str(pg._free_port()))
     assert proc.returncode == 2 and "semla-server db upgrade" in proc.stderr, proc.stderr

@@ -546,3 +546,39 @@ def test_orphan_sweep_removes_only_old_unreferenced_files(client, published, dat
     assert not store.exists(orphan) and not temp.exists()
     for name, data in published.items():  # the published bundle is untouched
         assert client.get(f"/v1/adapters/city-streets/1/files/{name}").content == data
+
+
+# -- revocation -----------------------------------------------------------------------------------
+def _revoke(client, key, name: str, version: int):
+    from semla.schemas import revocation_payload
+
+    signature = keys.sign(key, revocation_payload(name, version)).hex()
+    return client.post(f"/v1/adapters/{name}/{version}/revoke", json={"signature": signature})
+
+
+def test_publisher_revokes_a_version_and_the_previous_one_returns(client, publisher, tmp_path):
+    for version in (1, 2):
+        files = bundle_factory.make_bundle_files(tmp_path, publisher, name="city-streets", version=version)
+        assert upload(client, files).status_code == 201
+    assert_error(_revoke(client, keys.generate_key(), "city-streets", 2), 403, "bad_signature")  # not the publisher
+    r = _revoke(client, publisher, "city-streets", 2)
+    assert r.status_code == 200 and r.json()["revoked"] is True
+    assert [(a["name"], a["version"]) for a in client.get("/v1/adapters").json()] == [("city-streets", 1)]
+    versions = client.get("/v1/adapters/city-streets").json()
+    assert [(a["version"], a["revoked"]) for a in versions] == [(2, True), (1, False)]
+    assert_error(_revoke(client, publisher, "city-streets", 2), 409, "already_revoked")
+    assert_error(_revoke(client, publisher, "city-streets", 7), 404, "not_found")
+    # a revoked version still blocks its number: a replay of v2 is refused
+    replay = bundle_factory.make_bundle_files(tmp_path, publisher, name="city-streets", version=2)
+    assert_error(upload(client, replay), 409, "stale_version")
+
+
+def test_admin_revokes_a_key_and_its_adapters_leave_the_index(client, publisher, published, tmp_path):
+    key_id = keys.key_id(publisher)
+    assert_error(client.post(f"/v1/keys/{key_id}/revoke"), 401, "unauthorized")
+    r = client.post(f"/v1/keys/{key_id}/revoke", headers=AUTH)
+    assert r.status_code == 200 and r.json()["active"] is False
+    assert client.get("/v1/adapters").json() == []
+    assert_error(client.post(f"/v1/keys/{'0' * 16}/revoke", headers=AUTH), 404, "not_found")
+    newer = bundle_factory.make_bundle_files(tmp_path, publisher, name="city-streets", version=2)
+    assert_error(upload(client, newer), 403, "unknown_key")  # a revoked key cannot publish
