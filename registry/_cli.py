@@ -58,6 +58,8 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained", default=None, help="base weights (see semla-client train --help)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="verified adapter cache (default ~/.cache/semla/adapters)")
+    p.add_argument("--registry-key", type=Path, default=None,
+                   help="the registry's public key file (hex), given out of band; default: trusted on first use")
 
 
 def add_retrieval_arguments(p: argparse.ArgumentParser, *, top_k: int, temperature: float) -> None:
@@ -88,8 +90,11 @@ def build_node(args: argparse.Namespace, **kwargs: Any) -> Any:
     from semla.registry.model import load_base
     from semla.registry.node import Node, resolve_device
 
+    from semla.registry.keys import load_public_key_file, public_bytes
+
     device = resolve_device(args.device)
+    pinned = public_bytes(load_public_key_file(args.registry_key)) if args.registry_key else None
     node = Node(args.registry, base=load_base(args.base, args.pretrained, device=device), device=str(device),
-                cache_dir=args.cache_dir, **kwargs)
+                cache_dir=args.cache_dir, registry_key=pinned, **kwargs)
     node.pull()  # unreachable with nothing cached: one-line error from the CLI runner
     return node

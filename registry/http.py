@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import httpx
 
-from semla.schemas import AdapterSummary, KeyPublic, UploadReceipt
+from semla.schemas import AdapterSummary, IndexKey, KeyPublic, UploadReceipt
 from semla.schemas.errors import RegistryError
 
 __all__ = ["RegistryClient"]
@@ -72,6 +72,14 @@ class RegistryClient:
     def upload(self, files: Mapping[str, bytes]) -> UploadReceipt:
         parts = [(name, (name, data, "application/octet-stream")) for name, data in files.items()]
         return UploadReceipt.model_validate(self._request("POST", "/v1/adapters", files=parts).json())
+
+    def signed_index(self) -> dict:
+        """The registry's signed index snapshot, as raw JSON (the node verifies it)."""
+        return self._request("GET", "/v1/index").json()
+
+    def registry_key(self) -> bytes:
+        """The registry's raw public key as it announces it (pin it; better: get it out of band)."""
+        return bytes.fromhex(IndexKey.model_validate(self._request("GET", "/v1/registry-key").json()).public_key)
 
     def revoke(self, name: str, version: int, signature: bytes) -> AdapterSummary:
         r = self._request("POST", f"/v1/adapters/{name}/{version}/revoke", json={"signature": signature.hex()})

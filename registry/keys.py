@@ -22,6 +22,7 @@ __all__ = [
     "public_key_from_hex",
     "sign",
     "verify",
+    "load_or_create_key",
 ]
 
 
@@ -125,3 +126,18 @@ def verify(public_key: Ed25519PublicKey | bytes, signature: bytes, payload: byte
         pub.verify(signature, payload)
     except InvalidSignature:
         raise SignatureError("signature does not match the manifest") from None
+
+
+def load_or_create_key(path: Path) -> Ed25519PrivateKey:
+    """The key at ``path``, created (0600, with ``path.pub``) when absent.
+
+    Several processes may race to create it (registry replicas sharing a data dir): the first
+    one wins and the others load its key.
+    """
+    path = Path(path)
+    if not path.exists():
+        try:
+            save_keypair(generate_key(), path)
+        except InvalidInputError:
+            pass  # another process created it first
+    return load_private_key(path)

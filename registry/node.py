@@ -23,6 +23,7 @@ Python API::
 
 from __future__ import annotations
 
+import calendar
 import dataclasses
 import hashlib
 import json
@@ -33,9 +34,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 import torch.nn.functional as F
 
 from semla.registry.bundle import atomic_replace_dir, read_bundle, verify_bundle
+from semla.registry.keys import key_id
+from semla.registry.keys import verify as verify_signature
 from semla.registry.cache import AdapterCache, CacheLimits
 from semla.registry.data import read_image
 from semla.registry.fusion import FusionEngine, LoraAdapter, load_adapter
@@ -48,12 +52,22 @@ from semla.registry.retrieval import (
     CentroidTable,
     retrieve_torch,
 )
-from semla.schemas import ADAPTER_WEIGHTS_FILE, BUNDLE_FILES, MANIFEST_FILE, AdapterSummary, canonical_json
+from semla.schemas import (
+    ADAPTER_WEIGHTS_FILE,
+    BUNDLE_FILES,
+    INDEX_CONTEXT,
+    MANIFEST_FILE,
+    AdapterSummary,
+    IndexSigned,
+    SignedIndex,
+    canonical_json,
+)
 from semla.schemas.errors import (
     IncompatibleAdapterError,
     InvalidInputError,
     NotFoundError,
     RegistryError,
+    SignatureError,
     VerificationError,
 )
 
@@ -62,6 +76,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["Node", "Segmenter", "Prediction", "Contribution", "default_cache_dir", "resolve_device"]
 
 INDEX_FILE = "index.json"
+
+
+def _parse_utc(text: str) -> float:
+    """``2026-01-01T00:00:00Z`` → seconds since the epoch."""
+    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ"))
 
 
 def default_cache_dir() -> Path:
@@ -137,7 +156,9 @@ class Node:
         cache_dir: verified adapter cache and last accepted index (default ``~/.cache/semla/adapters``).
         limits: byte budgets of the cache tiers.
         max_index_age: seconds the node keeps serving from its last index while the registry
-            is unreachable; after that it refuses.
+            is unreachable; after that (or after the snapshot's signed expiry) it refuses.
+        registry_key: the registry's raw public key, given out of band; default: trusted on
+            first use and pinned in ``cache_dir``.
     """
 
     def __init__(
@@ -149,6 +170,7 @@ class Node:
         cache_dir: Path | None = None,
         limits: CacheLimits = CacheLimits(),
         max_index_age: float = 86400.0,
+        registry_key: bytes | None = None,
     ) -> None:
         self.client = registry if isinstance(registry, RegistryClient) else RegistryClient(registry)
         self.device = resolve_device(device)
@@ -163,71 +185,117 @@ class Node:
         self.library: list[AdapterSummary] = []
         self.trusted_keys: dict[str, bytes] = {}
         self.index_time: float | None = None
+        self.index_expires: float | None = None
+        self.index_version: int | None = None
+        self.registry_key = registry_key
         self.offline = False
         self._table: CentroidTable | None = None
         self._texts: dict[tuple[str, ...], torch.Tensor] = {}
 
     # -- library ------------------------------------------------------------------------------
     def pull(self) -> list[AdapterSummary]:
-        """Fetch the adapter list and publisher keys; keep the adapters made for this base.
+        """Fetch and verify the registry's signed index; keep the adapters made for this base.
 
-        When the registry cannot be reached, fall back to the last accepted index on disk.
+        The snapshot must be signed by the pinned registry key (given, or trusted on first use
+        and remembered in the cache dir), not older than the last one accepted (rollback) and
+        not expired (freeze). When the registry cannot be reached, the last accepted snapshot
+        on disk is used again (re-verified), until it expires.
 
         Raises:
-            RegistryError: unreachable and no usable index on disk, or refused.
-            NotFoundError: the registry holds no adapter for this node's base model.
+            VerificationError: bad signature, another registry key, rollback, expired snapshot.
+            RegistryError: unreachable and no usable snapshot on disk, or refused.
+            NotFoundError: the index holds no adapter for this node's base model.
         """
+        saved = self._load_index()
         try:
-            listing = self.client.list_adapters()
-            keys = self.client.trusted_keys()
-            fetched_at = time.time()
+            doc = self.client.signed_index()
+            accepted_at = time.time()
             self.offline = False
         except RegistryError as exc:
-            if exc.code != "unreachable":
+            if exc.code != "unreachable" or saved is None:
+                if exc.code == "unreachable":
+                    raise RegistryError(f"{exc.message}; and no earlier index of this registry is cached",
+                                        code="unreachable") from None
                 raise
-            listing, keys, fetched_at = self._load_index(exc)
+            doc, accepted_at = saved
             self.offline = True
-            logger.warning("registry unreachable; serving from the index accepted at %s", time.ctime(fetched_at))
+            logger.warning("registry unreachable; serving from the index accepted at %s", time.ctime(accepted_at))
+        signed = self._verify_index(doc)
+        if saved is not None and not self.offline:
+            last = SignedIndex.model_validate(saved[0]).signed.version
+            if signed.version < last:
+                raise VerificationError(f"index version {signed.version} is older than the accepted {last} "
+                                        "(rollback refused)", code="rollback")
         fingerprint = self.base.ref.fingerprint
-        library = [a for a in listing if a.base_fingerprint == fingerprint]
+        library = [a for a in signed.adapters if a.base_fingerprint == fingerprint]
         if not library:
             raise NotFoundError(
-                f"the registry lists {len(listing)} adapter(s), none for base {self.base.ref.arch} "
+                f"the registry lists {len(signed.adapters)} adapter(s), none for base {self.base.ref.arch} "
                 f"({fingerprint[:12]})"
             )
-        self.library, self.trusted_keys, self.index_time = library, keys, fetched_at
+        self.library, self.index_time, self.index_expires = library, accepted_at, _parse_utc(signed.expires)
+        self.index_version = signed.version
+        self.trusted_keys = {k.key_id: bytes.fromhex(k.public_key) for k in signed.keys}
         self._table = CentroidTable.from_lists([a.centroids for a in library])
         if not self.offline:
-            self._save_index(listing, keys, fetched_at)
+            doc_out = {"registry": self.client.url, "accepted_at": accepted_at, "index": doc}
+            atomic_replace_dir(self.cache_dir / "index", {INDEX_FILE: canonical_json(doc_out)}, overwrite=True)
             dropped = self.cache.retain(library)  # revoked adapters leave every tier
             if dropped:
                 logger.info("dropped %d adapter(s) no longer in the library: %s", len(dropped), ", ".join(dropped))
         return self.library
 
-    def _save_index(self, listing: list[AdapterSummary], keys: dict[str, bytes], fetched_at: float) -> None:
-        doc = {"fetched_at": fetched_at, "registry": self.client.url,
-               "adapters": [a.model_dump(mode="json") for a in listing],
-               "keys": {k: v.hex() for k, v in keys.items()}}
-        atomic_replace_dir(self.cache_dir / "index", {INDEX_FILE: canonical_json(doc)}, overwrite=True)
-
-    def _load_index(self, cause: RegistryError) -> tuple[list[AdapterSummary], dict[str, bytes], float]:
-        path = self.cache_dir / "index" / INDEX_FILE
+    def _pinned_key(self) -> bytes:
+        """The registry key: given, or pinned on first use (kept beside the cached index)."""
+        if self.registry_key is not None:
+            return self.registry_key
+        path = self.cache_dir / "registry-key.pub"  # beside (not in) the index dir it replaces
         try:
-            doc = json.loads(path.read_text())
+            self.registry_key = bytes.fromhex(path.read_text().strip())
+        except (OSError, ValueError):
+            self.registry_key = self.client.registry_key()  # trust on first use
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(self.registry_key.hex() + "\n")
+        return self.registry_key
+
+    def _verify_index(self, doc: dict) -> IndexSigned:
+        try:
+            index = SignedIndex.model_validate(doc)
+        except ValidationError:
+            raise VerificationError("the registry's index is malformed", code="index_invalid") from None
+        key = self._pinned_key()
+        kid = key_id(key)
+        sig = next((s for s in index.signatures if s.keyid == kid), None)
+        if sig is None:
+            raise SignatureError(f"the index is not signed by the pinned registry key {kid}", code="registry_key")
+        try:
+            signature = bytes.fromhex(sig.sig)
+        except ValueError:
+            raise SignatureError("the index signature is not hex") from None
+        verify_signature(key, signature, INDEX_CONTEXT + canonical_json(index.signed.model_dump(mode="json")))
+        if _parse_utc(index.signed.expires) < time.time() and not self.offline:
+            raise VerificationError(f"the index expired at {index.signed.expires} (freeze refused)",
+                                    code="index_expired")
+        return index.signed
+
+    def _load_index(self) -> tuple[dict, float] | None:
+        """The last accepted snapshot of this registry on disk, or None."""
+        try:
+            doc = json.loads((self.cache_dir / "index" / INDEX_FILE).read_text())
             if doc["registry"] != self.client.url:
-                raise KeyError("registry")
-            return ([AdapterSummary.model_validate(a) for a in doc["adapters"]],
-                    {k: bytes.fromhex(v) for k, v in doc["keys"].items()}, float(doc["fetched_at"]))
+                return None
+            return doc["index"], float(doc["accepted_at"])
         except (OSError, ValueError, KeyError, TypeError):
-            raise RegistryError(f"{cause.message}; and no earlier index of this registry is cached",
-                                code="unreachable") from None
+            return None
 
     def index_age(self) -> float | None:
         return None if self.index_time is None else time.time() - self.index_time
 
     def _expired(self) -> bool:
         age = self.index_age()
-        return age is not None and age > self.max_index_age
+        if age is None:
+            return False
+        return age > self.max_index_age or (self.index_expires is not None and time.time() > self.index_expires)
 
     def health(self) -> dict:
         """What a health endpoint reports: ok, offline (serving from cache) or expired."""
@@ -236,6 +304,7 @@ class Node:
         status = "no_index" if age is None else "expired" if expired else "offline" if self.offline else "ok"
         return {"status": status, "registry": self.client.url, "offline": self.offline,
                 "index_age_s": None if age is None else round(age, 1), "max_index_age_s": self.max_index_age,
+                "index_version": self.index_version,
                 "adapters": len(self.library), "device": str(self.device), "cache": self.cache.usage(),
                 "cache_stats": dict(self.cache.stats)}
 
@@ -245,8 +314,9 @@ class Node:
         if self._expired():
             age = self.index_age()
             raise RegistryError(
-                f"the last accepted index is {age:.0f} s old (limit {self.max_index_age:.0f} s) and the registry "
-                "cannot be reached; refusing to serve", code="index_expired")
+                f"the last accepted index is {age:.0f} s old (limit {self.max_index_age:.0f} s, signed expiry "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.index_expires or 0))}) and no newer one "
+                "can be had; refusing to serve", code="index_expired")
 
     # -- verification and loading -------------------------------------------------------------
     def _fetch(self, summary: AdapterSummary) -> dict[str, bytes]:

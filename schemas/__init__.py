@@ -34,6 +34,11 @@ from semla.schemas.api import (
     RetrieveRequest,
     RetrieveResponse,
     RevokeRequest,
+    INDEX_CONTEXT,
+    IndexKey,
+    IndexSignature,
+    IndexSigned,
+    SignedIndex,
     UploadReceipt,
 )
 
@@ -66,5 +71,10 @@ __all__ = [
     "RetrieveRequest",
     "RetrieveResponse",
     "RevokeRequest",
+    "INDEX_CONTEXT",
+    "IndexKey",
+    "IndexSignature",
+    "IndexSigned",
+    "SignedIndex",
     "UploadReceipt",
 ]

@@ -17,6 +17,11 @@ __all__ = [
     "RetrieveResponse",
     "RetrievedAdapter",
     "RevokeRequest",
+    "IndexKey",
+    "IndexSigned",
+    "IndexSignature",
+    "SignedIndex",
+    "INDEX_CONTEXT",
     "UploadReceipt",
 ]
 
@@ -113,3 +118,32 @@ class RevokeRequest(_Api):
 
     signature: str = Field(pattern=r"^[0-9a-f]{128}$",
                            description="Ed25519 signature (hex) over semla-revoke-v1 + canonical {name, version}")
+
+
+#: Prefix of the bytes a registry signs for an index snapshot (then canonical JSON of ``signed``).
+INDEX_CONTEXT = b"semla-index-v1\n"
+
+
+class IndexKey(_Api):
+    key_id: str
+    public_key: str
+
+
+class IndexSigned(_Api):
+    """What the registry signs (after TUF's snapshot/timestamp roles, in one document)."""
+
+    type: Literal["semla-index"] = "semla-index"
+    version: int = Field(ge=0, description="increases with every change of the library")
+    expires: str = Field(description="UTC; nodes refuse the snapshot after this")
+    adapters: list[AdapterSummary]
+    keys: list[IndexKey] = Field(description="the active publisher keys")
+
+
+class IndexSignature(_Api):
+    keyid: str
+    sig: str
+
+
+class SignedIndex(_Api):
+    signed: IndexSigned
+    signatures: list[IndexSignature]

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -38,6 +40,11 @@ from semla.schemas import (
     RetrieveRequest,
     RetrieveResponse,
     UploadReceipt,
+    INDEX_CONTEXT,
+    IndexKey,
+    IndexSignature,
+    IndexSigned,
+    SignedIndex,
     canonical_json,
     revocation_payload,
     strict_json_loads,
@@ -85,9 +92,14 @@ class RegistryService:
         blobs: Where bundle files are stored.
     """
 
-    def __init__(self, sessions: sessionmaker[Session], blobs: BlobStore) -> None:
+    def __init__(
+        self, sessions: sessionmaker[Session], blobs: BlobStore, registry_key: Ed25519PrivateKey | None = None,
+        index_ttl_seconds: int = 86400,
+    ) -> None:
         self._sessions = sessions
         self._blobs = blobs
+        self._registry_key = registry_key
+        self._index_ttl = index_ttl_seconds
         # Serialises "check version → write blobs → commit → clean up" inside one process,
         # so two uploads here never race; across replicas the UNIQUE constraint decides.
         self._publish_lock = threading.Lock()
@@ -230,6 +242,38 @@ class RegistryService:
             if not referenced:
                 self._blobs.delete(digest)
         session.commit()  # ends the transaction: releases the lock
+
+    # -- signed index ---------------------------------------------------------------------------
+    def registry_key(self) -> IndexKey:
+        if self._registry_key is None:
+            raise NotFoundError("this registry has no signing key")
+        raw = _keys.public_bytes(self._registry_key)
+        return IndexKey(key_id=_keys.key_id(raw), public_key=raw.hex())
+
+    def _index_version(self, session: Session) -> int:
+        """Strictly increases with every change: a sum of counters that never decrease (adapters
+        and keys are never deleted, revocations are permanent) and each change raises one."""
+        return int(session.scalar(select(func.coalesce(func.max(Adapter.id), 0)))
+                   + session.scalar(select(func.count()).where(Adapter.revoked_at.is_not(None)))
+                   + session.scalar(select(func.count()).select_from(Publisher))
+                   + session.scalar(select(func.count()).where(Publisher.active.is_(False))))
+
+    def signed_index(self) -> SignedIndex:
+        """The library as a snapshot signed by the registry key, valid for the index TTL.
+
+        Raises:
+            NotFoundError: the registry has no signing key.
+        """
+        me = self.registry_key()
+        with self._sessions() as session:
+            version = self._index_version(session)
+            keys = [IndexKey(key_id=r.key_id, public_key=r.public_key)
+                    for r in session.scalars(select(Publisher).where(Publisher.active.is_(True))
+                                             .order_by(Publisher.key_id))]
+        expires = iso_utc(utcnow() + timedelta(seconds=self._index_ttl))
+        signed = IndexSigned(version=version, expires=expires, adapters=self.list_adapters(), keys=keys)
+        sig = _keys.sign(self._registry_key, INDEX_CONTEXT + canonical_json(signed.model_dump(mode="json")))
+        return SignedIndex(signed=signed, signatures=[IndexSignature(keyid=me.key_id, sig=sig.hex())])
 
     # -- revocation -----------------------------------------------------------------------------
     def revoke_version(self, name: str, version: int, signature: bytes) -> AdapterSummary:

@@ -19,6 +19,7 @@ from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
+from semla.registry.keys import load_or_create_key
 from semla.registry._web import ERROR_RESPONSES, Part, install_error_handlers, read_multipart
 from semla.schemas import (
     BUNDLE_FILES,
@@ -30,6 +31,8 @@ from semla.schemas import (
     RetrieveRequest,
     RetrieveResponse,
     RevokeRequest,
+    IndexKey,
+    SignedIndex,
     UploadReceipt,
 )
 from semla.schemas.errors import FileSetError
@@ -191,6 +194,26 @@ def list_adapters(
     return service.list_adapters(name=name, domain=domain)
 
 
+@router.get(
+    "/v1/index",
+    tags=["index"],
+    summary="The library as a snapshot signed by the registry key",
+    description="`signed` = {version (increases with every change), expires, adapters (newest live version "
+    "per name, with centroids), keys (active publisher keys)}; `signatures` = Ed25519 by the registry key "
+    "over `semla-index-v1\\n` + canonical JSON of `signed`. Nodes pin the registry key and refuse a lower "
+    "version (rollback), an expired snapshot (freeze) or a bad signature.",
+    responses={404: ERROR_RESPONSES},
+)
+def signed_index(service: ServiceDep) -> SignedIndex:
+    return service.signed_index()
+
+
+@router.get("/v1/registry-key", tags=["index"], summary="The registry's public key (pin it out of band)",
+            responses={404: ERROR_RESPONSES})
+def registry_key(service: ServiceDep) -> IndexKey:
+    return service.registry_key()
+
+
 @router.post(
     "/v1/keys/{key_id}/revoke",
     tags=["keys"],
@@ -311,7 +334,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.blobs = blobs
-    app.state.service = RegistryService(make_sessionmaker(engine), blobs)
+    app.state.service = RegistryService(
+        make_sessionmaker(engine), blobs, registry_key=load_or_create_key(settings.resolved_registry_key_file),
+        index_ttl_seconds=settings.index_ttl_seconds,
+    )
     install_error_handlers(app, service="registry")
     app.include_router(router)
     add_web_routes(app)

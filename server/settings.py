@@ -40,6 +40,14 @@ class ServerSettings(BaseSettings):
     admin_token: SecretStr | None = None
     database_url: str | None = None
     max_upload_bytes: int = Field(default=DEFAULT_MAX_UPLOAD_BYTES, ge=1)
+    #: The registry's own Ed25519 key that signs index snapshots (created on first start).
+    registry_key_file: Path | None = None
+    #: How long a signed index snapshot is valid; nodes refuse an expired one.
+    index_ttl_seconds: int = Field(default=86400, ge=60)
+
+    @property
+    def resolved_registry_key_file(self) -> Path:
+        return self.registry_key_file or self.data_dir / "registry.key"
 
     @field_validator("admin_token", mode="after")
     @classmethod

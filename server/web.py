@@ -416,7 +416,9 @@ def _adapter(request: Request, name: str) -> HTMLResponse:
             ("sample count", esc(m.sample_count)),
             ("created (signed)", esc(m.created_at)),
             ("published (registry)", esc(newest.created_at)),
-            ("revocations", "<span id=\"revocations\">none</span>"),
+            ("revocations", "<span id=\"revocations\">"
+             + (esc(", ".join(f"v{v.version} revoked by its publisher" for v in versions if v.revoked)) or "none")
+             + "</span>"),
         ]
         model = [
             ("base arch", esc(base.arch)), ("base tag", esc(base.tag) or "<span class=\"muted\">&ndash;</span>"),

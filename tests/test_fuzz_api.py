@@ -120,6 +120,8 @@ def test_every_route_is_fuzzed(api_schema):
         "POST /v1/keys",
         "GET /v1/adapters",
         "POST /v1/retrieve",
+        "GET /v1/index",
+        "GET /v1/registry-key",
         "POST /v1/keys/{key_id}/revoke",
         "POST /v1/adapters/{name}/{version}/revoke",
         "POST /v1/adapters",
