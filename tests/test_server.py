@@ -63,11 +63,11 @@ def assert_error(resp: httpx.Response, status: int, code: str) -> None:
 
 
 def snapshot(client: TestClient, data_dir: Path) -> dict:
-    """Row counts per table and every file under data_dir except the SQLite database itself."""
+    """Row counts per table and every file under data_dir except the SQLite database and the registry key."""
     with client.app.state.engine.connect() as conn:
         rows = {t.__tablename__: conn.scalar(select(func.count()).select_from(t)) for t in (Publisher, Adapter, AdapterFile)}
     on_disk = sorted(
-        str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.is_file() and not p.name.startswith("registry.db")
+        str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.is_file() and not p.name.startswith(("registry.db", "registry.key"))
     )
     return {"rows": rows, "files": on_disk}
 
