@@ -33,6 +33,7 @@ from semla.schemas.errors import (
     InvalidInputError,
     ManifestError,
     NotFoundError,
+    RateLimitedError,
     RegistryError,
     SemlaError,
     SignatureError,
@@ -73,6 +74,7 @@ _STATUS: dict[type[SemlaError], int] = {
     IncompatibleAdapterError: 422,
     ConflictError: 409,
     NotFoundError: 404,
+    RateLimitedError: 429,
     InvalidInputError: 400,
     RegistryError: 502,
     SemlaError: 400,
@@ -86,6 +88,7 @@ _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     413: "too_large",
+    429: "rate_limited",
     503: "unavailable",
 }
 

@@ -17,6 +17,7 @@ client can tell refusals apart without parsing prose::
     ├── IncompatibleAdapterError    adapter does not fit the base model (fingerprint, shapes)
     ├── ConflictError               stale/replayed version, name owned by another publisher
     ├── NotFoundError               no such adapter, version, file or key
+    ├── RateLimitedError            too many requests by one publisher key
     └── RegistryError               the registry refused a request or could not be reached
 """
 
@@ -35,6 +36,7 @@ __all__ = [
     "IncompatibleAdapterError",
     "ConflictError",
     "NotFoundError",
+    "RateLimitedError",
     "RegistryError",
 ]
 
@@ -96,6 +98,10 @@ class ConflictError(SemlaError):
 
 class NotFoundError(SemlaError):
     code = "not_found"
+
+
+class RateLimitedError(SemlaError):
+    code = "rate_limited"
 
 
 class RegistryError(SemlaError):

@@ -49,7 +49,7 @@ from semla.schemas import (
     revocation_payload,
     strict_json_loads,
 )
-from semla.schemas.errors import ConflictError, InvalidInputError, NotFoundError
+from semla.schemas.errors import ConflictError, InvalidInputError, NotFoundError, RateLimitedError
 from semla.server.blobs import BlobStore
 from semla.server.db import Adapter, AdapterFile, Publisher, iso_utc, utcnow
 
@@ -94,12 +94,14 @@ class RegistryService:
 
     def __init__(
         self, sessions: sessionmaker[Session], blobs: BlobStore, registry_key: Ed25519PrivateKey | None = None,
-        index_ttl_seconds: int = 86400,
+        index_ttl_seconds: int = 86400, uploads_per_minute: int = 0,
     ) -> None:
         self._sessions = sessions
         self._blobs = blobs
         self._registry_key = registry_key
         self._index_ttl = index_ttl_seconds
+        self._uploads_per_minute = uploads_per_minute
+        self._buckets: dict[str, tuple[float, float]] = {}  # key id → (tokens, last refill)
         # Serialises "check version → write blobs → commit → clean up" inside one process,
         # so two uploads here never race; across replicas the UNIQUE constraint decides.
         self._publish_lock = threading.Lock()
@@ -154,6 +156,7 @@ class RegistryService:
             raise report.error
         manifest = report.manifest
         assert manifest is not None
+        self._take_upload_token(manifest.publisher)
         with self._publish_lock, self._sessions() as session:
             self._lock_publishing(session)
             self._check_version_rule(session, manifest)
@@ -225,6 +228,25 @@ class RegistryService:
             AdapterFile(filename=name, sha256=digests[name], size=len(files[name])) for name in BUNDLE_FILES
         ]
         return row
+
+    def _take_upload_token(self, key_id: str) -> None:
+        """Token bucket per publisher key: ``uploads_per_minute`` tokens, refilled continuously.
+
+        Raises:
+            RateLimitedError: the key has used up its uploads for now.
+        """
+        rate = self._uploads_per_minute
+        if rate <= 0:
+            return
+        now = time.monotonic()
+        with self._publish_lock:
+            tokens, last = self._buckets.get(key_id, (float(rate), now))
+            tokens = min(float(rate), tokens + (now - last) * rate / 60.0)
+            if tokens < 1.0:
+                self._buckets[key_id] = (tokens, now)
+                raise RateLimitedError(f"key {key_id} may upload {rate} bundles a minute; retry in "
+                                       f"{(1.0 - tokens) * 60.0 / rate:.0f} s")
+            self._buckets[key_id] = (tokens - 1.0, now)
 
     @staticmethod
     def _lock_publishing(session: Session) -> None:

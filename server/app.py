@@ -168,6 +168,7 @@ def list_keys(service: ServiceDep) -> list[KeyPublic]:
         403: {**ERROR_RESPONSES, "description": "bad_signature, unsigned, unknown_key"},
         409: {**ERROR_RESPONSES, "description": "name_taken, stale_version"},
         413: {**ERROR_RESPONSES, "description": "too_large"},
+        429: {**ERROR_RESPONSES, "description": "rate_limited: too many uploads by this publisher key"},
         422: {
             **ERROR_RESPONSES,
             "description": "missing_file, extra_file, manifest_invalid, hash_mismatch, tensor_format, ...",
@@ -336,7 +337,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.blobs = blobs
     app.state.service = RegistryService(
         make_sessionmaker(engine), blobs, registry_key=load_or_create_key(settings.resolved_registry_key_file),
-        index_ttl_seconds=settings.index_ttl_seconds,
+        index_ttl_seconds=settings.index_ttl_seconds, uploads_per_minute=settings.uploads_per_minute,
     )
     install_error_handlers(app, service="registry")
     app.include_router(router)

@@ -42,6 +42,8 @@ class ServerSettings(BaseSettings):
     max_upload_bytes: int = Field(default=DEFAULT_MAX_UPLOAD_BYTES, ge=1)
     #: The registry's own Ed25519 key that signs index snapshots (created on first start).
     registry_key_file: Path | None = None
+    #: Uploads each publisher key may make per minute (per replica); 0 disables the limit.
+    uploads_per_minute: int = Field(default=60, ge=0)
     #: How long a signed index snapshot is valid; nodes refuse an expired one.
     index_ttl_seconds: int = Field(default=86400, ge=60)
 

@@ -582,3 +582,16 @@ def test_admin_revokes_a_key_and_its_adapters_leave_the_index(client, publisher,
     assert_error(client.post(f"/v1/keys/{'0' * 16}/revoke", headers=AUTH), 404, "not_found")
     newer = bundle_factory.make_bundle_files(tmp_path, publisher, name="city-streets", version=2)
     assert_error(upload(client, newer), 403, "unknown_key")  # a revoked key cannot publish
+
+
+def test_uploads_are_rate_limited_per_key(data_dir, tmp_path):
+    with make_client(data_dir, uploads_per_minute=2) as client:
+        fast, other = keys.generate_key(), keys.generate_key()
+        register(client, fast)
+        register(client, other)
+        for version in (1, 2):
+            assert upload(client, bundle_factory.make_bundle_files(tmp_path, fast, name="a", version=version)).status_code == 201
+        before = snapshot(client, data_dir)
+        assert_error(upload(client, bundle_factory.make_bundle_files(tmp_path, fast, name="a", version=3)), 429, "rate_limited")
+        assert snapshot(client, data_dir) == before  # nothing of the refused upload stays
+        assert upload(client, bundle_factory.make_bundle_files(tmp_path, other, name="b")).status_code == 201  # per key
