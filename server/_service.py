@@ -18,6 +18,7 @@ import threading
 import time
 from datetime import timedelta
 from collections.abc import Mapping
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -105,8 +106,8 @@ class RegistryService:
         # Serialises "check version → write blobs → commit → clean up" inside one process,
         # so two uploads here never race; across replicas the UNIQUE constraint decides.
         self._publish_lock = threading.Lock()
-        #: base fingerprint → (adapters-table generation, centroid table, summaries)
-        self._tables: dict[str, tuple[tuple, CentroidTable, list[AdapterSummary]]] = {}
+        #: base fingerprint → (library version, centroid table, summaries, ANN index or None)
+        self._tables: dict[str, tuple[int, CentroidTable, list[AdapterSummary], Any]] = {}
 
     # -- keys -----------------------------------------------------------------------------------
     def register_key(self, body: KeyCreate) -> KeyPublic:
@@ -400,35 +401,40 @@ class RegistryService:
             NotFoundError: no adapter of this base model.
             InvalidInputError: the embedding's dimension differs from the centroids'.
         """
-        table, summaries = self._centroid_table(body.base_fingerprint)
+        table, summaries, index = self._centroid_table(body.base_fingerprint)
         dim = table.vectors.shape[1]
         if len(body.embedding) != dim:
             raise InvalidInputError(f"embedding has {len(body.embedding)} dimensions; "
                                     f"the centroids of this base have {dim}")
-        idx, dist, weights = retrieve_numpy(np.asarray([body.embedding], dtype=np.float32), table,
-                                            top_k=body.top_k, temperature=body.temperature, distance=body.distance)
+        query = np.asarray([body.embedding], dtype=np.float32)
+        options = {"top_k": body.top_k, "temperature": body.temperature, "distance": body.distance}
+        idx, dist, weights = index.search(query, **options) if index is not None else retrieve_numpy(query, table, **options)
         return RetrieveResponse(results=[
             RetrievedAdapter(name=summaries[i].name, version=summaries[i].version, publisher=summaries[i].publisher,
                              distance=float(d), weight=float(w))
             for i, d, w in zip(idx[0].tolist(), dist[0].tolist(), weights[0].tolist())
         ])
 
-    def _centroid_table(self, fingerprint: str) -> tuple[CentroidTable, list[AdapterSummary]]:
-        """The centroid table of one base, rebuilt only when the adapters table has changed
-        (checked on every call, so replicas sharing a database stay consistent)."""
+    def _centroid_table(self, fingerprint: str) -> tuple[CentroidTable, list[AdapterSummary], Any]:
+        """The centroid table of one base (with an ANN index above ``ann.ANN_THRESHOLD``
+        centroids; brute force below), rebuilt only when the library has changed (checked on
+        every call, so replicas sharing a database stay consistent)."""
         with self._sessions() as session:
-            generation = tuple(session.execute(select(func.count(), func.max(Adapter.id))).one())
+            generation = self._index_version(session)  # changes with every publish or revocation
         cached = self._tables.get(fingerprint)
         if cached is not None and cached[0] == generation:
-            return cached[1], cached[2]
+            return cached[1:]
         summaries = [a for a in self.list_adapters() if a.base_fingerprint == fingerprint]
         if not summaries:
             raise NotFoundError(f"no adapter for base model {fingerprint[:12]}")
         table = CentroidTable.from_lists([a.centroids for a in summaries])
+        from semla.server import ann  # faiss is imported with it: on the first retrieval only
+
+        index = ann.CentroidIndex.build(table) if ann.choose(table) == "ann" else None
         if len(self._tables) >= 8:
             self._tables.pop(next(iter(self._tables)))
-        self._tables[fingerprint] = (generation, table, summaries)
-        return table, summaries
+        self._tables[fingerprint] = (generation, table, summaries, index)
+        return table, summaries, index
 
     def adapter_versions(self, name: str) -> list[AdapterSummary]:
         """Every stored version of ``name``, newest first.

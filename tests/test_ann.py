@@ -164,3 +164,27 @@ def test_module_is_torch_free():
 
     code = "import sys, semla.server.ann; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_registry_switches_to_the_index_above_the_threshold(tmp_path, monkeypatch):
+    """POST /v1/retrieve answers through the ANN index once the library is large enough."""
+    from fastapi.testclient import TestClient
+
+    import bundle_factory
+    from semla.registry import keys
+    from semla.server import ServerSettings, create_app
+    from semla.server import ann as ann_module
+
+    monkeypatch.setattr(ann_module, "ANN_THRESHOLD", 2)
+    app = create_app(ServerSettings(data_dir=tmp_path / "d", admin_token="t"))
+    with TestClient(app) as client:
+        key = keys.generate_key()
+        client.post("/v1/keys", json={"public_key": keys.public_bytes(key).hex()}, headers={"Authorization": "Bearer t"})
+        for i in range(4):
+            files = bundle_factory.make_bundle_files(tmp_path, key, name=f"a{i}", seed=i)
+            assert client.post("/v1/adapters", files={n: (n, d) for n, d in files.items()}).status_code == 201
+        query = client.get("/v1/adapters").json()[2]["centroids"][0]
+        r = client.post("/v1/retrieve", json={"embedding": query, "base_fingerprint": bundle_factory.FINGERPRINT})
+        assert r.status_code == 200 and r.json()["results"][0]["name"] == "a2"
+        (entry,) = app.state.service._tables.values()
+        assert isinstance(entry[3], ann_module.CentroidIndex)
