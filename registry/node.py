@@ -249,7 +249,8 @@ class Node:
         """The registry key: given, or pinned on first use (kept beside the cached index)."""
         if self.registry_key is not None:
             return self.registry_key
-        path = self.cache_dir / "registry-key.pub"  # beside (not in) the index dir it replaces
+        url_id = hashlib.sha256(self.client.url.encode()).hexdigest()[:16]  # one pin per registry URL
+        path = self.cache_dir / "registry-keys" / f"{url_id}.pub"
         try:
             self.registry_key = bytes.fromhex(path.read_text().strip())
         except (OSError, ValueError):

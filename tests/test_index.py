@@ -120,3 +120,16 @@ def test_a_registry_key_given_out_of_band_must_match(registry, tiny_base, tmp_pa
     right = bytes.fromhex((data_dir / "registry.key.pub").read_text())
     node = Node(client, base=copy.deepcopy(tiny_base), cache_dir=tmp_path / "c2", registry_key=right)
     assert [a.name for a in node.pull()] == ["fog"]
+
+
+def test_pins_are_kept_per_registry(registry, trained_bundle, tiny_base, tmp_path):
+    client, *_ = registry
+    cache = tmp_path / "shared-cache"
+    Node(client, base=copy.deepcopy(tiny_base), cache_dir=cache).pull()
+    app = create_app(ServerSettings(data_dir=tmp_path / "second", admin_token=TOKEN))  # another registry key
+    second = RegistryClient("http://second.test", client=TestClient(app, base_url="http://second.test"))
+    key = keys.generate_key()
+    second.register_key(keys.public_bytes(key).hex(), TOKEN)
+    publish_bundle(shutil.copytree(trained_bundle, tmp_path / "fog2"), second, key=key)
+    assert [a.name for a in Node(second, base=copy.deepcopy(tiny_base), cache_dir=cache).pull()] == ["fog"]
+    assert len(list((cache / "registry-keys").iterdir())) == 2
