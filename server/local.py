@@ -6,13 +6,14 @@ import contextlib
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
-__all__ = ["free_port", "local_registry"]
+__all__ = ["free_port", "local_registry", "serve_in_thread"]
 
 
 def free_port() -> int:
@@ -59,3 +60,28 @@ def local_registry(data_dir: Path, admin_token: str, *, log: Path | None = None,
             proc.kill()
         if log is not None:
             out.close()
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, *, lifespan: str = "on", timeout: float = 20.0) -> Iterator[str]:
+    """Serve an ASGI ``app`` with uvicorn on a free 127.0.0.1 port in a thread; yield its URL.
+
+    Raises:
+        RuntimeError: uvicorn did not start within ``timeout``.
+    """
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan=lifespan))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=timeout)

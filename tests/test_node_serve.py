@@ -4,45 +4,31 @@ the service in front; concurrent clients are batched and answered exactly as the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import io
 import shutil
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
-
-from semla.registry.serve import ServeSettings, add_parser, create_app, decode_png, decode_rle
+from semla.registry.serve import (
+    ServeSettings,
+    add_parser,
+    create_app,
+    decode_png,
+    decode_rle,
+)
+from semla.server.local import serve_in_thread
 
 TOKEN = "serve-test-token"
 CLASSES = ["sky", "road", "sidewalk", "building", "vegetation", "car", "person", "pole"]
 TEMPERATURE = 1.0  # soft weights: images of a batch get different mixtures (the per-image fusion path)
 
 
-@contextlib.contextmanager
-def serve_in_thread(app) -> Iterator[str]:
-    """Run ``app`` with uvicorn on a free loopback port in a thread; yield its URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
 
 
 def png_bytes(image: np.ndarray) -> bytes:

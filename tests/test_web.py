@@ -6,20 +6,18 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import bundle_factory
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from semla.registry import keys
 from semla.schemas import ADAPTER_WEIGHTS_FILE, AdapterSummary
 from semla.server import ServerSettings, create_app
 from semla.server.db import Publisher
+from semla.server.local import serve_in_thread
 from semla.server.web import add_web_routes, matches_query, pca_map
 
 ADMIN = "web-admin-token"
@@ -184,23 +182,6 @@ CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium"), shut
                  if p and Path(p).exists()), None)
 
 
-@contextlib.contextmanager
-def serve_in_thread(app) -> Iterator[str]:
-    """Run ``app`` with uvicorn on a free loopback port in a thread; yield its URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
 
 
 def chromium(profile: Path, *args: str) -> subprocess.CompletedProcess:
@@ -217,7 +198,7 @@ def chromium(profile: Path, *args: str) -> subprocess.CompletedProcess:
 def browser_url(registry) -> Iterator[str]:
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium); the browser checks need it")
-    with serve_in_thread(registry[0]) as url:
+    with serve_in_thread(registry[0], lifespan="off") as url:
         yield url
 
 
