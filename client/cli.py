@@ -121,6 +121,19 @@ def _revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _rotate_key(args: argparse.Namespace) -> int:
+    from semla.registry import keys
+    from semla.registry.http import RegistryClient
+    from semla.schemas import rotation_payload
+
+    old, new = keys.load_private_key(args.key), keys.load_private_key(args.new_key)
+    new_hex = keys.public_bytes(new).hex()
+    with RegistryClient(args.registry) as client:
+        info = client.rotate_key(keys.key_id(old), new_hex, keys.sign(old, rotation_payload(keys.key_id(old), new_hex)))
+    print(f"rotated {keys.key_id(old)} to {info.key_id}: publish with the new key from now on")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semla-client", description=_DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -185,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", required=True, help="registry URL")
     p.add_argument("--key", type=Path, required=True, help="the private key that published it")
     p.set_defaults(func=_revoke)
+
+    p = sub.add_parser("rotate-key", help="hand your adapter names over to a new key (signed by the old key)")
+    p.add_argument("--registry", required=True, help="registry URL")
+    p.add_argument("--key", type=Path, required=True, help="the old private key")
+    p.add_argument("--new-key", type=Path, required=True, help="the new private key (make it with keygen)")
+    p.set_defaults(func=_rotate_key)
     return parser
 
 

@@ -81,6 +81,11 @@ class RegistryClient:
         """The registry's raw public key as it announces it (pin it; better: get it out of band)."""
         return bytes.fromhex(IndexKey.model_validate(self._request("GET", "/v1/registry-key").json()).public_key)
 
+    def rotate_key(self, old_key_id: str, new_public_key_hex: str, signature: bytes) -> KeyPublic:
+        r = self._request("POST", "/v1/keys/rotate", json={
+            "old_key_id": old_key_id, "new_public_key": new_public_key_hex, "signature": signature.hex()})
+        return KeyPublic.model_validate(r.json())
+
     def revoke(self, name: str, version: int, signature: bytes) -> AdapterSummary:
         r = self._request("POST", f"/v1/adapters/{name}/{version}/revoke", json={"signature": signature.hex()})
         return AdapterSummary.model_validate(r.json())

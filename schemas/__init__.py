@@ -22,6 +22,7 @@ from semla.schemas.manifest import (
     Privacy,
     TrainingProvenance,
     revocation_payload,
+    rotation_payload,
     signing_payload,
 )
 from semla.schemas.api import (
@@ -34,6 +35,7 @@ from semla.schemas.api import (
     RetrieveRequest,
     RetrieveResponse,
     RevokeRequest,
+    RotateRequest,
     INDEX_CONTEXT,
     IndexKey,
     IndexSignature,
@@ -62,6 +64,7 @@ __all__ = [
     "TrainingProvenance",
     "signing_payload",
     "revocation_payload",
+    "rotation_payload",
     "AdapterSummary",
     "ErrorBody",
     "ErrorResponse",
@@ -71,6 +74,7 @@ __all__ = [
     "RetrieveRequest",
     "RetrieveResponse",
     "RevokeRequest",
+    "RotateRequest",
     "INDEX_CONTEXT",
     "IndexKey",
     "IndexSignature",

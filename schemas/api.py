@@ -17,6 +17,7 @@ __all__ = [
     "RetrieveResponse",
     "RetrievedAdapter",
     "RevokeRequest",
+    "RotateRequest",
     "IndexKey",
     "IndexSigned",
     "IndexSignature",
@@ -52,6 +53,7 @@ class KeyPublic(_Api):
     label: str
     active: bool
     created_at: str
+    rotated_to: str | None = None
 
 
 class AdapterSummary(_Api):
@@ -147,3 +149,12 @@ class IndexSignature(_Api):
 class SignedIndex(_Api):
     signed: IndexSigned
     signatures: list[IndexSignature]
+
+
+class RotateRequest(_Api):
+    """Hand a publisher's names over to a new key, signed by the old key."""
+
+    old_key_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+    new_public_key: str = Field(pattern=r"^[0-9a-f]{64}$", description="raw Ed25519 public key, hex")
+    signature: str = Field(pattern=r"^[0-9a-f]{128}$", description="by the old key over semla-rotate-v1 + "
+                           "canonical {new_public_key, old_key_id}")

@@ -34,6 +34,8 @@ __all__ = [
     "signing_payload",
     "revocation_payload",
     "REVOCATION_CONTEXT",
+    "rotation_payload",
+    "ROTATION_CONTEXT",
 ]
 
 MANIFEST_SCHEMA_VERSION = 1
@@ -206,6 +208,14 @@ REVOCATION_CONTEXT = b"semla-revoke-v1\n"
 def revocation_payload(name: str, version: int) -> bytes:
     """The exact bytes a publisher signs to revoke one of its adapter versions."""
     return REVOCATION_CONTEXT + canonical_json({"name": name, "version": version})
+
+
+ROTATION_CONTEXT = b"semla-rotate-v1\n"
+
+
+def rotation_payload(old_key_id: str, new_public_key_hex: str) -> bytes:
+    """The exact bytes the old key signs to hand over to a new publisher key."""
+    return ROTATION_CONTEXT + canonical_json({"new_public_key": new_public_key_hex, "old_key_id": old_key_id})
 
 
 def signing_payload(manifest: Manifest) -> bytes:

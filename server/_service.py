@@ -40,6 +40,7 @@ from semla.schemas import (
     RetrievedAdapter,
     RetrieveRequest,
     RetrieveResponse,
+    RotateRequest,
     UploadReceipt,
     INDEX_CONTEXT,
     IndexKey,
@@ -48,6 +49,7 @@ from semla.schemas import (
     SignedIndex,
     canonical_json,
     revocation_payload,
+    rotation_payload,
     strict_json_loads,
 )
 from semla.schemas.errors import ConflictError, InvalidInputError, NotFoundError, RateLimitedError
@@ -67,6 +69,7 @@ def _key_public(row: Publisher) -> KeyPublic:
         label=row.label,
         active=row.active,
         created_at=iso_utc(row.created_at),
+        rotated_to=row.rotated_to,
     )
 
 
@@ -140,8 +143,9 @@ class RegistryService:
             return [_key_public(row) for row in rows]
 
     def _trusted_keys(self) -> dict[str, bytes]:
+        """Keys that may publish now: active and not rotated away."""
         with self._sessions() as session:
-            rows = session.scalars(select(Publisher).where(Publisher.active.is_(True)))
+            rows = session.scalars(select(Publisher).where(Publisher.active.is_(True), Publisher.rotated_to.is_(None)))
             return {row.key_id: bytes.fromhex(row.public_key) for row in rows}
 
     # -- publishing -----------------------------------------------------------------------------
@@ -203,6 +207,11 @@ class RegistryService:
         if latest is None:
             return
         owner, version = latest
+        for _ in range(64):  # a name passes along its owner's rotation chain
+            successor = session.scalar(select(Publisher.rotated_to).where(Publisher.key_id == owner))
+            if owner == manifest.publisher or successor is None:
+                break
+            owner = successor
         if owner != manifest.publisher:
             raise ConflictError(
                 f"adapter name {manifest.name!r} belongs to publisher {owner}", code="name_taken"
@@ -275,11 +284,13 @@ class RegistryService:
 
     def _index_version(self, session: Session) -> int:
         """Strictly increases with every change: a sum of counters that never decrease (adapters
-        and keys are never deleted, revocations are permanent) and each change raises one."""
+        and keys are never deleted, revocations and rotations are permanent) and each change
+        raises one."""
         return int(session.scalar(select(func.coalesce(func.max(Adapter.id), 0)))
                    + session.scalar(select(func.count()).where(Adapter.revoked_at.is_not(None)))
                    + session.scalar(select(func.count()).select_from(Publisher))
-                   + session.scalar(select(func.count()).where(Publisher.active.is_(False))))
+                   + session.scalar(select(func.count()).where(Publisher.active.is_(False)))
+                   + session.scalar(select(func.count()).where(Publisher.rotated_to.is_not(None))))
 
     def signed_index(self) -> SignedIndex:
         """The library as a snapshot signed by the registry key, valid for the index TTL.
@@ -321,6 +332,36 @@ class RegistryService:
             row.revoked_at = utcnow()
             session.commit()
             return _summary(row)
+
+    def rotate_key(self, body: RotateRequest) -> KeyPublic:
+        """Register a publisher's new key, signed by its old one; the old key publishes no more,
+        its adapters stay valid, and its names pass to the new key.
+
+        Raises:
+            NotFoundError: the old key is unknown.
+            SignatureError: not signed by the old key.
+            ConflictError: ``key_exists`` (new key already registered) or ``already_rotated``.
+            InvalidInputError: the old key is revoked.
+        """
+        with self._sessions() as session:
+            old = session.get(Publisher, body.old_key_id)
+            if old is None:
+                raise NotFoundError(f"no publisher key {body.old_key_id}")
+            _keys.verify(bytes.fromhex(old.public_key), bytes.fromhex(body.signature),
+                         rotation_payload(body.old_key_id, body.new_public_key))
+            if not old.active:
+                raise InvalidInputError(f"key {old.key_id} is revoked; a revoked key cannot hand over its names")
+            if old.rotated_to is not None:
+                raise ConflictError(f"key {old.key_id} was already rotated to {old.rotated_to}", code="already_rotated")
+            raw = bytes.fromhex(body.new_public_key)
+            new_id = _keys.key_id(raw)
+            if session.get(Publisher, new_id) is not None:
+                raise ConflictError(f"key {new_id} is already registered", code="key_exists")
+            new = Publisher(key_id=new_id, public_key=raw.hex(), label=old.label, active=True)
+            session.add(new)
+            old.rotated_to = new_id
+            session.commit()
+            return _key_public(new)
 
     def revoke_key(self, key_id: str) -> KeyPublic:
         """Deactivate a publisher key (admin): it can no longer publish and its adapters leave the index.

@@ -31,6 +31,7 @@ from semla.schemas import (
     RetrieveRequest,
     RetrieveResponse,
     RevokeRequest,
+    RotateRequest,
     IndexKey,
     SignedIndex,
     UploadReceipt,
@@ -213,6 +214,21 @@ def signed_index(service: ServiceDep) -> SignedIndex:
             responses={404: ERROR_RESPONSES})
 def registry_key(service: ServiceDep) -> IndexKey:
     return service.registry_key()
+
+
+@router.post(
+    "/v1/keys/rotate",
+    tags=["keys"],
+    status_code=201,
+    summary="Rotate a publisher key (signed by the old key)",
+    description="Registers the new key; the old one publishes no more, the adapters it signed stay valid, "
+    "and its adapter names pass to the new key. The old key signs `semla-rotate-v1\\n` + canonical JSON "
+    "`{new_public_key, old_key_id}`.",
+    responses={400: ERROR_RESPONSES, 403: ERROR_RESPONSES, 404: ERROR_RESPONSES, 409: ERROR_RESPONSES,
+               422: ERROR_RESPONSES},
+)
+def rotate_key(body: RotateRequest, service: ServiceDep) -> KeyPublic:
+    return service.rotate_key(body)
 
 
 @router.post(

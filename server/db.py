@@ -1,7 +1,7 @@
 """The registry's tables and engine factory (SQLAlchemy 2.0 typed ORM).
 
 The ORM models live here; the schema itself is built and changed only by the Alembic
-migrations shipped in ``semla/server/migrations`` (``0001``: the first tables; ``0002``: revocation).
+migrations shipped in ``semla/server/migrations`` (``0001``: the first tables; ``0002``: revocation; ``0003``: key rotation).
 :func:`upgrade` migrates a database to the head revision (``semla-server db upgrade``);
 :func:`check_schema` is what the server runs at start: it refuses a database whose revision
 is not this code's head, and creates the schema itself only in an empty SQLite database (the
@@ -95,6 +95,9 @@ class Publisher(Base):
     label: Mapped[str] = mapped_column(String(128), default="")
     active: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: The key this one was rotated to (signed by this key): it publishes no more, but the
+    #: adapters it signed stay valid, and its names pass to the new key.
+    rotated_to: Mapped[str | None] = mapped_column(String(16), nullable=True, default=None)
 
 
 class Adapter(Base):

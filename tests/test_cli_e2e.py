@@ -87,6 +87,10 @@ def test_full_loop_on_loopback(tmp_path, registry):
     assert (masks / "query1.overlay.png").exists()
     assert any((tmp_path / "cache").rglob("manifest.sig"))  # verified and cached
 
+    new_key = tmp_path / "new.key"
+    cli("semla-client", "keygen", "--out", str(new_key))
+    assert "rotated" in cli("semla-client", "rotate-key", "--registry", registry, "--key", str(key),
+                            "--new-key", str(new_key)).stdout
     assert "revoked fog v1" in cli("semla-client", "revoke", "fog", "1", "--registry", registry, "--key", str(key)).stdout
     assert httpx.get(registry + "/v1/adapters").json() == []
 

@@ -595,3 +595,40 @@ def test_uploads_are_rate_limited_per_key(data_dir, tmp_path):
         assert_error(upload(client, bundle_factory.make_bundle_files(tmp_path, fast, name="a", version=3)), 429, "rate_limited")
         assert snapshot(client, data_dir) == before  # nothing of the refused upload stays
         assert upload(client, bundle_factory.make_bundle_files(tmp_path, other, name="b")).status_code == 201  # per key
+
+
+# -- key rotation ---------------------------------------------------------------------------------
+def _rotate(client, old, new):
+    from semla.schemas import rotation_payload
+
+    new_hex = keys.public_bytes(new).hex()
+    sig = keys.sign(old, rotation_payload(keys.key_id(old), new_hex)).hex()
+    return client.post("/v1/keys/rotate", json={"old_key_id": keys.key_id(old), "new_public_key": new_hex,
+                                                "signature": sig})
+
+
+def test_rotated_key_hands_its_names_to_the_new_key(client, publisher, published, tmp_path):
+    new = keys.generate_key()
+    forged = _rotate(client, keys.generate_key(), new)
+    assert_error(forged, 404, "not_found")  # unknown old key
+    bad = client.post("/v1/keys/rotate", json={**_rotate_body(publisher, new), "signature": "00" * 64})
+    assert_error(bad, 403, "bad_signature")
+    r = _rotate(client, publisher, new)
+    assert r.status_code == 201 and r.json()["key_id"] == keys.key_id(new)
+    assert_error(_rotate(client, publisher, keys.generate_key()), 409, "already_rotated")
+    # the old key publishes no more; the new one continues its names; old adapters stay listed
+    old_v2 = bundle_factory.make_bundle_files(tmp_path, publisher, name="city-streets", version=2)
+    assert_error(upload(client, old_v2), 403, "unknown_key")
+    assert [(a["name"], a["version"]) for a in client.get("/v1/adapters").json()] == [("city-streets", 1)]
+    new_v2 = bundle_factory.make_bundle_files(tmp_path, new, name="city-streets", version=2)
+    assert upload(client, new_v2).status_code == 201
+    index_keys = {k["key_id"] for k in client.get("/v1/index").json()["signed"]["keys"]}
+    assert {keys.key_id(publisher), keys.key_id(new)} <= index_keys  # old bundles still verify on nodes
+    other = keys.generate_key()
+    register(client, other)
+    stolen = bundle_factory.make_bundle_files(tmp_path, other, name="city-streets", version=3)
+    assert_error(upload(client, stolen), 409, "name_taken")
+
+
+def _rotate_body(old, new) -> dict:
+    return {"old_key_id": keys.key_id(old), "new_public_key": keys.public_bytes(new).hex(), "signature": "00" * 64}
