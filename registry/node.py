@@ -61,6 +61,7 @@ from semla.schemas import (
     IndexSigned,
     SignedIndex,
     canonical_json,
+    root_rotation_payload,
 )
 from semla.schemas.errors import (
     IncompatibleAdapterError,
@@ -245,12 +246,15 @@ class Node:
                 logger.info("dropped %d adapter(s) no longer in the library: %s", len(dropped), ", ".join(dropped))
         return self.library
 
+    def _pin_path(self) -> Path:
+        url_id = hashlib.sha256(self.client.url.encode()).hexdigest()[:16]  # one pin per registry URL
+        return self.cache_dir / "registry-keys" / f"{url_id}.pub"
+
     def _pinned_key(self) -> bytes:
         """The registry key: given, or pinned on first use (kept beside the cached index)."""
         if self.registry_key is not None:
             return self.registry_key
-        url_id = hashlib.sha256(self.client.url.encode()).hexdigest()[:16]  # one pin per registry URL
-        path = self.cache_dir / "registry-keys" / f"{url_id}.pub"
+        path = self._pin_path()
         try:
             self.registry_key = bytes.fromhex(path.read_text().strip())
         except (OSError, ValueError):
@@ -264,7 +268,7 @@ class Node:
             index = SignedIndex.model_validate(doc)
         except ValidationError:
             raise VerificationError("the registry's index is malformed", code="index_invalid") from None
-        key = self._pinned_key()
+        key = self._follow_rotations(self._pinned_key(), index)
         kid = key_id(key)
         sig = next((s for s in index.signatures if s.keyid == kid), None)
         if sig is None:
@@ -278,6 +282,27 @@ class Node:
             raise VerificationError(f"the index expired at {index.signed.expires} (freeze refused)",
                                     code="index_expired")
         return index.signed
+
+    def _follow_rotations(self, key: bytes, index: SignedIndex) -> bytes:
+        """Walk the registry's key rotations from the pinned key, each step signed by the key
+        before it; pin the last key reached (unchanged when there is nothing to follow)."""
+        by_old = {r.old_key_id: r for r in index.root_rotations}
+        start = key
+        for _ in range(len(by_old)):
+            step = by_old.get(key_id(key))
+            if step is None or any(s.keyid == key_id(key) for s in index.signatures):
+                break
+            try:
+                signature = bytes.fromhex(step.signature)
+            except ValueError:
+                raise SignatureError("a registry key rotation signature is not hex") from None
+            verify_signature(key, signature, root_rotation_payload(step.old_key_id, step.new_public_key))
+            key = bytes.fromhex(step.new_public_key)
+        if key != start:
+            logger.warning("the registry key was rotated from %s to %s; following it", key_id(start), key_id(key))
+            self.registry_key = key
+            self._pin_path().write_text(key.hex() + "\n")
+        return key
 
     def _load_index(self) -> tuple[dict, float] | None:
         """The last accepted snapshot of this registry on disk, or None."""

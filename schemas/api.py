@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from semla.schemas._canonical import canonical_json
+
 __all__ = [
     "AdapterSummary",
     "ErrorBody",
@@ -23,6 +25,9 @@ __all__ = [
     "IndexSignature",
     "SignedIndex",
     "INDEX_CONTEXT",
+    "ROOT_ROTATION_CONTEXT",
+    "RootRotation",
+    "root_rotation_payload",
     "UploadReceipt",
 ]
 
@@ -146,9 +151,28 @@ class IndexSignature(_Api):
     sig: str
 
 
+#: Prefix of the bytes an old registry key signs to hand over to a new one.
+ROOT_ROTATION_CONTEXT = b"semla-root-rotate-v1\n"
+
+
+class RootRotation(_Api):
+    """The registry's key handed over: signed by the old key, so a node pinned to any earlier
+    key can follow the chain to the current one."""
+
+    old_key_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+    new_public_key: str = Field(pattern=r"^[0-9a-f]{64}$")
+    signature: str = Field(pattern=r"^[0-9a-f]{128}$")
+
+
+def root_rotation_payload(old_key_id: str, new_public_key_hex: str) -> bytes:
+    return ROOT_ROTATION_CONTEXT + canonical_json({"new_public_key": new_public_key_hex, "old_key_id": old_key_id})
+
+
 class SignedIndex(_Api):
     signed: IndexSigned
     signatures: list[IndexSignature]
+    #: Every rotation of the registry key so far, oldest first (self-authenticating).
+    root_rotations: list[RootRotation] = []
 
 
 class RotateRequest(_Api):

@@ -40,6 +40,7 @@ from semla.schemas import (
     RetrievedAdapter,
     RetrieveRequest,
     RetrieveResponse,
+    RootRotation,
     RotateRequest,
     UploadReceipt,
     INDEX_CONTEXT,
@@ -98,11 +99,12 @@ class RegistryService:
 
     def __init__(
         self, sessions: sessionmaker[Session], blobs: BlobStore, registry_key: Ed25519PrivateKey | None = None,
-        index_ttl_seconds: int = 86400, uploads_per_minute: int = 0,
+        index_ttl_seconds: int = 86400, uploads_per_minute: int = 0, root_rotations: list[RootRotation] | None = None,
     ) -> None:
         self._sessions = sessions
         self._blobs = blobs
         self._registry_key = registry_key
+        self._root_rotations = list(root_rotations or [])
         self._index_ttl = index_ttl_seconds
         self._uploads_per_minute = uploads_per_minute
         self._buckets: dict[str, tuple[float, float]] = {}  # key id → (tokens, last refill)
@@ -307,7 +309,8 @@ class RegistryService:
         expires = iso_utc(utcnow() + timedelta(seconds=self._index_ttl))
         signed = IndexSigned(version=version, expires=expires, adapters=self.list_adapters(), keys=keys)
         sig = _keys.sign(self._registry_key, INDEX_CONTEXT + canonical_json(signed.model_dump(mode="json")))
-        return SignedIndex(signed=signed, signatures=[IndexSignature(keyid=me.key_id, sig=sig.hex())])
+        return SignedIndex(signed=signed, signatures=[IndexSignature(keyid=me.key_id, sig=sig.hex())],
+                           root_rotations=self._root_rotations)
 
     # -- revocation -----------------------------------------------------------------------------
     def revoke_version(self, name: str, version: int, signature: bytes) -> AdapterSummary:

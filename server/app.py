@@ -39,6 +39,7 @@ from semla.schemas import (
 from semla.schemas.errors import FileSetError
 from semla.server._service import RegistryService
 from semla.server.blobs import BlobStore
+from semla.server.rootkey import load_rotations
 from semla.server.db import check_schema, make_engine, make_sessionmaker
 from semla.server.settings import ServerSettings
 from semla.server.web import add_web_routes
@@ -354,6 +355,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.service = RegistryService(
         make_sessionmaker(engine), blobs, registry_key=load_or_create_key(settings.resolved_registry_key_file),
         index_ttl_seconds=settings.index_ttl_seconds, uploads_per_minute=settings.uploads_per_minute,
+        root_rotations=load_rotations(settings.resolved_registry_key_file),
     )
     install_error_handlers(app, service="registry")
     app.include_router(router)

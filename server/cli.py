@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--min-age", type=float, default=3600.0, metavar="SECONDS",
                        help="only delete files at least this old (default 3600)")
+    rotate = commands.add_parser(
+        "rotate-registry-key", help="replace the registry's signing key, signed over by the old one",
+        description="Generate a new registry key and a statement, signed by the old key, naming it. Nodes "
+        "pinned to an older key follow the chain. Restart every replica afterwards.",
+    )
+    rotate.add_argument("--data-dir", dest="data_dir", metavar="PATH", default=argparse.SUPPRESS,
+                        help=_FLAGS["data_dir"][2])
     for command in (up, sweep):
         for dest in ("database_url", "data_dir"):
             flag, metavar, text = _FLAGS[dest]
@@ -128,6 +135,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"cannot create data directory {settings.data_dir}: {exc.strerror}")
     if args.command == "db":
         return _db_upgrade(settings)
+    if args.command == "rotate-registry-key":
+        from semla.server.rootkey import rotate_registry_key
+
+        key_file = settings.resolved_registry_key_file
+        if not key_file.exists():
+            return _fail(f"no registry key at {key_file}; start the registry once to create it")
+        from semla.registry.keys import key_id
+
+        rotation = rotate_registry_key(key_file)
+        print(f"rotated the registry key {rotation.old_key_id} to "
+              f"{key_id(bytes.fromhex(rotation.new_public_key))}; restart every replica")
+        return 0
 
     from semla.server.app import create_app
 

@@ -133,3 +133,38 @@ def test_pins_are_kept_per_registry(registry, trained_bundle, tiny_base, tmp_pat
     publish_bundle(shutil.copytree(trained_bundle, tmp_path / "fog2"), second, key=key)
     assert [a.name for a in Node(second, base=copy.deepcopy(tiny_base), cache_dir=cache).pull()] == ["fog"]
     assert len(list((cache / "registry-keys").iterdir())) == 2
+
+
+def test_nodes_follow_a_rotated_registry_key_and_refuse_a_forged_rotation(registry, tiny_base, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    client, _, _, data_dir = registry
+    cache = tmp_path / "cache"
+    node = Node(client, base=copy.deepcopy(tiny_base), cache_dir=cache)
+    node.pull()
+    old_pin = node.registry_key
+    for _ in range(2):  # two rotations: the node follows the whole chain
+        done = subprocess.run([str(Path(sys.executable).with_name("semla-server")), "rotate-registry-key",
+                               "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "rotated the registry key" in done.stdout, done.stderr
+    app = create_app(ServerSettings(data_dir=data_dir, admin_token=TOKEN))  # the restarted registry
+    http = TestClient(app, base_url="http://registry.test")
+    doc = http.get("/v1/index").json()
+    assert len(doc["root_rotations"]) == 2
+
+    fresh = Node(RegistryClient(client.url, client=http), base=node.base, cache_dir=cache)
+    assert fresh._pinned_key() == old_pin  # still pinned to the first key
+    assert [a.name for a in fresh.pull()] == ["fog"]
+    assert fresh.registry_key == bytes.fromhex((data_dir / "registry.key.pub").read_text())
+    assert fresh._pinned_key() != old_pin  # the new pin is remembered
+
+    impostor = keys.generate_key()
+    forged = copy.deepcopy(doc)
+    forged["root_rotations"][0]["new_public_key"] = keys.public_bytes(impostor).hex()  # not signed by the old key
+    forged["signatures"] = [{"keyid": keys.key_id(impostor), "sig": keys.sign(
+        impostor, INDEX_CONTEXT + canonical_json(doc["signed"])).hex()}]
+    with pytest.raises(SignatureError):
+        Node(Replaying(client.url, http, forged), base=node.base, cache_dir=tmp_path / "other-cache",
+             registry_key=old_pin).pull()
