@@ -14,7 +14,6 @@ listing and of the signed index (N entries each). Results: benchmarks/results/se
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
