@@ -124,7 +124,14 @@ def retrieve_numpy(
         d_adapter = np.full((q.shape[0], table.n_adapters), np.inf, dtype=np.float32)
         np.minimum.at(d_adapter, (slice(None), table.owner), d_cent)
     k = min(top_k, table.n_adapters)
-    idx = np.argsort(d_adapter, axis=1, kind="stable")[:, :k]
+    if k < table.n_adapters:  # partial selection first: O(n) instead of sorting the library
+        part = np.argpartition(d_adapter, k - 1, axis=1)[:, :k]
+        # ties at the k-th distance: keep the lowest indices, as a stable full sort would
+        kth = np.take_along_axis(d_adapter, part, axis=1).max(axis=1, keepdims=True)
+        cand = [np.flatnonzero(row <= t) for row, t in zip(d_adapter, kth)]
+        idx = np.stack([c[np.argsort(row[c], kind="stable")][:k] for c, row in zip(cand, d_adapter)])
+    else:
+        idx = np.argsort(d_adapter, axis=1, kind="stable")[:, :k]
     dist = np.take_along_axis(d_adapter, idx, axis=1)
     return idx, dist, _softmax_neg(dist, temperature)
 

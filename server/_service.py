@@ -53,7 +53,7 @@ from semla.schemas import (
     rotation_payload,
     strict_json_loads,
 )
-from semla.schemas.errors import ConflictError, InvalidInputError, NotFoundError, RateLimitedError
+from semla.schemas.errors import ConflictError, InvalidInputError, NotFoundError, RateLimitedError, UnknownKeyError
 from semla.server.blobs import BlobStore
 from semla.server.db import Adapter, AdapterFile, Publisher, iso_utc, utcnow
 
@@ -159,6 +159,8 @@ class RegistryService:
             ConflictError: ``name_taken`` or ``stale_version`` (nothing is stored).
         """
         report = check_bundle(files, self._trusted_keys())
+        if isinstance(report.error, UnknownKeyError) and report.manifest is not None:
+            self._explain_unknown_key(report.manifest.publisher)
         if report.error is not None:
             raise report.error
         manifest = report.manifest
@@ -240,6 +242,20 @@ class RegistryService:
             AdapterFile(filename=name, sha256=digests[name], size=len(files[name])) for name in BUNDLE_FILES
         ]
         return row
+
+    def _explain_unknown_key(self, key_id: str) -> None:
+        """A registered key that may not publish: say whether it was revoked or rotated.
+
+        Raises:
+            UnknownKeyError: ``key_revoked`` or ``key_rotated`` (nothing when the key is unknown).
+        """
+        with self._sessions() as session:
+            row = session.get(Publisher, key_id)
+        if row is not None and not row.active:
+            raise UnknownKeyError(f"publisher key {key_id} was revoked", code="key_revoked")
+        if row is not None and row.rotated_to is not None:
+            raise UnknownKeyError(f"publisher key {key_id} was rotated to {row.rotated_to}; sign with the new key",
+                                  code="key_rotated")
 
     def _take_upload_token(self, key_id: str) -> None:
         """Token bucket per publisher key: ``uploads_per_minute`` tokens, refilled continuously.
@@ -422,17 +438,13 @@ class RegistryService:
         live = (Adapter.revoked_at.is_(None)) & Adapter.publisher_key_id.in_(
             select(Publisher.key_id).where(Publisher.active.is_(True))
         )
-        newest = (
-            select(Adapter.name, func.max(Adapter.version).label("version"))
-            .where(live)
-            .group_by(Adapter.name)
-            .subquery()
-        )
+        newest = select(Adapter.name, func.max(Adapter.version).label("version")).where(live)
+        if name is not None:  # filter before grouping: one name must not group the whole table
+            newest = newest.where(Adapter.name == name)
+        newest = newest.group_by(Adapter.name).subquery()
         stmt = select(Adapter).join(
             newest, (Adapter.name == newest.c.name) & (Adapter.version == newest.c.version)
         )
-        if name is not None:
-            stmt = stmt.where(Adapter.name == name)
         if domain:
             stmt = stmt.where(Adapter.domain.icontains(domain, autoescape=True))
         with self._sessions() as session:

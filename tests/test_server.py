@@ -329,7 +329,7 @@ def test_deactivated_key_cannot_publish(client, publisher, published, tmp_path, 
     with client.app.state.engine.begin() as conn:
         conn.execute(Publisher.__table__.update().values(active=False))
     files = bundle_factory.make_bundle_files(tmp_path, publisher, name="city-streets", version=2, seed=2)
-    assert_error(upload(client, files), 403, "unknown_key")
+    assert_error(upload(client, files), 403, "key_revoked")
 
 
 def test_lost_unique_race_is_stale_and_cleans_its_blobs(client, publisher, published, tmp_path, data_dir, monkeypatch):
@@ -573,7 +573,7 @@ def test_publisher_revokes_a_version_and_the_previous_one_returns(client, publis
     assert_error(upload(client, replay), 409, "stale_version")
 
 
-def test_admin_revokes_a_key_and_its_adapters_leave_the_index(client, publisher, published, tmp_path):
+def test_admin_revokes_a_key_and_its_adapters_leave_the_index(client, publisher, published, tmp_path, data_dir):
     key_id = keys.key_id(publisher)
     assert_error(client.post(f"/v1/keys/{key_id}/revoke"), 401, "unauthorized")
     r = client.post(f"/v1/keys/{key_id}/revoke", headers=AUTH)
@@ -581,7 +581,9 @@ def test_admin_revokes_a_key_and_its_adapters_leave_the_index(client, publisher,
     assert client.get("/v1/adapters").json() == []
     assert_error(client.post(f"/v1/keys/{'0' * 16}/revoke", headers=AUTH), 404, "not_found")
     newer = bundle_factory.make_bundle_files(tmp_path, publisher, name="city-streets", version=2)
-    assert_error(upload(client, newer), 403, "unknown_key")  # a revoked key cannot publish
+    before = snapshot(client, data_dir)
+    assert_error(upload(client, newer), 403, "key_revoked")  # a revoked key cannot publish
+    assert snapshot(client, data_dir) == before
 
 
 def test_uploads_are_rate_limited_per_key(data_dir, tmp_path):
@@ -607,7 +609,7 @@ def _rotate(client, old, new):
                                                 "signature": sig})
 
 
-def test_rotated_key_hands_its_names_to_the_new_key(client, publisher, published, tmp_path):
+def test_rotated_key_hands_its_names_to_the_new_key(client, publisher, published, tmp_path, data_dir):
     new = keys.generate_key()
     forged = _rotate(client, keys.generate_key(), new)
     assert_error(forged, 404, "not_found")  # unknown old key
@@ -618,7 +620,9 @@ def test_rotated_key_hands_its_names_to_the_new_key(client, publisher, published
     assert_error(_rotate(client, publisher, keys.generate_key()), 409, "already_rotated")
     # the old key publishes no more; the new one continues its names; old adapters stay listed
     old_v2 = bundle_factory.make_bundle_files(tmp_path, publisher, name="city-streets", version=2)
-    assert_error(upload(client, old_v2), 403, "unknown_key")
+    before = snapshot(client, data_dir)
+    assert_error(upload(client, old_v2), 403, "key_rotated")
+    assert snapshot(client, data_dir) == before  # nothing of the refused upload stays
     assert [(a["name"], a["version"]) for a in client.get("/v1/adapters").json()] == [("city-streets", 1)]
     new_v2 = bundle_factory.make_bundle_files(tmp_path, new, name="city-streets", version=2)
     assert upload(client, new_v2).status_code == 201
