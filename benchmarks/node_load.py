@@ -20,7 +20,6 @@ import os
 import platform
 import queue
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import torch
 import uvicorn
 from PIL import Image
 
+from semla.server.local import free_port, wait_healthy  # noqa: E402
 from semla.registry import keys, synth
 from semla.registry.http import RegistryClient
 from semla.registry.model import load_base
@@ -53,12 +53,6 @@ _SERVE = (
     "add_parser(p.add_subparsers(dest='command'))\n"
     "sys.exit(run(p, sys.argv[1:], lambda a: a.func(a)))\n"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_registry(data_dir: Path) -> tuple[str, uvicorn.Server, threading.Thread]:
@@ -98,20 +92,6 @@ def start_node(argv: list[str], log: Path) -> subprocess.Popen:
     with log.open("w") as err:
         proc = subprocess.Popen([sys.executable, "-c", _SERVE, *argv], stdout=subprocess.DEVNULL, stderr=err, env=env)
     return proc
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"node service exited ({proc.returncode}): {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("node service did not become healthy")
 
 
 def drive(url: str, images: list[tuple[str, bytes]], clients: int, per_request: int) -> dict:
@@ -202,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             proc = start_node(serve_argv, log)
             try:
                 url = f"http://127.0.0.1:{port}"
-                wait_healthy(url, proc, log)
+                wait_healthy(url, proc, timeout=120, log=log)
                 drive(url, warmup * 4, len(warmup), 1)  # downloads + verifies the adapters, warms torch
                 row = {"max_batch": max_batch, "max_wait_ms": args.max_wait_ms, **drive(url, images, clients,
                                                                                        args.per_request)}

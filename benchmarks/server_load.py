@@ -45,7 +45,7 @@ from semla.schemas import (  # noqa: E402
     signing_payload,
 )
 from semla.server.db import Adapter, AdapterFile, Publisher, make_engine, upgrade  # noqa: E402
-from semla.server.local import free_port  # noqa: E402
+from semla.server.local import free_port, wait_healthy  # noqa: E402
 
 TOKEN = "load-token"
 SERVER = str(Path(sys.executable).with_name("semla-server"))
@@ -142,12 +142,7 @@ def run_backend(name: str, url: str | None, n: int, clients: int, requests: int)
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_healthy(base, proc)
         rng = np.random.default_rng(1)
         names = [f"adapter-{int(i):06d}" for i in rng.integers(0, n, 10_000)]
         query = rng.standard_normal(64)

@@ -13,13 +13,34 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["free_port", "local_registry", "serve_in_thread"]
+__all__ = ["free_port", "local_registry", "serve_in_thread", "wait_healthy"]
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, *, timeout: float = 30.0,
+                 log: Path | None = None) -> None:
+    """Poll ``url/healthz`` until it answers 200.
+
+    Raises:
+        RuntimeError: ``proc`` exited, or no 200 within ``timeout`` (with the log's tail if given).
+    """
+    tail = lambda: f": {log.read_text()[-2000:]}" if log is not None and log.exists() else ""  # noqa: E731
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url} exited with {proc.returncode}{tail()}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer /healthz within {timeout:g} s{tail()}")
 
 
 @contextlib.contextmanager
@@ -41,16 +62,7 @@ def local_registry(data_dir: Path, admin_token: str, *, log: Path | None = None,
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the registry did not start{f'; see {log}' if log else ''}")
-            time.sleep(0.2)
+        wait_healthy(url, proc, timeout=timeout, log=log)
         yield url
     finally:
         proc.terminate()

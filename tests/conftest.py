@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import itertools
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -56,9 +55,9 @@ def trained_bundle(tmp_path_factory, fog_data, tiny_base) -> Path:
 
 @pytest.fixture
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from semla.server.local import free_port as pick
+
+    return pick()
 
 
 _db_names = itertools.count()

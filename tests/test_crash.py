@@ -20,7 +20,7 @@ import bundle_factory
 from semla.registry import keys
 from semla.registry.bundle import verify_bundle
 from semla.schemas import BUNDLE_FILES
-from semla.server.local import free_port
+from semla.server.local import free_port, wait_healthy
 
 TOKEN = "crash-test-token"
 CLIENTS, PER_CLIENT = 8, 12
@@ -46,15 +46,12 @@ def start(data_dir: Path, port: int, database: str | None) -> subprocess.Popen:
     proc = subprocess.Popen(
         [SERVER, "--data-dir", str(data_dir), *db, "--host", "127.0.0.1", "--port", str(port), "--admin-token", TOKEN],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    pytest.fail("registry did not start")
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc
 
 
 def test_sigkill_during_concurrent_uploads(tmp_path, database):

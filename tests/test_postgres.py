@@ -12,14 +12,12 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bundle_factory
 import httpx
 import pg
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select, text
 
@@ -27,6 +25,7 @@ from semla.registry import keys
 from semla.registry.bundle import verify_bundle
 from semla.schemas import BUNDLE_FILES, MANIFEST_FILE
 from semla.server import ServerSettings, create_app
+from semla.server.local import wait_healthy
 from semla.server.db import (
     Adapter,
     AdapterFile,
@@ -216,17 +215,7 @@ def _start_replica(url: str, data_dir: Path, log: Path) -> tuple[subprocess.Pope
 
 
 def _wait_healthy(proc: subprocess.Popen, base: str, log: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"replica exited {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"replica {base} did not answer /healthz: {log.read_text()[-2000:]}")
+    wait_healthy(base, proc, timeout=timeout, log=log)
 
 
 def test_two_replicas_share_one_database_and_one_blob_store(pg_url, tmp_path):
