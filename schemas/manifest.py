@@ -31,6 +31,7 @@ __all__ = [
     "Manifest",
     "Privacy",
     "TrainingProvenance",
+    "UpdatePrivacy",
     "signing_payload",
     "revocation_payload",
     "REVOCATION_CONTEXT",
@@ -114,10 +115,30 @@ class Privacy(_Frozen):
         return self
 
 
+class UpdatePrivacy(_Frozen):
+    """Gaussian DP on the federated LoRA updates: each client's update clipped to ``clip_norm``
+    (L2 over all its LoRA tensors), Gaussian noise of std ``noise_multiplier * clip_norm`` added
+    to the sum; (epsilon, delta) over all rounds from the accountant named in ``accountant``."""
+
+    clip_norm: float = Field(gt=0)
+    noise_multiplier: float = Field(ge=0)
+    epsilon: float | None = Field(default=None, gt=0)
+    delta: float = Field(gt=0, lt=1)
+    accountant: str = Field(min_length=1, max_length=64)
+
+
 class FederatedProvenance(_Frozen):
+    """How a federated adapter was trained (DESIGN §7): no individual owner's data left its machine."""
+
     rounds: int = Field(ge=1)
+    #: distinct owners whose updates were aggregated at least once
     participants: int = Field(ge=1)
     secure_aggregation: bool
+    #: local optimiser steps per owner per round
+    local_steps: int = Field(default=1, ge=1)
+    #: least owners a round needed to proceed
+    min_clients: int = Field(default=1, ge=1)
+    update_privacy: UpdatePrivacy | None = None
 
 
 class TrainingProvenance(_Frozen):
