@@ -38,6 +38,11 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from semla.registry._synth_draw import (
+    BUILDING_COLOURS, FAR, NEAR, Camera, Canvas, box_blur, bush, car, draw_windows, glow, ground_quad,
+    jitter, luma, person, pole, sky_image, smooth_noise, texture, to_uint8, tree,
+)
+
 __all__ = [
     "Scene",
     "Shift",
@@ -247,50 +252,6 @@ def get_domain(name: str) -> Domain:
 
 
 # --------------------------------------------------------------------------------------
-# Small image helpers
-# --------------------------------------------------------------------------------------
-
-
-def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
-    """Roughly unit-variance value noise with about ``cells`` features per side."""
-    cells = max(2, int(cells))
-    small = rng.standard_normal((cells, cells)).astype(np.float32)
-    img = Image.fromarray(small)  # mode "F"
-    out = np.asarray(img.resize((w, h), Image.BICUBIC), dtype=np.float32)
-    std = float(out.std())
-    return out / std if std > 0 else out
-
-
-def _box_blur(rgb: np.ndarray, radius: int = 1) -> np.ndarray:
-    """Separable box blur with edge padding."""
-    if radius <= 0:
-        return rgb
-    k = 2 * radius + 1
-    pad = np.pad(rgb, ((radius, radius), (radius, radius), (0, 0)), mode="edge")
-    c = np.cumsum(pad, axis=0, dtype=np.float32)
-    c = np.concatenate([np.zeros_like(c[:1]), c], axis=0)
-    rows = (c[k:] - c[:-k]) / k
-    c = np.cumsum(rows, axis=1, dtype=np.float32)
-    c = np.concatenate([np.zeros_like(c[:, :1]), c], axis=1)
-    return (c[:, k:] - c[:, :-k]) / k
-
-
-def _luma(rgb: np.ndarray) -> np.ndarray:
-    return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-
-def _jitter(rng: np.random.Generator, base: tuple[int, int, int], amount: float) -> tuple:
-    """Perturb a 0-255 colour by a shared brightness factor and per-channel noise."""
-    b = np.asarray(base, dtype=np.float32) * rng.uniform(1 - amount, 1 + amount)
-    b = b + rng.normal(0.0, 255 * amount * 0.35, 3)
-    return tuple(int(v) for v in np.clip(b, 0, 255))
-
-
-def _to_uint8(rgb: np.ndarray) -> np.ndarray:
-    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
-
-
-# --------------------------------------------------------------------------------------
 # Street scene
 # --------------------------------------------------------------------------------------
 
@@ -306,40 +267,6 @@ STREET_CLASSES: tuple[str, ...] = (
 )
 _SKY, _ROAD, _SIDEWALK, _BUILDING, _VEG, _CAR, _PERSON, _POLE = range(8)
 
-_FAR = 2000.0  # metres; projects to (almost) the horizon
-_NEAR = 1.0  # metres; projects well below the image
-
-_BUILDING_COLOURS = [
-    (190, 170, 140), (170, 90, 70), (150, 150, 150), (215, 205, 190), (120, 110, 100),
-    (200, 180, 120), (140, 160, 170), (180, 130, 120), (100, 100, 110), (225, 215, 170),
-]
-_CAR_COLOURS = [
-    (200, 30, 30), (30, 60, 160), (230, 230, 230), (25, 25, 30), (150, 150, 155),
-    (40, 120, 60), (220, 180, 40), (120, 30, 40), (90, 110, 130), (200, 100, 30),
-]
-_CLOTHES = [
-    (200, 40, 40), (40, 70, 170), (240, 240, 240), (30, 30, 35), (60, 140, 70),
-    (230, 190, 40), (150, 60, 150), (110, 80, 60), (240, 120, 40), (100, 160, 200),
-]
-_SKIN = [(240, 200, 170), (200, 150, 110), (150, 100, 70), (100, 70, 50)]
-
-
-@dataclass(frozen=True)
-class _Camera:
-    """Pinhole camera looking along +Z at height ``hc`` metres; the ground is ``h = 0``."""
-
-    f: float
-    hc: float
-    vx: float
-    hy: float
-
-    def pt(self, x: float, h: float, z: float) -> tuple[float, float]:
-        return (self.vx + self.f * x / z, self.hy + self.f * (self.hc - h) / z)
-
-    def scale(self, z: float) -> float:
-        """Pixels per metre at depth ``z``."""
-        return self.f / z
-
 
 @dataclass(frozen=True)
 class _Street:
@@ -353,37 +280,8 @@ class _Street:
     z_back: float  # the far row of buildings stands here
 
 
-class _Canvas:
-    """Paints class ids into a mask and colours into an RGB image in lockstep."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.rgb = Image.new("RGB", (size, size), (0, 0, 0))
-        self.mask = Image.new("L", (size, size), _SKY)
-        self._dr = ImageDraw.Draw(self.rgb)
-        self._dm = ImageDraw.Draw(self.mask)
-
-    def poly(self, pts, colour, cls: int | None) -> None:
-        self._dr.polygon(pts, fill=colour)
-        if cls is not None:
-            self._dm.polygon(pts, fill=cls)
-
-    def ellipse(self, cx: float, cy: float, rx: float, ry: float, colour, cls: int | None) -> None:
-        box = [cx - rx, cy - ry, cx + rx, cy + ry]
-        self._dr.ellipse(box, fill=colour)
-        if cls is not None:
-            self._dm.ellipse(box, fill=cls)
-
-    def rect(self, x0: float, y0: float, x1: float, y1: float, colour, cls: int | None) -> None:
-        self.poly([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], colour, cls)
-
-
-def _ground_quad(cam: _Camera, x0: float, x1: float, z0: float, z1: float) -> list:
-    return [cam.pt(x0, 0, z0), cam.pt(x1, 0, z0), cam.pt(x1, 0, z1), cam.pt(x0, 0, z1)]
-
-
-def _make_camera(rng: np.random.Generator, s: int) -> _Camera:
-    return _Camera(
+def _make_camera(rng: np.random.Generator, s: int) -> Camera:
+    return Camera(
         f=s * rng.uniform(0.6, 0.95),
         hc=rng.uniform(1.3, 1.8),
         vx=s * rng.uniform(0.35, 0.65),
@@ -404,77 +302,60 @@ def _make_street(rng: np.random.Generator) -> _Street:
     )
 
 
-def _draw_ground(cv: _Canvas, cam: _Camera, st: _Street, rng: np.random.Generator) -> None:
-    grass = _jitter(rng, (80, 130, 50), 0.2)
-    cv.poly(_ground_quad(cam, -400, 400, _NEAR, _FAR), grass, _VEG)
-    walk = _jitter(rng, (165, 158, 148) if rng.random() < 0.7 else (170, 110, 95), 0.12)
-    cv.poly(_ground_quad(cam, st.walk_l, st.road_l, _NEAR, _FAR), walk, _SIDEWALK)
-    cv.poly(_ground_quad(cam, st.road_r, st.walk_r, _NEAR, _FAR), walk, _SIDEWALK)
-    kerb = _jitter(rng, (195, 190, 180), 0.1)
+def _draw_ground(cv: Canvas, cam: Camera, st: _Street, rng: np.random.Generator) -> None:
+    grass = jitter(rng, (80, 130, 50), 0.2)
+    cv.poly(ground_quad(cam, -400, 400, NEAR, FAR), grass, _VEG)
+    walk = jitter(rng, (165, 158, 148) if rng.random() < 0.7 else (170, 110, 95), 0.12)
+    cv.poly(ground_quad(cam, st.walk_l, st.road_l, NEAR, FAR), walk, _SIDEWALK)
+    cv.poly(ground_quad(cam, st.road_r, st.walk_r, NEAR, FAR), walk, _SIDEWALK)
+    kerb = jitter(rng, (195, 190, 180), 0.1)
     for x in (st.road_l, st.road_r - 0.15):
-        cv.poly(_ground_quad(cam, x, x + 0.15, _NEAR, _FAR), kerb, _SIDEWALK)
+        cv.poly(ground_quad(cam, x, x + 0.15, NEAR, FAR), kerb, _SIDEWALK)
     grey = rng.uniform(65, 125)
     road = tuple(int(grey + d) for d in rng.uniform(-6, 6, 3))
-    cv.poly(_ground_quad(cam, st.road_l, st.road_r, _NEAR, _FAR), road, _ROAD)
+    cv.poly(ground_quad(cam, st.road_l, st.road_r, NEAR, FAR), road, _ROAD)
     _draw_paving(cv, cam, st, rng)
     _draw_lanes(cv, cam, st, rng)
 
 
-def _draw_paving(cv: _Canvas, cam: _Camera, st: _Street, rng: np.random.Generator) -> None:
+def _draw_paving(cv: Canvas, cam: Camera, st: _Street, rng: np.random.Generator) -> None:
     """Transverse joints on the sidewalks (appearance only)."""
     step = rng.uniform(1.0, 2.5)
-    joint = _jitter(rng, (120, 118, 112), 0.1)
+    joint = jitter(rng, (120, 118, 112), 0.1)
     for z in np.arange(2.0, 40.0, step):
         if cam.scale(z) * 0.08 < 0.4:
             break
         for x0, x1 in ((st.walk_l, st.road_l), (st.road_r, st.walk_r)):
-            cv.poly(_ground_quad(cam, x0, x1, z, z + 0.08), joint, None)
+            cv.poly(ground_quad(cam, x0, x1, z, z + 0.08), joint, None)
 
 
-def _draw_lanes(cv: _Canvas, cam: _Camera, st: _Street, rng: np.random.Generator) -> None:
+def _draw_lanes(cv: Canvas, cam: Camera, st: _Street, rng: np.random.Generator) -> None:
     """Dashed centre line and optional solid edge lines (appearance only)."""
     yellow = rng.random() < 0.3
-    paint = _jitter(rng, (230, 200, 60) if yellow else (235, 235, 230), 0.08)
+    paint = jitter(rng, (230, 200, 60) if yellow else (235, 235, 230), 0.08)
     centre = st.road_l + (st.road_r - st.road_l) * rng.uniform(0.4, 0.6)
     dash, gap = rng.uniform(2.0, 4.0), rng.uniform(3.0, 7.0)
     z = rng.uniform(0.5, dash + gap)
     while z < 80.0:
-        cv.poly(_ground_quad(cam, centre - 0.08, centre + 0.08, z, z + dash), paint, None)
+        cv.poly(ground_quad(cam, centre - 0.08, centre + 0.08, z, z + dash), paint, None)
         z += dash + gap
     if rng.random() < 0.5:
         for x in (st.road_l + 0.3, st.road_r - 0.42):
-            cv.poly(_ground_quad(cam, x, x + 0.12, _NEAR, _FAR), paint, None)
+            cv.poly(ground_quad(cam, x, x + 0.12, NEAR, FAR), paint, None)
 
 
-def _draw_windows(
-    cv: _Canvas, cam: _Camera, corners: Callable[[float, float, float, float], list],
-    length: float, height: float, rng: np.random.Generator, min_px: float,
-) -> None:
-    """Window grid on a wall parametrised by (along, up) in metres."""
-    glass = _jitter(rng, (60, 75, 95) if rng.random() < 0.7 else (170, 190, 210), 0.2)
-    spacing, floor = rng.uniform(2.2, 3.6), rng.uniform(2.8, 3.4)
-    w, h = spacing * rng.uniform(0.35, 0.6), floor * rng.uniform(0.35, 0.55)
-    for a in np.arange(spacing * 0.5, length - w, spacing):
-        for u in np.arange(floor * 0.45, height - h - 0.3, floor):
-            pts = corners(a, a + w, u, u + h)
-            ys = [p[1] for p in pts]
-            if max(ys) - min(ys) < min_px:
-                continue
-            cv.poly(pts, glass, None)
-
-
-def _draw_facades(cv: _Canvas, cam: _Camera, st: _Street, rng: np.random.Generator,
+def _draw_facades(cv: Canvas, cam: Camera, st: _Street, rng: np.random.Generator,
                   side: int) -> None:
     """Buildings along one side of the street (side = -1 left, +1 right), far to near."""
     xw = st.walk_l if side < 0 else st.walk_r
-    segments, z = [], _NEAR
+    segments, z = [], NEAR
     while z < st.z_end:
         length = rng.uniform(6.0, 25.0)
         if rng.random() > 0.15:
             segments.append((z, min(z + length, st.z_end), rng.uniform(6.0, 25.0)))
         z += length
     for z0, z1, hb in reversed(segments):
-        colour = _jitter(rng, _BUILDING_COLOURS[rng.integers(len(_BUILDING_COLOURS))], 0.15)
+        colour = jitter(rng, BUILDING_COLOURS[rng.integers(len(BUILDING_COLOURS))], 0.15)
         depth = 12.0 * side
         end = [cam.pt(xw, 0, z0), cam.pt(xw + depth, 0, z0), cam.pt(xw + depth, hb, z0),
                cam.pt(xw, hb, z0)]
@@ -486,10 +367,10 @@ def _draw_facades(cv: _Canvas, cam: _Camera, st: _Street, rng: np.random.Generat
             return [cam.pt(xw, u0, z0 + a0), cam.pt(xw, u0, z0 + a1),
                     cam.pt(xw, u1, z0 + a1), cam.pt(xw, u1, z0 + a0)]
 
-        _draw_windows(cv, cam, corners, z1 - z0, hb, rng, min_px=2.0)
+        draw_windows(cv, cam, corners, z1 - z0, hb, rng, min_px=2.0)
 
 
-def _draw_back_row(cv: _Canvas, cam: _Camera, st: _Street, rng: np.random.Generator) -> None:
+def _draw_back_row(cv: Canvas, cam: Camera, st: _Street, rng: np.random.Generator) -> None:
     """Frontal row of distant buildings, optionally leaving the road corridor open."""
     open_corridor = rng.random() < 0.5
     z = st.z_back
@@ -501,7 +382,7 @@ def _draw_back_row(cv: _Canvas, cam: _Camera, st: _Street, rng: np.random.Genera
         skip = rng.random() < 0.12 or (
             open_corridor and x < st.walk_r and x + width > st.walk_l)
         if not skip:
-            colour = _jitter(rng, _BUILDING_COLOURS[rng.integers(len(_BUILDING_COLOURS))], 0.15)
+            colour = jitter(rng, BUILDING_COLOURS[rng.integers(len(BUILDING_COLOURS))], 0.15)
             cv.poly([cam.pt(x, 0, z), cam.pt(x + width, 0, z), cam.pt(x + width, hb, z),
                      cam.pt(x, hb, z)], colour, _BUILDING)
 
@@ -509,112 +390,14 @@ def _draw_back_row(cv: _Canvas, cam: _Camera, st: _Street, rng: np.random.Genera
                 return [cam.pt(x + a0, u0, z), cam.pt(x + a1, u0, z),
                         cam.pt(x + a1, u1, z), cam.pt(x + a0, u1, z)]
 
-            _draw_windows(cv, cam, corners, width, hb, rng, min_px=1.5)
+            draw_windows(cv, cam, corners, width, hb, rng, min_px=1.5)
         x += width
 
 
 # --- objects (drawn far to near) ------------------------------------------------------
 
 
-def _tree(cv: _Canvas, cam: _Camera, x: float, z: float, rng: np.random.Generator) -> None:
-    s = cam.scale(z)
-    trunk_h, crown_r = rng.uniform(1.5, 3.0), rng.uniform(1.2, 2.8)
-    bark = _jitter(rng, (90, 70, 50), 0.2)
-    cx, base = cam.pt(x, 0, z)
-    tw = max(1.0, 0.15 * s)
-    cv.rect(cx - tw, base - trunk_h * s - crown_r * s * 0.5, cx + tw, base, bark, _VEG)
-    green = (rng.uniform(40, 110), rng.uniform(100, 160), rng.uniform(30, 70))
-    _, cy = cam.pt(x, trunk_h + crown_r, z)
-    for _ in range(int(rng.integers(4, 8))):
-        ox, oy = rng.normal(0, 0.5, 2) * crown_r * s
-        r = crown_r * s * rng.uniform(0.5, 0.85)
-        cv.ellipse(cx + ox, cy + oy, r, r * rng.uniform(0.8, 1.1),
-                   _jitter(rng, tuple(int(g) for g in green), 0.2), _VEG)
-
-
-def _bush(cv: _Canvas, cam: _Camera, x: float, z: float, rng: np.random.Generator) -> None:
-    s = cam.scale(z)
-    cx, base = cam.pt(x, 0, z)
-    length, height = rng.uniform(1.5, 5.0) * s, rng.uniform(0.6, 1.4) * s
-    green = (60 + rng.integers(0, 50), 110 + rng.integers(0, 50), 40 + rng.integers(0, 30))
-    for k in range(int(rng.integers(3, 6))):
-        ox = (k / 4.0 - 0.5) * length
-        r = height * rng.uniform(0.55, 0.8)
-        cv.ellipse(cx + ox, base - r * 0.8, r * 1.2, r, _jitter(rng, green, 0.15), _VEG)
-
-
-def _pole(cv: _Canvas, cam: _Camera, x: float, z: float, side: int,
-          rng: np.random.Generator) -> None:
-    s = cam.scale(z)
-    height = rng.uniform(4.5, 8.0)
-    colour = _jitter(rng, [(70, 70, 75), (110, 110, 115), (40, 60, 45)][rng.integers(3)], 0.15)
-    cx, base = cam.pt(x, 0, z)
-    _, top = cam.pt(x, height, z)
-    hw = max(1.0, 0.1 * s)
-    cv.rect(cx - hw, top, cx + hw, base, colour, _POLE)
-    if rng.random() < 0.6:  # lamp arm reaching over the road
-        arm = rng.uniform(0.8, 2.0) * s * -side
-        x0, x1 = sorted((cx, cx + arm))
-        cv.rect(x0, top, x1, top + max(2.0, 0.12 * s), colour, _POLE)
-
-
-def _person(cv: _Canvas, cam: _Camera, x: float, z: float, rng: np.random.Generator) -> None:
-    s = cam.scale(z)
-    height = rng.uniform(1.55, 1.95) * s
-    cx, base = cam.pt(x, 0, z)
-    pants = _jitter(rng, _CLOTHES[rng.integers(len(_CLOTHES))], 0.15)
-    shirt = _jitter(rng, _CLOTHES[rng.integers(len(_CLOTHES))], 0.15)
-    skin = _jitter(rng, _SKIN[rng.integers(len(_SKIN))], 0.08)
-    leg_w, hip = max(1.0, 0.09 * s), base - 0.47 * height
-    stride = rng.uniform(-0.08, 0.08) * s
-    for off in (-1, 1):
-        lx = cx + off * (leg_w + 0.01 * s)
-        cv.poly([(lx - leg_w, hip), (lx + leg_w, hip), (lx + leg_w + off * stride, base),
-                 (lx - leg_w + off * stride, base)], pants, _PERSON)
-    sh = 0.23 * s
-    cv.poly([(cx - sh * 0.85, hip + 0.03 * height), (cx + sh * 0.85, hip + 0.03 * height),
-             (cx + sh, base - 0.81 * height), (cx - sh, base - 0.81 * height)], shirt, _PERSON)
-    for off in (-1, 1):  # arms
-        ax = cx + off * sh
-        cv.rect(min(ax, ax + off * 0.09 * s), base - 0.8 * height, max(ax, ax + off * 0.09 * s),
-                base - 0.46 * height, shirt, _PERSON)
-    hr = max(1.2, 0.11 * s)
-    cv.ellipse(cx, base - 0.81 * height - hr * 0.9, hr * 0.85, hr, skin, _PERSON)
-    if rng.random() < 0.4:  # hair / hat
-        hair = _jitter(rng, (50, 35, 25), 0.3)
-        cv.ellipse(cx, base - 0.81 * height - hr * 1.35, hr * 0.85, hr * 0.55, hair, _PERSON)
-
-
-def _car(cv: _Canvas, cam: _Camera, x: float, z: float, rng: np.random.Generator) -> None:
-    s = cam.scale(z)
-    width, height = rng.uniform(1.7, 2.1), rng.uniform(1.35, 1.75)
-    colour = _jitter(rng, _CAR_COLOURS[rng.integers(len(_CAR_COLOURS))], 0.12)
-    cx, base = cam.pt(x, 0, z)
-    hw = width * s / 2
-    # shadow on the road (appearance only)
-    cv.ellipse(cx, base - 0.02 * s, hw * 1.1, 0.18 * s + 0.5, (30, 30, 32), None)
-    tyre = _jitter(rng, (25, 25, 25), 0.1)
-    for off in (-1, 1):
-        wx = cx + off * (hw - 0.22 * s)
-        cv.rect(wx - 0.18 * s, base - 0.62 * s, wx + 0.18 * s, base, tyre, _CAR)
-    belt = base - 0.95 * s
-    cv.rect(cx - hw, base - 0.25 * s, cx + hw, belt, colour, _CAR)
-    roof = base - height * s
-    inset = hw * rng.uniform(0.12, 0.22)
-    cv.poly([(cx - hw, belt), (cx + hw, belt), (cx + hw - inset, roof), (cx - hw + inset, roof)],
-            colour, _CAR)
-    glass = _jitter(rng, (50, 60, 75), 0.2)
-    m = 0.08 * s
-    cv.poly([(cx - hw + inset * 0.5 + m, belt - m), (cx + hw - inset * 0.5 - m, belt - m),
-             (cx + hw - inset - m, roof + m), (cx - hw + inset + m, roof + m)], glass, None)
-    lamp = (200, 30, 30) if rng.random() < 0.6 else (235, 230, 200)
-    for off in (-1, 1):
-        lx = cx + off * (hw - 0.2 * s)
-        cv.rect(lx - 0.15 * s, belt + 0.12 * s, lx + 0.15 * s, belt + 0.28 * s, lamp, None)
-    cv.rect(cx - 0.3 * s, base - 0.55 * s, cx + 0.3 * s, base - 0.42 * s, (220, 220, 210), None)
-
-
-def _plan_objects(cam: _Camera, st: _Street, rng: np.random.Generator) -> list:
+def _plan_objects(cam: Camera, st: _Street, rng: np.random.Generator) -> list:
     """Return ``(z, kind, x, extra)`` tuples for everything standing in the street."""
     objs: list = []
     z_min = 4.0
@@ -646,33 +429,18 @@ def _plan_objects(cam: _Camera, st: _Street, rng: np.random.Generator) -> list:
     return objs
 
 
-def _draw_objects(cv: _Canvas, cam: _Camera, objs: list, rng: np.random.Generator) -> None:
+def _draw_objects(cv: Canvas, cam: Camera, objs: list, rng: np.random.Generator) -> None:
     for z, kind, x, side in objs:
         if kind == "car":
-            _car(cv, cam, x, z, rng)
+            car(cv, cam, x, z, rng, _CAR)
         elif kind == "person":
-            _person(cv, cam, x, z, rng)
+            person(cv, cam, x, z, rng, _PERSON)
         elif kind == "pole":
-            _pole(cv, cam, x, z, side, rng)
+            pole(cv, cam, x, z, side, rng, _POLE)
         elif kind == "tree":
-            _tree(cv, cam, x, z, rng)
+            tree(cv, cam, x, z, rng, _VEG)
         else:
-            _bush(cv, cam, x, z, rng)
-
-
-def _sky(rng: np.random.Generator, s: int, hy: float) -> np.ndarray:
-    """Vertical gradient with soft clouds, float32 (s, s, 3)."""
-    if rng.random() < 0.25:  # overcast
-        top = np.array([0.6, 0.63, 0.68]) * rng.uniform(0.85, 1.1)
-        bottom = np.array([0.82, 0.84, 0.86]) * rng.uniform(0.9, 1.1)
-    else:
-        top = np.array([rng.uniform(0.2, 0.45), rng.uniform(0.4, 0.62), rng.uniform(0.75, 0.95)])
-        bottom = np.array([rng.uniform(0.65, 0.85), rng.uniform(0.78, 0.9), rng.uniform(0.88, 1.0)])
-    t = np.clip(np.arange(s, dtype=np.float32) / max(hy, 1.0), 0, 1)[:, None, None]
-    sky = (top * (1 - t) + bottom * t).astype(np.float32) * np.ones((1, s, 1), np.float32)
-    clouds = _smooth_noise(rng, s, s, rng.integers(3, 7))
-    cover = np.clip(clouds - rng.uniform(0.2, 1.2), 0, 1)[..., None] * rng.uniform(0.4, 0.9)
-    return sky * (1 - cover) + 0.95 * cover
+            bush(cv, cam, x, z, rng, _VEG)
 
 
 # fine grain, mid (leafy/blotchy), low (weathering) noise amplitudes per class
@@ -681,21 +449,11 @@ _TEX_MID = np.array([0.0, 0.04, 0.05, 0.05, 0.3, 0.0, 0.0, 0.0], np.float32)
 _TEX_LOW = np.array([0.0, 0.1, 0.08, 0.12, 0.1, 0.0, 0.0, 0.04], np.float32)
 
 
-def _texture(rgb: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    s = mask.shape[0]
-    fine = rng.standard_normal((s, s)).astype(np.float32)
-    mid = _smooth_noise(rng, s, s, s // 5)
-    low = _smooth_noise(rng, s, s, 5)
-    mod = 1.0 + _TEX_FINE[mask] * fine + _TEX_MID[mask] * mid + _TEX_LOW[mask] * low
-    light = 1.0 + 0.08 * _smooth_noise(rng, s, s, 3)  # uneven illumination
-    return rgb * (mod * light * rng.uniform(0.85, 1.1))[..., None]
-
-
 def _render_street(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Render one street view: supersampled 2x, then box-filtered (rgb) / nearest (mask)."""
     s = 2 * size
     cam, st = _make_camera(rng, s), _make_street(rng)
-    cv = _Canvas(s)
+    cv = Canvas(s)
     _draw_ground(cv, cam, st, rng)
     _draw_back_row(cv, cam, st, rng)
     for side in (-1, 1):
@@ -705,9 +463,9 @@ def _render_street(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.
 
     mask = np.asarray(cv.mask, dtype=np.uint8)
     rgb = np.asarray(cv.rgb, dtype=np.float32) / 255.0
-    sky = _sky(rng, s, cam.hy)
+    sky = sky_image(rng, s, cam.hy)
     rgb = np.where((mask == _SKY)[..., None], sky, rgb)
-    rgb = np.clip(_texture(rgb, mask, rng), 0.0, 1.0)
+    rgb = np.clip(texture(rgb, mask, rng, _TEX_FINE, _TEX_MID, _TEX_LOW), 0.0, 1.0)
     rgb = rgb.reshape(size, 2, size, 2, 3).mean(axis=(1, 3))
     return rgb.astype(np.float32), np.ascontiguousarray(mask[1::2, 1::2])
 
@@ -727,16 +485,10 @@ def _shift_fog(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     lo, hi = rng.uniform(0.55, 0.62), rng.uniform(0.75, 0.85)
     height = 1.0 - np.arange(h, dtype=np.float32) / max(h - 1, 1)  # 1 at top, 0 at bottom
     alpha = lo + (hi - lo) * height[:, None] ** 0.7
-    alpha = alpha + 0.05 * _smooth_noise(rng, h, w, 4)  # patchy
+    alpha = alpha + 0.05 * smooth_noise(rng, h, w, 4)  # patchy
     alpha = np.clip(alpha, 0.0, 0.95)[..., None]
-    out = _box_blur(rgb, 1) * (1 - alpha) + grey * alpha
+    out = box_blur(rgb, 1) * (1 - alpha) + grey * alpha
     return np.clip(out, 0, 1).astype(np.float32)
-
-
-def _glow(h: int, w: int, cx: float, cy: float, sigma: float) -> np.ndarray:
-    yy = (np.arange(h, dtype=np.float32) - cy) ** 2
-    xx = (np.arange(w, dtype=np.float32) - cx) ** 2
-    return np.exp(-(yy[:, None] + xx[None, :]) / (2 * sigma * sigma))
 
 
 def _shift_night(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -757,8 +509,8 @@ def _shift_night(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
             pairs = [(cx - d, cy), (cx + d, cy)]
         sigma = rng.uniform(0.02, 0.05) * h
         for px, py in pairs:
-            core = _glow(h, w, px, py, max(0.6, sigma * 0.25))
-            halo = _glow(h, w, px, py, sigma) * rng.uniform(0.3, 0.6)
+            core = glow(h, w, px, py, max(0.6, sigma * 0.25))
+            halo = glow(h, w, px, py, sigma) * rng.uniform(0.3, 0.6)
             lights += (core + halo)[..., None] * colour
     out = out + lights + rng.normal(0.0, rng.uniform(0.02, 0.04), out.shape)
     return np.clip(out, 0, 1).astype(np.float32)
@@ -767,7 +519,7 @@ def _shift_night(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def _shift_rain(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     h, w, _ = rgb.shape
     cast = np.array([0.42, 0.47, 0.55], np.float32)
-    out = _box_blur(rgb, 1) * rng.uniform(0.55, 0.7)
+    out = box_blur(rgb, 1) * rng.uniform(0.55, 0.7)
     out = out * 0.7 + cast * 0.3 * rng.uniform(0.8, 1.1)
     layer = Image.new("L", (w * 2, h * 2), 0)
     draw = ImageDraw.Draw(layer)
@@ -786,7 +538,7 @@ def _shift_rain(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _shift_snow(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     h, w, _ = rgb.shape
-    lum = _luma(rgb)[..., None]
+    lum = luma(rgb)[..., None]
     desat = rgb * 0.4 + lum * 0.6
     out = desat * rng.uniform(0.5, 0.6) + rng.uniform(0.35, 0.42)
     out = out * np.array([0.97, 0.99, 1.03], np.float32)
@@ -888,7 +640,7 @@ def render(domain: str, seed: int, index: int, size: int = 96) -> tuple[np.ndarr
         raise RuntimeError(f"scene {scene.name!r} returned mask values >= {len(scene.classes)}")
     for name in dom.shifts:
         rgb = get_shift(name).apply(rgb.astype(np.float32), _shift_rng(int(seed), int(index), name))
-    return _to_uint8(rgb), mask.astype(np.uint8)
+    return to_uint8(rgb), mask.astype(np.uint8)
 
 
 def _fill_dataset(tmp: Path, dom: Domain, n: int, seed: int, size: int, progress: bool) -> None:
