@@ -18,6 +18,9 @@ client can tell refusals apart without parsing prose::
     ├── ConflictError               stale/replayed version, name owned by another publisher
     ├── NotFoundError               no such adapter, version, file or key
     ├── RateLimitedError            too many requests by one publisher key
+    ├── PrivacyError                a release would break a privacy rule (nothing is published)
+    │   ├── TooFewSamplesError      too_few_samples: fewer samples than the minimum
+    │   └── PrivacyBudgetError      privacy_budget: the publisher's ε budget would be overspent
     └── RegistryError               the registry refused a request or could not be reached
 """
 
@@ -37,6 +40,9 @@ __all__ = [
     "ConflictError",
     "NotFoundError",
     "RateLimitedError",
+    "PrivacyError",
+    "TooFewSamplesError",
+    "PrivacyBudgetError",
     "RegistryError",
 ]
 
@@ -102,6 +108,18 @@ class NotFoundError(SemlaError):
 
 class RateLimitedError(SemlaError):
     code = "rate_limited"
+
+
+class PrivacyError(SemlaError):
+    code = "privacy"
+
+
+class TooFewSamplesError(PrivacyError):
+    code = "too_few_samples"
+
+
+class PrivacyBudgetError(PrivacyError):
+    code = "privacy_budget"
 
 
 class RegistryError(SemlaError):

@@ -1,0 +1,284 @@
+"""Privacy of a published centroid: the minimum sample count and Gaussian differential privacy.
+
+Torch-free (numpy and the standard library only): the client uses it while training, the
+registry to enforce its sample floor, federated training to noise aggregated sums and counts.
+
+**What is released.** A centroid is ``normalise(Σ xᵢ)`` over an owner's per-image embeddings,
+and the manifest carries the sample count ``n``. With DP both are released through the
+Gaussian mechanism:
+
+1. each embedding is clipped to L2 norm ``clip_norm`` (``C``; CLIP embeddings are unit vectors
+   already, they are clipped anyway so the bound holds whatever the caller hands in);
+2. neighbouring data sets differ by adding or removing one image, so the sum moves by at most
+   ``C`` in L2 and the count by exactly 1: sensitivities ``C`` and ``1``;
+3. the budget (ε, δ) is split: a share ``sum_share`` (default 0.8) of both ε and δ goes to the
+   sum, the rest to the count; by basic composition the pair is (ε, δ)-DP;
+4. each part gets Gaussian noise whose σ is calibrated with the **analytic Gaussian mechanism**
+   (Balle & Wang, ICML 2018, Theorem 8): the smallest σ with
+   ``Φ(Δ/2σ − εσ/Δ) − e^ε·Φ(−Δ/2σ − εσ/Δ) ≤ δ``, found by bisection and rounded up. It is
+   exact for every ε > 0 (the classic ``σ = Δ·√(2 ln(1.25/δ))/ε`` holds only for ε < 1 and is
+   looser; :func:`classic_gaussian_sigma` is kept for comparison);
+5. the published centroid is ``normalise(noisy sum)`` and the published count is the noisy
+   count rounded and raised to the minimum sample count (post-processing costs no privacy).
+
+Only ``k = 1`` centroids get DP here: k-means assignments depend on every image, so their
+sensitivity is not that of a sum, and training refuses DP together with k-means.
+
+Caveats, stated plainly: the refusal below the minimum sample count is itself decided on the
+true count (publishing at all reveals ``n ≥ min_samples``); the noise comes from numpy's PCG64
+(seeded from the OS unless a seed is given; never derive it from a published seed such as
+the manifest's training seed), and floating-point sampling is not hardened against the
+side channels described by Mironov (CCS 2012). The ε here covers the centroid and the count
+only, not the LoRA weights (federated training records its own DP on the updates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from semla.schemas.errors import InvalidInputError, TooFewSamplesError
+
+__all__ = [
+    "DEFAULT_MIN_SAMPLES",
+    "DEFAULT_DELTA",
+    "DEFAULT_SUM_SHARE",
+    "Budget",
+    "NoisySumCount",
+    "gaussian_delta",
+    "analytic_gaussian_sigma",
+    "classic_gaussian_sigma",
+    "split_budget",
+    "compose",
+    "clip_rows",
+    "noisy_sum_count",
+    "dp_centroid",
+    "published_count",
+    "check_min_samples",
+]
+
+#: Fewest images behind a published centroid (DESIGN §6); the registry has its own floor too.
+DEFAULT_MIN_SAMPLES = 50
+#: δ used when none is given: well below 1/n for any n a registry accepts.
+DEFAULT_DELTA = 1e-5
+#: Share of (ε, δ) spent on the sum; the rest goes to the count.
+DEFAULT_SUM_SHARE = 0.8
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """An (ε, δ) pair."""
+
+    epsilon: float
+    delta: float
+
+
+def _check_budget(epsilon: float, delta: float) -> None:
+    if not (epsilon > 0) or math.isnan(epsilon):
+        raise InvalidInputError(f"DP epsilon must be > 0, got {epsilon!r}")
+    if not 0 < delta < 1:
+        raise InvalidInputError(f"DP delta must lie in (0, 1), got {delta!r}")
+
+
+def _log_ndtr(x: float) -> float:
+    """log Φ(x), accurate far into the lower tail (where Φ itself underflows)."""
+    if x > -30.0:
+        return math.log(0.5 * math.erfc(-x / math.sqrt(2.0)))
+    # Asymptotic series of the Mills ratio: Φ(x) ≈ φ(x)/|x| · (1 − 1/x² + 3/x⁴)
+    return -0.5 * x * x - math.log(-x) - 0.5 * math.log(2.0 * math.pi) + math.log1p(-1.0 / x**2 + 3.0 / x**4)
+
+
+def gaussian_delta(sigma: float, epsilon: float, sensitivity: float = 1.0) -> float:
+    """The tight δ(ε) of the Gaussian mechanism with noise ``sigma`` (Balle & Wang 2018, Thm 8).
+
+    ``Φ(Δ/2σ − εσ/Δ) − e^ε·Φ(−Δ/2σ − εσ/Δ)``: the mechanism is (ε, δ)-DP exactly when
+    δ is at least this.
+    """
+    if sigma <= 0:
+        return 1.0
+    a, b = sensitivity / (2.0 * sigma), epsilon * sigma / sensitivity
+    first = math.exp(_log_ndtr(a - b))
+    second = math.exp(min(epsilon + _log_ndtr(-a - b), 700.0))
+    return max(0.0, first - second)
+
+
+def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1.0) -> float:
+    """Smallest σ for which Gaussian noise on an L2-sensitivity-``sensitivity`` query is (ε, δ)-DP.
+
+    The analytic Gaussian mechanism (Balle & Wang 2018): solves :func:`gaussian_delta` = δ by
+    bisection on σ; the returned σ is the upper end of the final bracket, so it never
+    undershoots. ``epsilon = inf`` gives 0 (no noise).
+
+    Raises:
+        InvalidInputError: ε ≤ 0, δ outside (0, 1), or sensitivity ≤ 0.
+    """
+    if sensitivity <= 0:
+        raise InvalidInputError(f"sensitivity must be > 0, got {sensitivity!r}")
+    if epsilon == math.inf:
+        return 0.0
+    _check_budget(epsilon, delta)
+    hi = sensitivity
+    while gaussian_delta(hi, epsilon, sensitivity) > delta:
+        hi *= 2.0
+    lo = 0.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if gaussian_delta(mid, epsilon, sensitivity) > delta:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * hi:
+            break
+    return hi
+
+
+def classic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1.0) -> float:
+    """The classic bound σ = Δ·√(2 ln(1.25/δ))/ε (Dwork & Roth 2014, Thm A.1), valid for ε < 1.
+
+    Raises:
+        InvalidInputError: ε ≥ 1 (the bound does not hold there), ε ≤ 0 or δ outside (0, 1).
+    """
+    _check_budget(epsilon, delta)
+    if epsilon >= 1:
+        raise InvalidInputError("the classic Gaussian bound holds only for epsilon < 1; use the analytic one")
+    return sensitivity * math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon
+
+
+def split_budget(epsilon: float, delta: float, sum_share: float = DEFAULT_SUM_SHARE) -> tuple[Budget, Budget]:
+    """(sum budget, count budget): ``sum_share`` of ε and of δ for the sum, the rest for the count.
+
+    Raises:
+        InvalidInputError: ``sum_share`` outside (0, 1).
+    """
+    if not 0 < sum_share < 1:
+        raise InvalidInputError(f"sum_share must lie in (0, 1), got {sum_share!r}")
+    return (Budget(epsilon * sum_share, delta * sum_share),
+            Budget(epsilon * (1.0 - sum_share), delta * (1.0 - sum_share)))
+
+
+def compose(*budgets: Budget) -> Budget:
+    """Basic sequential composition: the ε and the δ of several releases add up."""
+    return Budget(sum(b.epsilon for b in budgets), sum(b.delta for b in budgets))
+
+
+def clip_rows(x: np.ndarray, clip_norm: float = 1.0) -> np.ndarray:
+    """Scale every row of ``x`` (N, D) down to L2 norm at most ``clip_norm`` (float64 copy)."""
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(1.0, norms / clip_norm)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoisySumCount:
+    """One Gaussian release of a clipped sum and a count.
+
+    Attributes:
+        sum: the noisy sum (D,), float64.
+        count: the noisy count (a float; see :func:`published_count`).
+        sigma_sum / sigma_count: the noise standard deviations used (0 when ε is infinite).
+        epsilon / delta: the whole release's budget (both parts together).
+        clip_norm: the per-row L2 bound the sum's sensitivity assumes.
+    """
+
+    sum: np.ndarray
+    count: float
+    sigma_sum: float
+    sigma_count: float
+    epsilon: float
+    delta: float
+    clip_norm: float
+
+    @property
+    def centroid(self) -> np.ndarray:
+        """``normalise(noisy sum)`` as float32 (D,), the vector to publish.
+
+        Raises:
+            InvalidInputError: the noisy sum is exactly zero.
+        """
+        norm = float(np.linalg.norm(self.sum))
+        if norm == 0.0:
+            raise InvalidInputError("the noisy sum is zero; no centroid direction to publish")
+        return (self.sum / norm).astype(np.float32)
+
+
+def noisy_sum_count(
+    total: np.ndarray,
+    count: float,
+    epsilon: float,
+    delta: float = DEFAULT_DELTA,
+    *,
+    clip_norm: float = 1.0,
+    sum_share: float = DEFAULT_SUM_SHARE,
+    rng: np.random.Generator | int | None = None,
+) -> NoisySumCount:
+    """Release ``total`` (a sum of rows each already clipped to ``clip_norm``) and ``count``
+    with Gaussian noise, (ε, δ)-DP together under add/remove-one neighbours.
+
+    The plain array form, for callers that sum elsewhere (federated aggregation); clipping
+    each row before summing is the caller's duty here (:func:`dp_centroid` does it all).
+    ``epsilon = inf`` releases both exactly.
+
+    Args:
+        rng: a numpy Generator, a seed (tests, benchmarks), or None for fresh OS entropy.
+
+    Raises:
+        InvalidInputError: ε ≤ 0, δ outside (0, 1), clip_norm ≤ 0 or sum_share outside (0, 1).
+    """
+    if not clip_norm > 0:
+        raise InvalidInputError(f"clip_norm must be > 0, got {clip_norm!r}")
+    total = np.asarray(total, dtype=np.float64)
+    if epsilon == math.inf:
+        return NoisySumCount(total.copy(), float(count), 0.0, 0.0, math.inf, 0.0, clip_norm)
+    _check_budget(epsilon, delta)
+    for_sum, for_count = split_budget(epsilon, delta, sum_share)
+    sigma_sum = analytic_gaussian_sigma(for_sum.epsilon, for_sum.delta, clip_norm)
+    sigma_count = analytic_gaussian_sigma(for_count.epsilon, for_count.delta, 1.0)
+    gen = np.random.default_rng(rng)
+    noisy = total + gen.normal(0.0, sigma_sum, size=total.shape)
+    noisy_count = float(count) + float(gen.normal(0.0, sigma_count))
+    return NoisySumCount(noisy, noisy_count, sigma_sum, sigma_count, epsilon, delta, clip_norm)
+
+
+def dp_centroid(
+    embeddings: np.ndarray,
+    epsilon: float,
+    delta: float = DEFAULT_DELTA,
+    *,
+    clip_norm: float = 1.0,
+    sum_share: float = DEFAULT_SUM_SHARE,
+    rng: np.random.Generator | int | None = None,
+) -> NoisySumCount:
+    """Clip each embedding (N, D) to ``clip_norm``, sum, count and release with Gaussian noise.
+
+    ``result.centroid`` is the unit vector to publish, ``published_count(result.count, floor)``
+    the sample count. ``epsilon = inf`` gives the exact normalised mean.
+
+    Raises:
+        InvalidInputError: no embeddings, or a bad budget (see :func:`noisy_sum_count`).
+    """
+    x = np.asarray(embeddings)
+    if x.ndim != 2 or len(x) == 0:
+        raise InvalidInputError(f"embeddings must be a non-empty (N, D) array, got shape {x.shape}")
+    clipped = clip_rows(x, clip_norm)
+    return noisy_sum_count(clipped.sum(axis=0), len(x), epsilon, delta, clip_norm=clip_norm,
+                           sum_share=sum_share, rng=rng)
+
+
+def published_count(noisy_count: float, floor: int) -> int:
+    """The sample count to publish from a noisy count: rounded, at least ``floor``."""
+    return max(int(floor), int(round(noisy_count)))
+
+
+def check_min_samples(sample_count: int, floor: int, *, what: str = "the centroid") -> None:
+    """Refuse to release a centroid of fewer than ``floor`` samples.
+
+    Raises:
+        TooFewSamplesError: ``sample_count < floor``.
+    """
+    if sample_count < floor:
+        raise TooFewSamplesError(
+            f"{what} summarises {sample_count} samples; at least {floor} are required before a centroid "
+            "may be published"
+        )
