@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from semla.registry import keys as _keys
+from semla.registry.privacy import check_min_samples
 from semla.registry._fs import fsync_dir, write_durable
 from semla.schemas import (
     ADAPTER_CONFIG_FILE,
@@ -57,6 +58,7 @@ __all__ = [
     "sign_bundle",
     "parse_safetensors_header",
     "lora_tensor_layout",
+    "lora_tensor_name",
     "sha256_bytes",
     "atomic_replace_dir",
 ]
@@ -148,6 +150,12 @@ def parse_safetensors_header(data: bytes) -> dict[str, dict[str, Any]]:
     return header
 
 
+def lora_tensor_name(name: str) -> tuple[str, str] | None:
+    """``(module, "A" | "B")`` for a peft LoRA weight name, else None."""
+    match = _LORA_KEY.match(name)
+    return None if match is None else (match["module"], match["ab"])
+
+
 def lora_tensor_layout(header: Mapping[str, Mapping[str, Any]]) -> dict[str, LoraTensorInfo]:
     """Group peft-named LoRA tensors by module and check each A/B pair fits together.
 
@@ -156,10 +164,10 @@ def lora_tensor_layout(header: Mapping[str, Mapping[str, Any]]) -> dict[str, Lor
     """
     pairs: dict[str, dict[str, Mapping[str, Any]]] = {}
     for name, info in header.items():
-        match = _LORA_KEY.match(name)
-        if match is None:
+        parsed = lora_tensor_name(name)
+        if parsed is None:
             raise TensorFormatError(f"{ADAPTER_WEIGHTS_FILE}: unexpected tensor {name!r}")
-        pairs.setdefault(match["module"], {})[match["ab"]] = info
+        pairs.setdefault(parsed[0], {})[parsed[1]] = info
     layout = {}
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
@@ -360,14 +368,19 @@ def write_bundle(
     return manifest
 
 
-def sign_bundle(path: Path, key: Any, *, version: int | None = None) -> Manifest:
+def sign_bundle(path: Path, key: Any, *, version: int | None = None, min_samples: int | None = None) -> Manifest:
     """Sign a bundle in place: set publisher (and optionally version), write manifest.sig.
 
     The manifest and signature are replaced together, atomically.
 
+    Args:
+        min_samples: refuse a centroid of fewer samples than this (on top of the manifest's own
+            ``privacy.min_samples``, which the schema enforces anyway).
+
     Raises:
         InvalidInputError: not a bundle directory.
         VerificationError: the bundle's files do not match its manifest (nothing is signed).
+        TooFewSamplesError: ``sample_count`` is below ``min_samples`` (nothing is signed).
     """
     path = Path(path)
     files = read_bundle(path)
@@ -375,6 +388,8 @@ def sign_bundle(path: Path, key: Any, *, version: int | None = None) -> Manifest
     if MANIFEST_FILE not in files:
         raise FileSetError(f"{path} has no {MANIFEST_FILE}", code="missing_file")
     manifest = Manifest.parse(files[MANIFEST_FILE])
+    if min_samples is not None:
+        check_min_samples(manifest.sample_count, min_samples, what=f"the centroid of {path}")
     for name, entry in manifest.files.items():
         data = files.get(name)
         if data is None:

@@ -3,6 +3,13 @@
 One flat function, :func:`train_adapter`: load and validate the data, embed every image with
 the frozen base (no LoRA) for the centroid, train LoRA on the dense head against the text
 embeddings of the owner's class names, write an unsigned bundle atomically.
+
+Privacy of the centroid (DESIGN §6): fewer images than ``min_samples`` (default 50) are refused
+before anything is computed. With ``dp_epsilon`` set, the centroid and the published sample
+count come from :func:`semla.registry.privacy.dp_centroid` (unit-norm clipping, Gaussian noise
+on sum and count, analytic calibration) and the manifest's privacy block records mechanism
+``gaussian``, ε, δ and the clip norm. The noise seed (``dp_seed``, default fresh OS entropy) is
+never the published training seed: whoever knows the seed can subtract the noise.
 """
 
 from __future__ import annotations
@@ -25,13 +32,14 @@ from tqdm.auto import tqdm
 
 from semla.registry.bundle import write_bundle
 from semla.registry.data import IGNORE_INDEX, Dataset, load_dataset
+from semla.registry import privacy
 from semla.registry.model import DenseClip, load_base, lora_target_modules
 from semla.schemas import Manifest
 from semla.schemas.errors import InvalidInputError
 
 __all__ = ["TrainConfig", "train_adapter", "embed_images", "compute_centroids", "segmentation_loss", "batches"]
 
-DEFAULT_MIN_SAMPLES = 50
+DEFAULT_MIN_SAMPLES = privacy.DEFAULT_MIN_SAMPLES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,16 +56,27 @@ class TrainConfig:
     min_samples: int = DEFAULT_MIN_SAMPLES
     centroids: int = 1
     domain: str | None = None
+    #: Gaussian DP on the centroid and sample count: None publishes them exactly.
+    dp_epsilon: float | None = None
+    dp_delta: float = privacy.DEFAULT_DELTA
+    #: Seed of the DP noise only (tests); None draws fresh OS entropy. Never published.
+    dp_seed: int | None = None
 
     def __post_init__(self) -> None:
         checks = {
             "steps": self.steps >= 1, "rank": self.rank >= 1, "alpha": self.alpha > 0, "lr": self.lr > 0,
             "batch_size": self.batch_size >= 1, "version": self.version >= 1, "min_samples": self.min_samples >= 1,
             "centroids": 1 <= self.centroids <= 8,
+            "dp_epsilon": self.dp_epsilon is None or 0 < self.dp_epsilon < math.inf,
+            "dp_delta": 0 < self.dp_delta < 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise InvalidInputError(f"invalid training setting(s): {', '.join(bad)} (centroids must be 1..8)")
+            raise InvalidInputError(f"invalid training setting(s): {', '.join(bad)} (centroids must be 1..8, "
+                                    "dp_epsilon > 0 and finite, dp_delta in (0, 1))")
+        if self.dp_epsilon is not None and self.centroids != 1:
+            raise InvalidInputError("DP applies to a single centroid (the noised mean); k-means centroids "
+                                    "cannot be released with DP here: use centroids=1 or no dp_epsilon")
 
 
 @torch.no_grad()
@@ -160,7 +179,17 @@ def train_adapter(
 
     torch.manual_seed(config.seed)
     embeddings = embed_images(model, data.images)  # frozen base, before any LoRA exists
-    centroids = compute_centroids(embeddings, k=config.centroids, seed=config.seed)
+    privacy_block: dict[str, Any] = {"mechanism": "none", "min_samples": config.min_samples}
+    sample_count = len(data)
+    if config.dp_epsilon is None:
+        centroids = compute_centroids(embeddings, k=config.centroids, seed=config.seed)
+    else:
+        release = privacy.dp_centroid(embeddings.double().numpy(), config.dp_epsilon, config.dp_delta,
+                                      rng=config.dp_seed)
+        centroids = release.centroid[None]  # (1, E)
+        sample_count = privacy.published_count(release.count, config.min_samples)
+        privacy_block.update(mechanism="gaussian", epsilon=float(config.dp_epsilon), delta=float(config.dp_delta),
+                             clip_norm=release.clip_norm)
     with torch.no_grad():
         text = model.encode_classes(data.classes)
     pixels, masks = _prepare(model, data)
@@ -211,8 +240,8 @@ def train_adapter(
             "embedding_model": model.embedding_model,
             "vectors": [[float(v) for v in row] for row in centroids],
         },
-        "sample_count": len(data),
-        "privacy": {"mechanism": "none", "min_samples": config.min_samples},
+        "sample_count": sample_count,
+        "privacy": privacy_block,
         "training": {"steps": config.steps, "lr": float(config.lr), "batch_size": config.batch_size, "seed": config.seed},
         "created_at": _utc_now(),
     }

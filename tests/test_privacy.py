@@ -137,3 +137,65 @@ def test_published_count_and_the_floor():
     with pytest.raises(TooFewSamplesError, match="49 samples; at least 50") as info:
         privacy.check_min_samples(49, 50)
     assert info.value.code == "too_few_samples"
+
+
+# -- where the rules apply: training and signing --------------------------------------------------
+def test_training_with_dp_records_the_mechanism_and_noises_the_centroid(fog_data, tiny_base, tmp_path):
+    from semla.registry.train import TrainConfig, train_adapter
+    from semla.schemas import Privacy
+
+    def train(out: str, **dp):
+        return train_adapter(fog_data, tmp_path / out, "fog", TrainConfig(steps=1, **dp), base=tiny_base,
+                             progress=False)
+
+    plain, noisy, again = train("plain"), train("dp", dp_epsilon=4.0, dp_seed=1), train("again", dp_epsilon=4.0, dp_seed=1)
+
+    assert plain.privacy == Privacy(mechanism="none", min_samples=50) and plain.sample_count == 50
+    assert noisy.privacy == Privacy(mechanism="gaussian", epsilon=4.0, delta=1e-5, clip_norm=1.0, min_samples=50)
+    assert noisy.sample_count >= 50  # the noisy count, never below the minimum
+    exact, private = np.asarray(plain.centroids.vectors[0]), np.asarray(noisy.centroids.vectors[0])
+    assert np.linalg.norm(private) == pytest.approx(1.0, abs=1e-5)
+    assert 0.3 < float(exact @ private) < 0.999999  # near the true centroid, but not it
+    assert again.centroids == noisy.centroids and again.sample_count == noisy.sample_count
+    assert noisy.training.seed == 0  # the published seed is not the noise seed
+
+
+@pytest.mark.parametrize(("settings", "fragment"), [
+    ({"dp_epsilon": 1.0, "centroids": 2}, "k-means"),
+    ({"dp_epsilon": 0.0}, "dp_epsilon"),
+    ({"dp_epsilon": math.inf}, "dp_epsilon"),
+    ({"dp_epsilon": 1.0, "dp_delta": 1.5}, "dp_delta"),
+])
+def test_bad_dp_training_settings_are_refused(settings, fragment):
+    from semla.registry.train import TrainConfig
+
+    with pytest.raises(InvalidInputError, match=fragment):
+        TrainConfig(**settings)
+
+
+def test_training_refuses_fewer_images_than_the_minimum(fog_data, tiny_base, tmp_path):
+    from semla.registry.train import TrainConfig, train_adapter
+
+    with pytest.raises(InvalidInputError, match="holds 50 images; at least 60 are required"):
+        train_adapter(fog_data, tmp_path / "b", "fog", TrainConfig(steps=1, min_samples=60), base=tiny_base,
+                      progress=False)
+    assert not (tmp_path / "b").exists()
+
+
+def test_signing_refuses_a_centroid_below_the_floor(tmp_path):
+    import bundle_factory
+
+    from semla.registry import keys
+    from semla.registry.bundle import sign_bundle, write_bundle
+    from semla.schemas import SIGNATURE_FILE
+
+    out = tmp_path / "small"
+    write_bundle(out, weights=bundle_factory.lora_weights(), adapter_config=bundle_factory.adapter_config(),
+                 manifest_fields=bundle_factory.manifest_fields(
+                     sample_count=20, privacy={"mechanism": "none", "min_samples": 10}))
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    with pytest.raises(TooFewSamplesError, match="20 samples; at least 50"):
+        sign_bundle(out, keys.generate_key(), min_samples=50)
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
+    assert not (out / SIGNATURE_FILE).exists()
+    assert sign_bundle(out, keys.generate_key(), min_samples=10).sample_count == 20  # a lower floor, on purpose
