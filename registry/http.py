@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import httpx
 
-from semla.schemas import AdapterSummary, IndexKey, KeyPublic, UploadReceipt
+from semla.schemas import AdapterSummary, IndexKey, KeyPublic, PrivacyLedger, UploadReceipt
 from semla.schemas.errors import RegistryError
 
 __all__ = ["RegistryClient"]
@@ -65,6 +65,10 @@ class RegistryClient:
 
     def list_keys(self) -> list[KeyPublic]:
         return [KeyPublic.model_validate(k) for k in self._request("GET", "/v1/keys").json()]
+
+    def privacy_ledger(self, key_id: str) -> PrivacyLedger:
+        """The DP epsilon a publisher has spent on centroids (its whole rotation chain), its budget and entries."""
+        return PrivacyLedger.model_validate(self._request("GET", f"/v1/keys/{key_id}/privacy").json())
 
     def list_adapters(self) -> list[AdapterSummary]:
         return [AdapterSummary.model_validate(a) for a in self._request("GET", "/v1/adapters").json()]

@@ -15,6 +15,8 @@ __all__ = [
     "ErrorResponse",
     "KeyCreate",
     "KeyPublic",
+    "PrivacyLedger",
+    "PrivacySpend",
     "RetrieveRequest",
     "RetrieveResponse",
     "RetrievedAdapter",
@@ -59,6 +61,38 @@ class KeyPublic(_Api):
     active: bool
     created_at: str
     rotated_to: str | None = None
+    #: DP ε spent on centroids by this key's publisher: every key of its rotation chain together.
+    epsilon_spent: float = 0.0
+
+
+class PrivacySpend(_Api):
+    """One entry of a privacy ledger: an adapter version whose centroid was released with DP."""
+
+    name: str
+    version: int
+    key_id: str = Field(description="the key that signed it")
+    epsilon: float
+    delta: float
+    created_at: str
+    revoked: bool = Field(description="revoking a version refunds nothing: its centroid was public")
+
+
+class PrivacyLedger(_Api):
+    """A publisher's DP spend on centroids against the registry's budget.
+
+    One publisher = one rotation chain of keys (oldest first in ``keys``): a rotated key's spend
+    carries to the keys after it, so a new key never starts a fresh budget. ``spent`` and
+    ``delta_spent`` add up by basic composition. ``budget`` and ``remaining`` are null when the
+    registry sets no limit.
+    """
+
+    key_id: str
+    keys: list[str]
+    budget: float | None
+    spent: float
+    delta_spent: float
+    remaining: float | None
+    entries: list[PrivacySpend]
 
 
 class AdapterSummary(_Api):

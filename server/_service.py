@@ -5,11 +5,21 @@ Verification itself is :func:`semla.registry.bundle.check_bundle`; this module a
 registry's own rules (who owns a name, versions only go up) and the storage order that keeps
 a refused upload from leaving anything behind:
 
-1. verify the bundle against the active publisher keys (nothing written yet);
-2. check the name/version rule;
+1. verify the bundle against the active publisher keys, then the registry's sample floor
+   (``too_few_samples``; nothing written yet);
+2. under the publish lock (a thread lock here, a PostgreSQL advisory lock across replicas),
+   check the name/version rule and the publisher's privacy budget (``privacy_budget``);
 3. write the four files as blobs (durable), then insert the rows and commit;
 4. if the commit fails (a concurrent upload won the UNIQUE(name, version) race), delete the
    blobs this upload created that no row references, and answer ``stale_version``.
+
+The privacy ledger is the adapters table itself: each row keeps its manifest's DP ε and δ on
+the centroid, so the charge is committed in the same transaction as the adapter (one row, no
+partial state) and checked under the same lock (concurrent uploads cannot overspend). A
+publisher is a rotation chain of keys: a rotated key's spend carries to its successors.
+Revoking a version refunds nothing (its centroid was public). DP on federated LoRA updates
+(``training.federated.update_privacy``) is not charged: it protects the federation's owners,
+whose data the publishing key's ledger does not describe.
 """
 
 from __future__ import annotations
@@ -37,6 +47,8 @@ from semla.schemas import (
     KeyCreate,
     KeyPublic,
     Manifest,
+    PrivacyLedger,
+    PrivacySpend,
     RetrievedAdapter,
     RetrieveRequest,
     RetrieveResponse,
@@ -53,17 +65,28 @@ from semla.schemas import (
     rotation_payload,
     strict_json_loads,
 )
-from semla.schemas.errors import ConflictError, InvalidInputError, NotFoundError, RateLimitedError, UnknownKeyError
+from semla.registry.privacy import check_min_samples
+from semla.schemas.errors import (
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    PrivacyBudgetError,
+    RateLimitedError,
+    UnknownKeyError,
+)
 from semla.server.blobs import BlobStore
 from semla.server.db import Adapter, AdapterFile, Publisher, iso_utc, utcnow
+from semla.server.settings import DEFAULT_EPSILON_BUDGET, DEFAULT_MIN_SAMPLES
 
 __all__ = ["RegistryService"]
 
 #: pg_advisory_xact_lock key that serialises publishing across replicas ("SemLA" in ASCII).
 _PUBLISH_LOCK_KEY = 0x53656D4C41
+#: Rounding slack when a spend is compared with the budget (0.1 + 0.2 may reach a budget of 0.3).
+_BUDGET_SLACK = 1e-9
 
 
-def _key_public(row: Publisher) -> KeyPublic:
+def _key_public(row: Publisher, epsilon_spent: float = 0.0) -> KeyPublic:
     return KeyPublic(
         key_id=row.key_id,
         public_key=row.public_key,
@@ -71,7 +94,23 @@ def _key_public(row: Publisher) -> KeyPublic:
         active=row.active,
         created_at=iso_utc(row.created_at),
         rotated_to=row.rotated_to,
+        epsilon_spent=epsilon_spent,
     )
+
+
+def _owner_chains(rotations: Mapping[str, str | None]) -> dict[str, list[str]]:
+    """key id → every key id of its publisher (its rotation chain), oldest first."""
+    previous = {new: old for old, new in rotations.items() if new is not None}
+    chains: dict[str, list[str]] = {}
+    for key_id in rotations:
+        first = key_id
+        while first in previous and previous[first] != key_id:
+            first = previous[first]
+        chain = [first]
+        while rotations.get(chain[-1]) is not None and rotations[chain[-1]] not in chain:
+            chain.append(rotations[chain[-1]])
+        chains[key_id] = chain
+    return chains
 
 
 def _summary(row: Adapter) -> AdapterSummary:
@@ -100,8 +139,11 @@ class RegistryService:
     def __init__(
         self, sessions: sessionmaker[Session], blobs: BlobStore, registry_key: Ed25519PrivateKey | None = None,
         index_ttl_seconds: int = 86400, uploads_per_minute: int = 0, root_rotations: list[RootRotation] | None = None,
+        min_samples: int = DEFAULT_MIN_SAMPLES, epsilon_budget: float | None = DEFAULT_EPSILON_BUDGET,
     ) -> None:
         self._sessions = sessions
+        self._min_samples = min_samples
+        self._epsilon_budget = epsilon_budget
         self._blobs = blobs
         self._registry_key = registry_key
         self._root_rotations = list(root_rotations or [])
@@ -113,6 +155,11 @@ class RegistryService:
         self._publish_lock = threading.Lock()
         #: base fingerprint → (library version, centroid table, summaries, ANN index or None)
         self._tables: dict[str, tuple[int, CentroidTable, list[AdapterSummary], Any]] = {}
+
+    @property
+    def epsilon_budget(self) -> float | None:
+        """The DP ε each publisher may spend on centroids; None: no limit."""
+        return self._epsilon_budget
 
     # -- keys -----------------------------------------------------------------------------------
     def register_key(self, body: KeyCreate) -> KeyPublic:
@@ -140,9 +187,15 @@ class RegistryService:
             return _key_public(row)
 
     def list_keys(self) -> list[KeyPublic]:
+        """Every publisher key, oldest first, with the ε its publisher has spent."""
         with self._sessions() as session:
-            rows = session.scalars(select(Publisher).order_by(Publisher.created_at, Publisher.key_id))
-            return [_key_public(row) for row in rows]
+            rows = list(session.scalars(select(Publisher).order_by(Publisher.created_at, Publisher.key_id)))
+            per_key = dict(session.execute(
+                select(Adapter.publisher_key_id, func.sum(Adapter.privacy_epsilon))
+                .where(Adapter.privacy_epsilon.is_not(None)).group_by(Adapter.publisher_key_id)
+            ).all())
+        chains = _owner_chains({row.key_id: row.rotated_to for row in rows})
+        return [_key_public(row, float(sum(per_key.get(k, 0.0) for k in chains[row.key_id]))) for row in rows]
 
     def _trusted_keys(self) -> dict[str, bytes]:
         """Keys that may publish now: active and not rotated away."""
@@ -156,7 +209,9 @@ class RegistryService:
 
         Raises:
             VerificationError: any subclass from ``check_bundle`` (nothing is stored).
+            TooFewSamplesError: the centroid summarises fewer samples than the registry's floor.
             ConflictError: ``name_taken`` or ``stale_version`` (nothing is stored).
+            PrivacyBudgetError: the manifest's DP ε would take its publisher above the budget.
         """
         report = check_bundle(files, self._trusted_keys())
         if isinstance(report.error, UnknownKeyError) and report.manifest is not None:
@@ -165,10 +220,13 @@ class RegistryService:
             raise report.error
         manifest = report.manifest
         assert manifest is not None
+        check_min_samples(manifest.sample_count, self._min_samples,
+                          what=f"the centroid of {manifest.name} v{manifest.version}")
         self._take_upload_token(manifest.publisher)
         with self._publish_lock, self._sessions() as session:
             self._lock_publishing(session)
             self._check_version_rule(session, manifest)
+            self._check_privacy_budget(session, manifest)
             digests = {name: sha256_bytes(files[name]) for name in BUNDLE_FILES}
             created: list[str] = []
             try:
@@ -226,6 +284,34 @@ class RegistryService:
                 code="stale_version",
             )
 
+    def _check_privacy_budget(self, session: Session, manifest: Manifest) -> None:
+        """Refuse a DP centroid whose ε would take its publisher's total above the budget.
+
+        Runs under the publish locks, in the transaction that inserts the adapter row.
+
+        Raises:
+            PrivacyBudgetError: ``privacy_budget``.
+        """
+        epsilon = manifest.privacy.epsilon
+        if epsilon is None or self._epsilon_budget is None:
+            return
+        chain = self._owner_chain(session, manifest.publisher)
+        spent = float(session.scalar(select(func.coalesce(func.sum(Adapter.privacy_epsilon), 0.0))
+                                     .where(Adapter.publisher_key_id.in_(chain))))
+        budget = self._epsilon_budget
+        if spent + epsilon > budget + _BUDGET_SLACK:
+            raise PrivacyBudgetError(
+                f"{manifest.name} v{manifest.version} would spend epsilon {epsilon:g} on its centroid; publisher "
+                f"{manifest.publisher} has spent {spent:g} of its budget {budget:g} "
+                f"(remaining {max(0.0, budget - spent):g})"
+            )
+
+    @staticmethod
+    def _owner_chain(session: Session, key_id: str) -> list[str]:
+        """Every key of ``key_id``'s publisher (its rotation chain), oldest first."""
+        rows = session.execute(select(Publisher.key_id, Publisher.rotated_to)).all()
+        return _owner_chains(dict(rows)).get(key_id, [key_id])
+
     @staticmethod
     def _adapter_row(manifest: Manifest, files: Mapping[str, bytes], digests: Mapping[str, str]) -> Adapter:
         row = Adapter(
@@ -237,6 +323,8 @@ class RegistryService:
             domain=manifest.domain,
             sample_count=manifest.sample_count,
             centroids=canonical_json(manifest.centroids.vectors).decode("utf-8"),
+            privacy_epsilon=manifest.privacy.epsilon,
+            privacy_delta=manifest.privacy.delta,
         )
         row.files = [
             AdapterFile(filename=name, sha256=digests[name], size=len(files[name])) for name in BUNDLE_FILES
@@ -380,7 +468,7 @@ class RegistryService:
             session.add(new)
             old.rotated_to = new_id
             session.commit()
-            return _key_public(new)
+        return next(k for k in self.list_keys() if k.key_id == new_id)  # with the spend it carries
 
     def revoke_key(self, key_id: str) -> KeyPublic:
         """Deactivate a publisher key (admin): it can no longer publish and its adapters leave the index.
@@ -427,6 +515,31 @@ class RegistryService:
                     self._blobs.delete(digest)
                 counts["blobs"] += 1
         return counts
+
+    # -- privacy ledger -------------------------------------------------------------------------
+    def privacy_ledger(self, key_id: str) -> PrivacyLedger:
+        """The DP ε spent by ``key_id``'s publisher (its whole rotation chain) against the budget.
+
+        Raises:
+            NotFoundError: no such key.
+        """
+        with self._sessions() as session:
+            if session.get(Publisher, key_id) is None:
+                raise NotFoundError(f"no publisher key {key_id}")
+            chain = self._owner_chain(session, key_id)
+            rows = session.scalars(select(Adapter).where(Adapter.publisher_key_id.in_(chain),
+                                                         Adapter.privacy_epsilon.is_not(None))
+                                   .order_by(Adapter.created_at, Adapter.id))
+            entries = [PrivacySpend(name=r.name, version=r.version, key_id=r.publisher_key_id,
+                                    epsilon=r.privacy_epsilon, delta=r.privacy_delta or 0.0,
+                                    created_at=iso_utc(r.created_at), revoked=r.revoked_at is not None)
+                       for r in rows]
+        spent = float(sum(e.epsilon for e in entries))
+        budget = self._epsilon_budget
+        return PrivacyLedger(
+            key_id=key_id, keys=chain, budget=budget, spent=spent, delta_spent=float(sum(e.delta for e in entries)),
+            remaining=None if budget is None else max(0.0, budget - spent), entries=entries,
+        )
 
     # -- queries --------------------------------------------------------------------------------
     def list_adapters(self, *, name: str | None = None, domain: str | None = None) -> list[AdapterSummary]:

@@ -28,6 +28,7 @@ from semla.schemas import (
     AdapterSummary,
     KeyCreate,
     KeyPublic,
+    PrivacyLedger,
     RetrieveRequest,
     RetrieveResponse,
     RevokeRequest,
@@ -160,20 +161,23 @@ def list_keys(service: ServiceDep) -> list[KeyPublic]:
     summary="Publish a signed adapter bundle",
     description=(
         "Verifies the bundle (file set, manifest schema, signature by an active registered key, "
-        "file hashes, adapter config, safetensors header) and the version rule (name unused or "
-        "owned by the signer, version strictly greater than the last). A refused upload leaves "
-        "nothing behind."
+        "file hashes, adapter config, safetensors header), the version rule (name unused or "
+        "owned by the signer, version strictly greater than the last), the registry's minimum "
+        "sample count (SEMLA_MIN_SAMPLES) and the publisher's DP budget (SEMLA_EPSILON_BUDGET, "
+        "charged with the manifest's privacy.epsilon). A refused upload leaves nothing behind."
     ),
     openapi_extra=_UPLOAD_BODY,
     responses={
         400: ERROR_RESPONSES,
-        403: {**ERROR_RESPONSES, "description": "bad_signature, unsigned, unknown_key"},
+        403: {**ERROR_RESPONSES, "description": "bad_signature, unsigned, unknown_key, key_revoked, key_rotated, "
+              "privacy_budget: the manifest's epsilon would take its publisher above the budget"},
         409: {**ERROR_RESPONSES, "description": "name_taken, stale_version"},
         413: {**ERROR_RESPONSES, "description": "too_large"},
         429: {**ERROR_RESPONSES, "description": "rate_limited: too many uploads by this publisher key"},
         422: {
             **ERROR_RESPONSES,
-            "description": "missing_file, extra_file, manifest_invalid, hash_mismatch, tensor_format, ...",
+            "description": "missing_file, extra_file, manifest_invalid, hash_mismatch, tensor_format, "
+            "too_few_samples, ...",
         },
     },
 )
@@ -230,6 +234,19 @@ def registry_key(service: ServiceDep) -> IndexKey:
 )
 def rotate_key(body: RotateRequest, service: ServiceDep) -> KeyPublic:
     return service.rotate_key(body)
+
+
+@router.get(
+    "/v1/keys/{key_id}/privacy",
+    tags=["keys"],
+    summary="A publisher's DP epsilon ledger: budget, spent, remaining, entries",
+    description="Every adapter version whose centroid was released with DP (manifest privacy.epsilon), "
+    "charged to the publisher: the key and every key of its rotation chain together. Revoking a version "
+    "refunds nothing. `budget` and `remaining` are null when the registry sets no limit.",
+    responses={404: ERROR_RESPONSES, 422: ERROR_RESPONSES},
+)
+def privacy_ledger(key_id: Annotated[str, Path(pattern=r"^[0-9a-f]{16}$")], service: ServiceDep) -> PrivacyLedger:
+    return service.privacy_ledger(key_id)
 
 
 @router.post(
@@ -356,6 +373,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         make_sessionmaker(engine), blobs, registry_key=load_or_create_key(settings.resolved_registry_key_file),
         index_ttl_seconds=settings.index_ttl_seconds, uploads_per_minute=settings.uploads_per_minute,
         root_rotations=load_rotations(settings.resolved_registry_key_file),
+        min_samples=settings.min_samples, epsilon_budget=settings.epsilon_budget,
     )
     install_error_handlers(app, service="registry")
     app.include_router(router)

@@ -15,7 +15,12 @@ from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from semla.server.db import SchemaError
-from semla.server.settings import DEFAULT_MAX_UPLOAD_BYTES, ServerSettings
+from semla.server.settings import (
+    DEFAULT_EPSILON_BUDGET,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_MIN_SAMPLES,
+    ServerSettings,
+)
 
 __all__ = ["main", "build_parser"]
 
@@ -37,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="semla-server",
         description="Run the SemLA adapter registry: verifies signed LoRA adapter bundles on upload "
         "and serves the index and files over HTTP (OpenAPI docs at /docs).",
-        epilog=f"Also read from the environment: SEMLA_MAX_UPLOAD_BYTES (default {DEFAULT_MAX_UPLOAD_BYTES}). "
+        epilog=f"Also read from the environment: SEMLA_MAX_UPLOAD_BYTES (default {DEFAULT_MAX_UPLOAD_BYTES}); "
+        f"SEMLA_MIN_SAMPLES, the fewest samples behind a centroid (default {DEFAULT_MIN_SAMPLES}); "
+        f"SEMLA_EPSILON_BUDGET, the DP epsilon each publisher may spend on centroids (default "
+        f"{DEFAULT_EPSILON_BUDGET:g}; empty or 'none' for no limit). "
         "Access log on stdout, server log on stderr.",
     )
     for dest, (flag, metavar, text) in _FLAGS.items():

@@ -1,7 +1,8 @@
 """The registry's tables and engine factory (SQLAlchemy 2.0 typed ORM).
 
 The ORM models live here; the schema itself is built and changed only by the Alembic
-migrations shipped in ``semla/server/migrations`` (``0001``: the first tables; ``0002``: revocation; ``0003``: key rotation).
+migrations shipped in ``semla/server/migrations`` (``0001``: the first tables; ``0002``: revocation; ``0003``: key rotation;
+``0004``: the DP ε of each adapter's centroid, the publishers' privacy ledger).
 :func:`upgrade` migrates a database to the head revision (``semla-server db upgrade``);
 :func:`check_schema` is what the server runs at start: it refuses a database whose revision
 is not this code's head, and creates the schema itself only in an empty SQLite database (the
@@ -23,6 +24,7 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     Engine,
+    Float,
     ForeignKey,
     String,
     Text,
@@ -120,6 +122,10 @@ class Adapter(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     #: When its publisher revoked this version (signed request); revoked versions leave the index.
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, default=None)
+    #: The manifest's DP budget on the centroid (``privacy.epsilon``/``delta``), None without DP:
+    #: the publisher's privacy ledger is the sum over its rows (revoking refunds nothing).
+    privacy_epsilon: Mapped[float | None] = mapped_column(Float, nullable=True, default=None)
+    privacy_delta: Mapped[float | None] = mapped_column(Float, nullable=True, default=None)
 
     files: Mapped[list["AdapterFile"]] = relationship(
         back_populates="adapter", cascade="all, delete-orphan", passive_deletes=True

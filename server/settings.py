@@ -11,9 +11,13 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ServerSettings", "DEFAULT_MAX_UPLOAD_BYTES"]
+__all__ = ["ServerSettings", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MIN_SAMPLES", "DEFAULT_EPSILON_BUDGET"]
 
 DEFAULT_MAX_UPLOAD_BYTES = 256 * 1024 * 1024
+DEFAULT_MIN_SAMPLES = 50
+DEFAULT_EPSILON_BUDGET = 10.0
+#: Values of SEMLA_EPSILON_BUDGET that mean "no limit".
+_NO_LIMIT = ("", "none", "inf", "infinity", "unlimited")
 
 
 class ServerSettings(BaseSettings):
@@ -29,6 +33,13 @@ class ServerSettings(BaseSettings):
             ``postgresql+psycopg://...`` URL works with the same code.
         max_upload_bytes: Largest accepted upload body (checked on Content-Length and on the
             bytes actually read).
+        min_samples: The registry's own floor on a manifest's ``sample_count``, whatever the
+            publisher's ``privacy.min_samples`` says (``too_few_samples`` below it).
+        epsilon_budget: The DP ε each publisher may spend on centroids, over all its uploads and
+            the keys of its rotation chain; an upload that would take the total above it is
+            refused (``privacy_budget``). ``SEMLA_EPSILON_BUDGET`` empty, ``none`` or ``inf``
+            means no limit (spend is still recorded and shown); ``0`` refuses every DP upload.
+            Uploads without DP carry no ε and are not charged.
     """
 
     model_config = SettingsConfigDict(env_prefix="SEMLA_", extra="forbid", frozen=True)
@@ -46,6 +57,17 @@ class ServerSettings(BaseSettings):
     uploads_per_minute: int = Field(default=60, ge=0)
     #: How long a signed index snapshot is valid; nodes refuse an expired one.
     index_ttl_seconds: int = Field(default=86400, ge=60)
+    min_samples: int = Field(default=DEFAULT_MIN_SAMPLES, ge=1)
+    epsilon_budget: float | None = Field(default=DEFAULT_EPSILON_BUDGET, ge=0)
+
+    @field_validator("epsilon_budget", mode="before")
+    @classmethod
+    def _no_limit(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in _NO_LIMIT:
+            return None
+        if isinstance(value, float) and value == float("inf"):
+            return None
+        return value
 
     @property
     def resolved_registry_key_file(self) -> Path:

@@ -8,6 +8,8 @@
   of inline JS), and a 2-D PCA map of the adapters' first centroids, drawn as inline SVG.
 * ``GET /adapters/{name}`` - one adapter's provenance from its newest signed manifest, the
   signature status (the stored bundle is verified again on every view), files and versions.
+* ``GET /keys`` - the publisher keys with the DP ε each publisher has spent on centroids and
+  what its budget leaves.
 * an HTML 404 page for unknown or invalid names.
 
 Everything is inline (CSS, SVG, JS): the page loads no external URL. Every string that comes
@@ -222,7 +224,7 @@ def _page(title: str, body: str, *, script: str = "") -> str:
         "<header><a class=\"brand\" href=\"/\">SemLA registry</a>"
         "<span class=\"small\">signed LoRA adapters</span>"
         "<nav><a href=\"/\">Library</a><a href=\"/v1/adapters\">JSON index</a>"
-        "<a href=\"/v1/keys\">Keys</a><a href=\"/docs\">API docs</a></nav></header>"
+        "<a href=\"/keys\">Keys</a><a href=\"/docs\">API docs</a></nav></header>"
         f"<main>{body}</main>{js}</body></html>"
     )
 
@@ -410,6 +412,9 @@ def _adapter(request: Request, name: str) -> HTMLResponse:
         if p.mechanism != "none":
             privacy += [("epsilon", esc(p.epsilon)), ("delta", esc(p.delta)),
                         ("clip norm", esc(p.clip_norm) if p.clip_norm is not None else "&ndash;")]
+        if key is not None:
+            privacy.append(("publisher's spend", f"<a href=\"/keys#{esc(key.key_id)}\">"
+                            f"{esc(_spend(key.epsilon_spent, service.epsilon_budget))}</a>"))
         provenance = [
             ("domain", esc(m.domain)),
             ("publisher key", key_html),
@@ -474,9 +479,48 @@ def _adapter(request: Request, name: str) -> HTMLResponse:
     return HTMLResponse(_page(f"{name} - SemLA registry", "".join(sections)))
 
 
+# -- keys and their privacy ledgers ---------------------------------------------------------------
+def _spend(spent: float, budget: float | None) -> str:
+    """``"ε 4 of 10 spent (6 left)"``, or ``"ε 4 spent (no limit)"``."""
+    if budget is None:
+        return f"\u03b5 {spent:g} spent (no limit)"
+    return f"\u03b5 {spent:g} of {budget:g} spent ({max(0.0, budget - spent):g} left)"
+
+
+def _keys(request: Request) -> HTMLResponse:
+    service = request.app.state.service
+    rows = []
+    for k in service.list_keys():
+        if not k.active:
+            state = "<span class=\"bad\">revoked</span>"
+        elif k.rotated_to:
+            state = f"rotated to <a href=\"#{esc(k.rotated_to)}\"><code>{esc(k.rotated_to)}</code></a>"
+        else:
+            state = "<span class=\"ok\">active</span>"
+        rows.append(
+            f"<tr id=\"{esc(k.key_id)}\"><td><code>{esc(k.key_id)}</code></td><td>{esc(k.label)}</td>"
+            f"<td>{state}</td><td class=\"small nowrap\">{esc(k.created_at)}</td>"
+            f"<td class=\"nowrap\"><a href=\"/v1/keys/{esc(k.key_id)}/privacy\">"
+            f"{esc(_spend(k.epsilon_spent, service.epsilon_budget))}</a></td></tr>"
+        )
+    table = (
+        "<table><thead><tr><th>Key id</th><th>Label</th><th>State</th><th>Registered</th><th>DP spend</th></tr>"
+        "</thead><tbody>" + "".join(rows) + "</tbody></table>"
+        if rows else "<p class=\"muted\">No publisher keys are registered yet.</p>"
+    )
+    body = (
+        "<h1>Publisher keys</h1><section class=\"card\">"
+        "<p class=\"muted small\">DP spend: the epsilon of every centroid a publisher released with differential "
+        "privacy, summed over its keys (a rotated key's spend carries to its successor), against this "
+        "registry's budget. Revoking a version refunds nothing. "
+        "<a href=\"/v1/keys\">JSON</a></p>" + table + "</section>"
+    )
+    return HTMLResponse(_page("Keys - SemLA registry", body))
+
+
 # -- wiring ---------------------------------------------------------------------------------------
 def add_web_routes(app: FastAPI) -> None:
-    """Add ``GET /`` and ``GET /adapters/{name}`` (HTML) to a registry app; safe to call twice."""
+    """Add ``GET /``, ``GET /adapters/{name}`` and ``GET /keys`` (HTML) to a registry app; safe to call twice."""
     if getattr(app.state, "web_routes", False):
         return
     app.state.web_routes = True
@@ -491,3 +535,5 @@ def add_web_routes(app: FastAPI) -> None:
                       name="web_library")
     app.add_api_route("/adapters/{name}", adapter, methods=["GET"], response_class=HTMLResponse,
                       include_in_schema=False, name="web_adapter")
+    app.add_api_route("/keys", _keys, methods=["GET"], response_class=HTMLResponse, include_in_schema=False,
+                      name="web_keys")

@@ -123,6 +123,7 @@ def test_every_route_is_fuzzed(api_schema):
         "GET /v1/index",
         "GET /v1/registry-key",
         "POST /v1/keys/{key_id}/revoke",
+        "GET /v1/keys/{key_id}/privacy",
         "POST /v1/keys/rotate",
         "POST /v1/adapters/{name}/{version}/revoke",
         "POST /v1/adapters",
