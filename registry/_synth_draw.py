@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 __all__ = [
     "NEAR", "FAR", "BUILDING_COLOURS", "CAR_COLOURS", "CLOTHES", "SKIN",
     "smooth_noise", "box_blur", "luma", "jitter", "to_uint8", "glow", "texture",
-    "Camera", "Canvas", "ground_quad", "sky_image", "draw_windows",
+    "Camera", "Canvas", "downsample", "ground_quad", "sky_image", "draw_windows",
     "tree", "bush", "pole", "person", "car",
 ]
 
@@ -140,6 +140,17 @@ class Canvas:
 
     def rect(self, x0: float, y0: float, x1: float, y1: float, colour, cls: int | None) -> None:
         self.poly([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], colour, cls)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(mask, rgb)``: uint8 ``(s, s)`` class ids and float32 ``(s, s, 3)`` in [0, 1]."""
+        mask = np.asarray(self.mask, dtype=np.uint8)
+        return mask, np.asarray(self.rgb, dtype=np.float32) / 255.0
+
+
+def downsample(rgb: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """From a 2x supersampled canvas to ``size``: box-filtered rgb, nearest mask."""
+    rgb = rgb.reshape(size, 2, size, 2, 3).mean(axis=(1, 3))
+    return rgb.astype(np.float32), np.ascontiguousarray(mask[1::2, 1::2])
 
 
 def ground_quad(cam: Camera, x0: float, x1: float, z0: float, z1: float) -> list:

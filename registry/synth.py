@@ -1,4 +1,4 @@
-"""Deterministic synthetic street-like segmentation data in several appearance domains.
+"""Deterministic synthetic segmentation data: four scene types in many appearance domains.
 
 The data trains a tiny CLIP-like segmenter and one LoRA adapter per domain, so it has to
 be cheap (numpy + Pillow only), fully deterministic and structured so that the *same*
@@ -12,9 +12,19 @@ A *domain* is a scene layout seen through an ordered chain of appearance *shifts
 * :class:`Shift` owns the appearance change (fog, night, ...). Shifts never touch the mask.
 * :class:`Domain` only names a scene plus a tuple of shift names.
 
-Keeping the three apart means new scene types (indoor rooms, harbours, fields) and new
-shifts are added with one ``register_*`` call each and compose freely, e.g. a later
-``"fog+night"`` domain is just ``Domain("fog_night", "street", ("fog", "night"), ...)``.
+Keeping the three apart means new scene types and new shifts are added with one
+``register_*`` call each and compose freely: ``fog_night`` is just
+``Domain("fog_night", "street", ("fog", "night"), ...)``. The street scene lives here; the
+indoor, harbour and fields scenes in ``_synth_scenes.py``, the drawing primitives they
+share in ``_synth_draw.py``.
+
+The benchmark
+-------------
+:func:`benchmark_domains` lists 20 domains built like the SemLA benchmark's (whose 20 come
+from 10 datasets): street scenes under weather x time of day and camera shifts, and rooms,
+harbours and farmland under their own shifts. Class lists overlap between scenes where the
+same thing appears. Each scene also has a clean domain (shift ``none``): the base model's
+source set. :func:`split_seeds` gives every domain its own train and test seeds.
 
 Determinism
 -----------
@@ -39,8 +49,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from semla.registry._synth_draw import (
-    BUILDING_COLOURS, FAR, NEAR, Camera, Canvas, box_blur, bush, car, draw_windows, glow, ground_quad,
-    jitter, luma, person, pole, sky_image, smooth_noise, texture, to_uint8, tree,
+    BUILDING_COLOURS, FAR, NEAR, Camera, Canvas, box_blur, bush, car, downsample, draw_windows, glow,
+    ground_quad, jitter, luma, person, pole, sky_image, smooth_noise, texture, to_uint8, tree,
+)
+from semla.registry._synth_scenes import (
+    FIELDS_CLASSES, HARBOUR_CLASSES, INDOOR_CLASSES, render_fields, render_harbour, render_indoor,
 )
 
 __all__ = [
@@ -51,6 +64,10 @@ __all__ = [
     "SHIFTS",
     "DOMAINS",
     "STREET_CLASSES",
+    "INDOOR_CLASSES",
+    "HARBOUR_CLASSES",
+    "FIELDS_CLASSES",
+    "BENCHMARK_DOMAINS",
     "register_scene",
     "register_shift",
     "register_domain",
@@ -62,6 +79,8 @@ __all__ = [
     "get_domain",
     "render",
     "write_dataset",
+    "benchmark_domains",
+    "split_seeds",
 ]
 
 RenderFn = Callable[[np.random.Generator, int], "tuple[np.ndarray, np.ndarray]"]
@@ -461,13 +480,10 @@ def _render_street(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.
             _draw_facades(cv, cam, st, rng, side)
     _draw_objects(cv, cam, _plan_objects(cam, st, rng), rng)
 
-    mask = np.asarray(cv.mask, dtype=np.uint8)
-    rgb = np.asarray(cv.rgb, dtype=np.float32) / 255.0
-    sky = sky_image(rng, s, cam.hy)
-    rgb = np.where((mask == _SKY)[..., None], sky, rgb)
+    mask, rgb = cv.arrays()
+    rgb = np.where((mask == _SKY)[..., None], sky_image(rng, s, cam.hy), rgb)
     rgb = np.clip(texture(rgb, mask, rng, _TEX_FINE, _TEX_MID, _TEX_LOW), 0.0, 1.0)
-    rgb = rgb.reshape(size, 2, size, 2, 3).mean(axis=(1, 3))
-    return rgb.astype(np.float32), np.ascontiguousarray(mask[1::2, 1::2])
+    return downsample(rgb, mask, size)
 
 
 # --------------------------------------------------------------------------------------
@@ -568,6 +584,107 @@ def _shift_sepia(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(out, 0, 1).astype(np.float32)
 
 
+def _shift_blur(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Motion blur of a panning camera: the mean of copies shifted along a near-level line."""
+    h, w, _ = rgb.shape
+    length = max(3, int(round(w * rng.uniform(0.07, 0.12))))
+    angle = rng.uniform(-0.35, 0.35)  # radians from horizontal
+    steps = np.linspace(-0.5, 0.5, length) * length
+    dx, dy = np.rint(steps * np.cos(angle)).astype(int), np.rint(steps * np.sin(angle)).astype(int)
+    pad = length
+    padded = np.pad(rgb, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    out = np.zeros_like(rgb)
+    for ox, oy in zip(dx, dy):
+        out += padded[pad + oy:pad + oy + h, pad + ox:pad + ox + w]
+    return np.clip(out / length, 0, 1).astype(np.float32)
+
+
+def _shift_noise(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Sensor noise: signal-dependent shot noise, read noise, colour speckle and row banding."""
+    h, w, _ = rgb.shape
+    shot, read = rng.uniform(0.015, 0.03), rng.uniform(0.06, 0.09)
+    sigma = np.sqrt(shot * rgb + read * read)
+    grain = rng.standard_normal((h, w, 1)).astype(np.float32) * 0.6  # shared by the channels
+    chroma = rng.standard_normal((h, w, 3)).astype(np.float32) * 0.8
+    banding = rng.normal(0.0, 0.02, (h, 1, 1)).astype(np.float32)
+    out = rgb * rng.uniform(0.85, 0.95) + sigma * (grain + chroma) + banding
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+def _shift_lowres(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A low-resolution camera shown enlarged: box-downsampled by 3-4.5x, pixels repeated."""
+    h, w, _ = rgb.shape
+    factor = rng.uniform(3.0, 4.5)
+    small = (max(2, int(round(w / factor))), max(2, int(round(h / factor))))
+    out = np.empty_like(rgb)
+    for c in range(3):
+        band = Image.fromarray(np.ascontiguousarray(rgb[..., c]))  # mode "F"
+        band = band.resize(small, Image.BOX).resize((w, h), Image.NEAREST)
+        out[..., c] = np.asarray(band, dtype=np.float32)
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+def _shift_cast(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A wrong white balance under fluorescent light: a green-teal cast, contrast kept."""
+    gains = np.array([0.62, 1.0, 0.86], np.float32) * rng.uniform(0.92, 1.05, 3).astype(np.float32)
+    lift = np.array([0.0, 0.06, 0.05], np.float32)
+    return np.clip(rgb * gains + lift, 0, 1).astype(np.float32)
+
+
+def _shift_tungsten(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Warm tungsten light on a daylight white balance: saturated orange, falling off to the edges."""
+    h, w, _ = rgb.shape
+    gains = np.array([1.18, 0.86, 0.5], np.float32) * rng.uniform(0.95, 1.05, 3).astype(np.float32)
+    cy, cx = rng.uniform(0.2, 0.6) * h, rng.uniform(0.25, 0.75) * w
+    light = 0.6 + 0.55 * glow(h, w, cx, cy, 0.55 * max(h, w))[..., None]
+    out = (rgb ** 0.9) * gains * light
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+def _shift_dark(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A dim room without lamps: low exposure, crushed shadows, a slight cold tint."""
+    gain = rng.uniform(0.38, 0.5)
+    tint = np.array([0.9, 0.95, 1.1], np.float32)
+    return np.clip((rgb ** 1.2) * gain * tint, 0, 1).astype(np.float32)
+
+
+def _shift_dusk(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Dusk: dim warm-pink light, an orange glow low in the sky, a darker violet zenith."""
+    h, w, _ = rgb.shape
+    gain = rng.uniform(0.45, 0.6)
+    out = (rgb ** 1.15) * gain * np.array([1.2, 0.82, 0.78], np.float32)
+    rows = np.arange(h, dtype=np.float32)[:, None, None] / max(h - 1, 1)  # 0 top, 1 bottom
+    centre, width = rng.uniform(0.3, 0.5), rng.uniform(0.12, 0.2)
+    band = np.exp(-(((rows - centre) / width) ** 2))
+    out = out + band * np.array([0.38, 0.18, 0.05], np.float32) * rng.uniform(0.8, 1.1)
+    zenith = np.clip(1.0 - rows / max(centre, 1e-3), 0, 1)
+    out = out * (1 - 0.45 * zenith) + zenith * np.array([0.1, 0.04, 0.14], np.float32)
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+def _shift_bloom(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Light scattered in the air: wide soft halos around bright lamps, a veil over dark parts."""
+    h, w, _ = rgb.shape
+    bright = np.clip(rgb - 0.5, 0, None)
+    radius = max(1, int(round(w * rng.uniform(0.04, 0.07))))
+    halo = box_blur(box_blur(bright, radius), radius)
+    veil = float(rgb.mean()) * rng.uniform(0.5, 0.8)
+    out = rgb + halo * rng.uniform(2.5, 4.0) + veil * np.array([0.9, 0.9, 0.95], np.float32)
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+def _shift_haze(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Summer haze: a thin warm-white veil, thicker toward the horizon, colours washed out."""
+    h, w, _ = rgb.shape
+    veil = np.array([0.93, 0.88, 0.76], np.float32) * rng.uniform(0.95, 1.03)
+    height = 1.0 - np.arange(h, dtype=np.float32) / max(h - 1, 1)  # 1 at top, 0 at bottom
+    alpha = rng.uniform(0.28, 0.36) + rng.uniform(0.15, 0.25) * height[:, None, None]
+    lum = luma(rgb)[..., None]
+    washed = rgb * 0.6 + lum * 0.4
+    out = washed * (1 - alpha) + veil * alpha
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
 # --------------------------------------------------------------------------------------
 # Built-in registrations
 # --------------------------------------------------------------------------------------
@@ -585,12 +702,87 @@ register_shift(Shift("snow", "snowfall: bright, desaturated, many white flakes",
 register_shift(Shift("sepia", "sepia photo: strong sepia colour matrix, low contrast",
                      _shift_sepia))
 
+register_shift(Shift("blur", "motion blur: a camera panning during the exposure", _shift_blur))
+register_shift(Shift("noise", "sensor noise: strong grain, colour speckle and row banding",
+                     _shift_noise))
+register_shift(Shift("lowres", "low resolution: 3-4.5x fewer pixels per side, shown blocky",
+                     _shift_lowres))
+register_shift(Shift("cast", "colour cast: green-teal white balance of fluorescent light",
+                     _shift_cast))
+register_shift(Shift("tungsten", "tungsten light: warm orange cast, brighter in the middle",
+                     _shift_tungsten))
+register_shift(Shift("dark", "dim light: underexposed, crushed shadows, no lamps", _shift_dark))
+register_shift(Shift("dusk", "dusk: dim warm-pink light, orange glow low in the sky", _shift_dusk))
+register_shift(Shift("bloom", "scattering air: wide halos around lamps, a light veil", _shift_bloom))
+register_shift(Shift("haze", "summer haze: warm-white veil, thicker toward the horizon",
+                     _shift_haze))
+
 register_domain(Domain("clear", "street", ("none",), "street scenes on a clear day"))
 register_domain(Domain("fog", "street", ("fog",), "the same streets in heavy fog"))
 register_domain(Domain("night", "street", ("night",), "the same streets at night, lit by lamps"))
 register_domain(Domain("rain", "street", ("rain",), "the same streets in heavy rain"))
 register_domain(Domain("snow", "street", ("snow",), "the same streets during snowfall"))
 register_domain(Domain("sepia", "street", ("sepia",), "the same streets as old sepia photos"))
+
+register_scene(Scene("indoor", INDOOR_CLASSES, render_indoor))
+register_scene(Scene("harbour", HARBOUR_CLASSES, render_harbour))
+register_scene(Scene("fields", FIELDS_CLASSES, render_fields))
+
+# street: weather x time of day, and camera shifts
+register_domain(Domain("fog_night", "street", ("fog", "night", "bloom"), "streets on a foggy night"))
+register_domain(Domain("rain_night", "street", ("night", "rain"), "streets on a rainy night"))
+register_domain(Domain("snow_night", "street", ("snow", "night"), "streets on a snowy night"))
+register_domain(Domain("blur", "street", ("blur",), "streets seen by a panning camera"))
+register_domain(Domain("noise", "street", ("noise",), "streets seen by a noisy sensor"))
+register_domain(Domain("lowres", "street", ("lowres",), "streets seen by a low-resolution camera"))
+register_domain(Domain("cast", "street", ("cast",), "streets with a green-teal colour cast"))
+# the clean source domains of the other scenes (the base model trains on these)
+register_domain(Domain("indoor", "indoor", ("none",), "rooms in even light"))
+register_domain(Domain("harbour", "harbour", ("none",), "harbours on a clear day"))
+register_domain(Domain("fields", "fields", ("none",), "farmland on a clear day"))
+# the other scenes under their own shifts
+register_domain(Domain("indoor_dim", "indoor", ("dark", "noise"), "dim rooms seen by a noisy sensor"))
+register_domain(Domain("indoor_warm", "indoor", ("tungsten",), "rooms lit by tungsten lamps"))
+register_domain(Domain("indoor_blur", "indoor", ("blur",), "rooms seen by a panning camera"))
+register_domain(Domain("harbour_fog", "harbour", ("fog",), "harbours in heavy fog"))
+register_domain(Domain("harbour_dusk", "harbour", ("dusk",), "harbours at dusk"))
+register_domain(Domain("harbour_rain", "harbour", ("rain",), "harbours in heavy rain"))
+register_domain(Domain("fields_snow", "fields", ("snow",), "farmland during snowfall"))
+register_domain(Domain("fields_haze", "fields", ("haze",), "farmland in summer haze"))
+
+BENCHMARK_DOMAINS: tuple[str, ...] = (
+    # 8 street domains: weather x time of day
+    "clear", "night", "fog", "rain", "snow", "fog_night", "rain_night", "snow_night",
+    # 4 street domains: camera shifts
+    "blur", "noise", "lowres", "cast",
+    # 8 domains with other layouts and class lists
+    "indoor_dim", "indoor_warm", "indoor_blur", "harbour_fog", "harbour_dusk", "harbour_rain",
+    "fields_snow", "fields_haze",
+)
+
+
+def benchmark_domains() -> list[str]:
+    """The 20 benchmark domains in their fixed order.
+
+    Built like the SemLA benchmark, whose 20 domains come from 10 datasets: 12 street
+    domains (weather x time of day, camera shifts) and 8 with other layouts and class lists.
+    The clean source domains of the other scenes are not among them; clear street is, as
+    Cityscapes is in the paper.
+    """
+    return list(BENCHMARK_DOMAINS)
+
+
+def split_seeds(domain: str) -> tuple[int, int]:
+    """``(train_seed, test_seed)`` of a domain: distinct, and fixed by its name alone.
+
+    Every domain draws its own layouts (two domains of one scene never share images) and its
+    test set never overlaps its training set.
+
+    Raises:
+        KeyError: Unknown domain.
+    """
+    base = 2 * zlib.crc32(get_domain(domain).name.encode("utf-8"))
+    return base, base + 1
 
 
 # --------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for the synthetic street-scene generator (semla.registry.synth)."""
+"""Tests for the synthetic scene generator and its benchmark domains (semla.registry.synth)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,13 @@ REQUIRED_DOMAINS = {"clear", "fog", "night", "rain", "snow", "sepia"}
 SIZE = 64
 
 
-def _street_domains() -> list[str]:
-    return [d for d in synth.list_domains() if synth.get_domain(d).scene == "street"]
+def _domains_of(scene: str) -> list[str]:
+    return [d for d in synth.list_domains() if synth.get_domain(d).scene == scene]
+
+
+def _clean_domain(scene: str) -> str:
+    (clean,) = [d for d in _domains_of(scene) if synth.get_domain(d).shifts == ("none",)]
+    return clean
 
 
 def _float(img: np.ndarray) -> np.ndarray:
@@ -71,12 +76,10 @@ def test_register_domain_rejects_unknown_parts(monkeypatch):
         synth.register_domain(synth.Domain("x2", "street", ("no-shift",), "bad"))
 
 
-def test_composed_domain_keeps_layout(monkeypatch):
-    monkeypatch.setattr(synth, "DOMAINS", dict(synth.DOMAINS))
-    synth.register_domain(synth.Domain("fog_night", "street", ("fog", "night"), "foggy night"))
-    assert "fog_night" in synth.list_domains()
+def test_composed_domain_keeps_layout():
+    assert synth.get_domain("fog_night").shifts == ("fog", "night", "bloom")
     combo_rgb, combo_mask = synth.render("fog_night", 4, 2, SIZE)
-    night_rgb, night_mask = synth.render("night", 4, 2, SIZE)
+    night_rgb, _ = synth.render("night", 4, 2, SIZE)
     clear_rgb, clear_mask = synth.render("clear", 4, 2, SIZE)
     np.testing.assert_array_equal(combo_mask, clear_mask)
     assert not np.array_equal(combo_rgb, night_rgb)
@@ -97,7 +100,7 @@ def test_render_shapes_and_dtypes():
         synth.render("clear", -1, 0, SIZE)
 
 
-@pytest.mark.parametrize("domain", sorted(REQUIRED_DOMAINS))
+@pytest.mark.parametrize("domain", synth.list_domains())
 def test_render_is_deterministic(domain):
     rgb1, mask1 = synth.render(domain, 7, 3, SIZE)
     rgb2, mask2 = synth.render(domain, 7, 3, SIZE)
@@ -110,15 +113,17 @@ def test_render_is_deterministic(domain):
     assert rgb1.tobytes() != rgb4.tobytes()
 
 
-def test_same_layout_in_every_domain():
-    for index in range(4):
-        clear_rgb, clear_mask = synth.render("clear", 11, index, SIZE)
-        for domain in _street_domains():
-            if domain == "clear":
+@pytest.mark.parametrize("scene", synth.list_scenes())
+def test_shifts_keep_the_layout_in_every_domain(scene):
+    clean = _clean_domain(scene)
+    for index in range(3):
+        clean_rgb, clean_mask = synth.render(clean, 11, index, SIZE)
+        for domain in _domains_of(scene):
+            if domain == clean:
                 continue
             rgb, mask = synth.render(domain, 11, index, SIZE)
-            np.testing.assert_array_equal(mask, clear_mask, err_msg=domain)
-            assert not np.array_equal(rgb, clear_rgb), domain
+            np.testing.assert_array_equal(mask, clean_mask, err_msg=domain)
+            assert not np.array_equal(rgb, clean_rgb), domain
 
 
 def test_mask_values_and_class_coverage():
@@ -173,6 +178,133 @@ def test_every_shift_keeps_shape_and_range():
         out = synth.get_shift(name).apply(rgb.copy(), np.random.default_rng(3))
         assert out.shape == rgb.shape, name
         assert out.min() >= 0.0 and out.max() <= 1.0, name
+
+
+def test_new_shifts_do_what_they_say():
+    n = 6
+    clear = [_float(synth.render("clear", 2, i, SIZE)[0]) for i in range(n)]
+    shifted = {d: [_float(synth.render(d, 2, i, SIZE)[0]) for i in range(n)]
+               for d in ("blur", "noise", "lowres", "cast")}
+
+    def mean(imgs, axis=None):
+        return np.mean([x.mean(axis=axis) if axis is None else x.reshape(-1, 3).mean(0) for x in imgs], axis=0)
+
+    def grad(imgs, axis):
+        return float(np.mean([np.abs(np.diff(x.mean(-1), axis=axis)).mean() for x in imgs]))
+
+    def flat_steps(imgs):  # share of neighbours with exactly the same value
+        return float(np.mean([(np.diff(x.mean(-1), axis=1) == 0).mean() for x in imgs]))
+
+    assert grad(shifted["blur"], 1) < 0.6 * grad(clear, 1)  # horizontal detail smeared
+    assert grad(shifted["noise"], 1) > 2.0 * grad(clear, 1)
+    assert flat_steps(shifted["lowres"]) > 0.5 > 3 * flat_steps(clear)  # blocky pixels
+    r, g, b = mean(shifted["cast"], axis=-1)
+    assert g > r + 0.1 and g > b  # green-teal, unlike sepia
+    indoor = [_float(synth.render("indoor", 2, i, SIZE)[0]) for i in range(n)]
+    warm = mean([_float(synth.render("indoor_warm", 2, i, SIZE)[0]) for i in range(n)], axis=-1)
+    assert warm[0] > warm[2] + 0.2
+    dim = [_float(synth.render("indoor_dim", 2, i, SIZE)[0]) for i in range(n)]
+    assert mean(dim) < 0.6 * mean(indoor)
+    harbour = [_float(synth.render("harbour", 2, i, SIZE)[0]) for i in range(n)]
+    dusk = [_float(synth.render("harbour_dusk", 2, i, SIZE)[0]) for i in range(n)]
+    assert mean(dusk) < mean(harbour)
+    fields = [_float(synth.render("fields", 2, i, SIZE)[0]) for i in range(n)]
+    haze = [_float(synth.render("fields_haze", 2, i, SIZE)[0]) for i in range(n)]
+    assert mean(haze) > mean(fields) and grad(haze, 0) < grad(fields, 0)
+
+
+# --- scenes and the benchmark -------------------------------------------------------
+
+SCENE_CLASSES = {
+    "street": {"sky", "road", "building", "vegetation", "car", "person"},
+    "indoor": {"wall", "floor", "ceiling", "window", "door", "table", "chair", "person"},
+    "harbour": {"sky", "water", "boat", "pier", "building", "person"},
+    "fields": {"sky", "field", "vegetation", "road", "fence", "animal", "person"},
+}
+# classes that fill most of every picture of their scene
+BACKDROP = {"indoor": ("wall", "floor", "ceiling"), "harbour": ("sky", "water", "pier"),
+            "fields": ("sky", "field", "vegetation")}
+
+
+def test_scenes_and_their_classes():
+    assert set(synth.list_scenes()) == set(SCENE_CLASSES)
+    for scene, expected in SCENE_CLASSES.items():
+        assert expected <= set(synth.get_scene(scene).classes), scene
+        assert synth.get_domain(_clean_domain(scene)).scene == scene
+    street = set(synth.STREET_CLASSES)
+    for scene in ("indoor", "harbour", "fields"):
+        assert set(synth.get_scene(scene).classes) & street, f"{scene} shares no class with street"
+    assert {"sky", "building"} <= set(synth.HARBOUR_CLASSES) & street
+    assert {"sky", "road", "vegetation"} <= set(synth.FIELDS_CLASSES) & street
+    assert all("person" in synth.get_scene(s).classes for s in SCENE_CLASSES)
+
+
+@pytest.mark.parametrize("scene", sorted(BACKDROP))
+def test_new_scene_masks_and_class_coverage(scene):
+    classes = synth.get_scene(scene).classes
+    n = 40
+    present = np.zeros(len(classes), dtype=int)
+    for index in range(n):
+        _, mask = synth.render(_clean_domain(scene), 0, index, SIZE)
+        assert mask.dtype == np.uint8 and int(mask.max()) < len(classes)
+        present += np.bincount(mask.ravel(), minlength=len(classes)) > 0
+    share = dict(zip(classes, present / n))
+    rare = {c: s for c, s in share.items() if s < 0.3}
+    assert not rare, f"{scene}: classes in under 30% of images: {rare}"
+    for name in BACKDROP[scene]:
+        assert share[name] >= 0.9, (scene, name, share[name])
+
+
+def test_benchmark_domains():
+    bench = synth.benchmark_domains()
+    assert len(bench) == 20 == len(set(bench))
+    assert bench == synth.benchmark_domains() == list(synth.BENCHMARK_DOMAINS)  # a fixed order
+    assert set(bench) <= set(synth.list_domains())
+    scenes = [synth.get_domain(d).scene for d in bench]
+    assert scenes[:12] == ["street"] * 12
+    assert scenes[12:].count("street") == 0 and set(scenes[12:]) == {"indoor", "harbour", "fields"}
+    weather_time = {"clear", "night", "fog", "rain", "snow", "fog_night", "rain_night", "snow_night"}
+    assert set(bench[:8]) == weather_time
+    assert "clear" in bench  # the clean street domain is a benchmark domain ...
+    for scene in ("indoor", "harbour", "fields"):  # ... the other clean source domains are not
+        assert _clean_domain(scene) not in bench
+    for name in bench[1:]:
+        assert synth.get_domain(name).shifts != ("none",), name
+    assert len({synth.get_domain(d).shifts for d in bench[8:12]}) == 4  # four camera shifts
+
+
+def test_split_seeds():
+    seeds = {d: synth.split_seeds(d) for d in synth.list_domains()}
+    assert seeds == {d: synth.split_seeds(d) for d in synth.list_domains()}
+    flat = [s for pair in seeds.values() for s in pair]
+    assert len(flat) == len(set(flat))  # train != test, and no two domains share a seed
+    assert all(s >= 0 for s in flat)
+    train, test = synth.split_seeds("harbour_fog")
+    assert synth.render("harbour_fog", train, 0, SIZE)[1].tobytes() != \
+        synth.render("harbour_fog", test, 0, SIZE)[1].tobytes()
+    with pytest.raises(KeyError, match="valid"):
+        synth.split_seeds("no-such-domain")
+
+
+def _features(img: np.ndarray) -> np.ndarray:
+    """Mean colour, contrast, horizontal and vertical detail, share of flat steps."""
+    x = _float(img)
+    g = x.mean(-1)
+    dx, dy = np.abs(np.diff(g, axis=1)), np.abs(np.diff(g, axis=0))
+    return np.array([*x.reshape(-1, 3).mean(0), g.std(), dx.mean(), dy.mean(), (dx == 0).mean()])
+
+
+@pytest.mark.parametrize("scene", synth.list_scenes())
+def test_domains_of_a_scene_look_different(scene):
+    """Every two domains of one scene differ by > 2 pooled standard deviations in a simple statistic."""
+    feats = {d: np.stack([_features(synth.render(d, synth.split_seeds(d)[1], i, SIZE)[0]) for i in range(20)])
+             for d in _domains_of(scene)}
+    names = sorted(feats)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            pooled = np.sqrt((feats[a].var(0) + feats[b].var(0)) / 2) + 1e-6
+            z = np.abs(feats[a].mean(0) - feats[b].mean(0)) / pooled
+            assert z.max() > 2.0, f"{a} and {b} look alike (max separation {z.max():.2f})"
 
 
 # --- write_dataset ------------------------------------------------------------------
