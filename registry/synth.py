@@ -81,6 +81,7 @@ __all__ = [
     "write_dataset",
     "benchmark_domains",
     "split_seeds",
+    "contact_sheet",
 ]
 
 RenderFn = Callable[[np.random.Generator, int], "tuple[np.ndarray, np.ndarray]"]
@@ -898,3 +899,107 @@ def write_dataset(domain: str, n: int, seed: int, out: Path | str, size: int = 9
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Contact sheet
+# --------------------------------------------------------------------------------------
+
+
+# Mask colours by class name (Cityscapes and ADE20K colours where those datasets have the class).
+_MASK_COLOURS = {
+    "sky": (70, 130, 180), "road": (128, 64, 128), "sidewalk": (244, 35, 232), "building": (70, 70, 70),
+    "vegetation": (107, 142, 35), "car": (0, 0, 142), "person": (220, 20, 60), "pole": (153, 153, 153),
+    "wall": (120, 120, 120), "floor": (80, 50, 50), "ceiling": (120, 120, 80), "window": (230, 230, 230),
+    "door": (8, 255, 51), "table": (255, 6, 82), "chair": (204, 70, 3), "shelf": (150, 100, 255),
+    "lamp": (224, 255, 8), "water": (61, 230, 250), "boat": (255, 184, 6), "pier": (160, 100, 40),
+    "field": (235, 210, 120), "fence": (190, 153, 153), "animal": (0, 102, 200),
+}
+
+
+def _class_colours() -> dict[str, tuple[int, int, int]]:
+    """One colour per class name over every registered scene (same name, same colour)."""
+    names = sorted({c for scene in SCENES.values() for c in scene.classes})
+    return {name: _MASK_COLOURS.get(name) or tuple(int(v) for v in np.random.default_rng(
+        zlib.crc32(name.encode("utf-8"))).integers(0, 256, 3)) for name in names}
+
+
+def contact_sheet(domains: list[str], path: Path | str, n: int = 4, size: int = 96,
+                  seed: int | None = None, colours: int | None = None) -> Path:
+    """Save a PNG with one row per domain: its name and shifts, then ``n`` images beside their masks.
+
+    Masks are drawn in one colour per class name across all scenes; a legend closes the sheet.
+
+    Args:
+        domains: Registered domain names, one row each.
+        path: Where to write the PNG (parent folders are created).
+        n: Image and mask pairs per row.
+        size: Image side in pixels.
+        seed: Dataset seed; ``None`` shows each domain's test images (:func:`split_seeds`).
+        colours: Reduce the sheet to this many colours (a far smaller file); ``None`` keeps
+            every pixel exact.
+
+    Returns:
+        The path written.
+
+    Raises:
+        KeyError: Unknown domain.
+    """
+    palette = _class_colours()
+    label_w, gap = 150, 4
+    row_h = size + gap
+    legend = sorted(palette)
+    per_line = 6
+    legend_h = 16 * ((len(legend) + per_line - 1) // per_line) + gap
+    width = label_w + n * (2 * size + gap)
+    sheet = Image.new("RGB", (width, row_h * len(domains) + legend_h), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for row, name in enumerate(domains):
+        dom = get_domain(name)
+        classes = get_scene(dom.scene).classes
+        lut = np.array([palette[c] for c in classes], np.uint8)
+        row_seed = split_seeds(name)[1] if seed is None else seed
+        y = row * row_h
+        draw.text((4, y + 4), name, fill=(0, 0, 0))
+        draw.text((4, y + 20), dom.scene, fill=(90, 90, 90))
+        draw.text((4, y + 36), "+".join(dom.shifts), fill=(90, 90, 90))
+        for i in range(n):
+            rgb, mask = render(name, row_seed, i, size)
+            x = label_w + i * (2 * size + gap)
+            sheet.paste(Image.fromarray(rgb), (x, y))
+            sheet.paste(Image.fromarray(lut[mask]), (x + size, y))
+    y = row_h * len(domains)
+    cell = (width - 8) // per_line
+    for i, name in enumerate(legend):
+        x, yy = 4 + (i % per_line) * cell, y + 16 * (i // per_line)
+        draw.rectangle([x, yy + 2, x + 11, yy + 13], fill=palette[name])
+        draw.text((x + 16, yy + 2), name, fill=(0, 0, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if colours is not None:
+        sheet = sheet.quantize(int(colours), method=Image.Quantize.MEDIANCUT)
+    sheet.save(path, optimize=True)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m semla.registry.synth",
+                                     description="Save a contact sheet of synthetic domains.")
+    parser.add_argument("--sheet", type=Path, required=True, help="PNG to write")
+    parser.add_argument("--domains", nargs="+", default=None,
+                        help="domains, one row each (default: the 20 benchmark domains)")
+    parser.add_argument("--n", type=int, default=4, help="image and mask pairs per row")
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--colours", type=int, default=None,
+                        help="reduce the sheet to this many colours (e.g. 256, a smaller file)")
+    args = parser.parse_args(argv)
+    out = contact_sheet(args.domains or benchmark_domains(), args.sheet, n=args.n, size=args.size,
+                        colours=args.colours)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

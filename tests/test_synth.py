@@ -307,6 +307,22 @@ def test_domains_of_a_scene_look_different(scene):
             assert z.max() > 2.0, f"{a} and {b} look alike (max separation {z.max():.2f})"
 
 
+def test_contact_sheet(tmp_path):
+    out = synth.contact_sheet(["clear", "harbour_dusk"], tmp_path / "sheet" / "s.png", n=2, size=32, seed=3)
+    with Image.open(out) as img:
+        assert img.mode == "RGB"
+        width, height = img.size
+        sheet = np.asarray(img)
+    assert width > 4 * 32 and height > 2 * 32
+    rgb, _ = synth.render("harbour_dusk", 3, 1, 32)
+    assert any(np.array_equal(sheet[y:y + 32, x:x + 32], rgb) for y in range(height - 31) for x in range(width - 31)
+               if (sheet[y, x] == rgb[0, 0]).all())
+    assert synth.main(["--sheet", str(tmp_path / "m.png"), "--domains", "indoor", "--n", "1", "--size", "16",
+                       "--colours", "64"]) == 0
+    with Image.open(tmp_path / "m.png") as img:
+        assert img.mode == "P" and len(img.getcolors()) <= 64
+
+
 # --- write_dataset ------------------------------------------------------------------
 
 
