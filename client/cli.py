@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from semla.client import audit
+from semla.client.audit import EXIT_FLAGGED
 from semla.registry._cli import EXIT_OK, run
 from semla.schemas.errors import InvalidInputError
 
@@ -19,7 +21,8 @@ Typical flow:
   semla-client keygen --out owner.key
   semla-client register --registry URL --key owner.key --token ADMIN_TOKEN
   semla-client synth --domain fog --n 60 --seed 1 --out ./private
-  semla-client train --data ./private --out ./fog-bundle --name fog
+  semla-client train --data ./private --out ./fog-bundle --name fog [--dp-epsilon 4]
+  semla-client audit ./fog-bundle          # every byte a publish would send; flags what should not
   semla-client publish ./fog-bundle --registry URL --key owner.key
 """
 
@@ -72,14 +75,16 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr, batch_size=args.batch, seed=args.seed,
         version=args.version, min_samples=args.min_samples, centroids=args.centroids, domain=args.domain,
+        dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta,
     )
     if args.out.exists():
         raise InvalidInputError(f"{args.out} already exists; choose a new --out")
     device = resolve_device(args.device)
     base = load_base(args.base, args.pretrained, device=device)
     manifest = train_adapter(args.data, args.out, args.name, config, base=base, progress=True)
+    dp = f", DP epsilon {manifest.privacy.epsilon:g} delta {manifest.privacy.delta:g}" if args.dp_epsilon else ""
     print(f"wrote unsigned bundle {args.out} ({manifest.name} v{manifest.version}, "
-          f"{manifest.sample_count} samples, rank {manifest.rank})")
+          f"{manifest.sample_count} samples, rank {manifest.rank}{dp})")
     return EXIT_OK
 
 
@@ -87,7 +92,8 @@ def _sign(args: argparse.Namespace) -> int:
     from semla.registry import keys
     from semla.registry.bundle import sign_bundle
 
-    manifest = sign_bundle(args.bundle, keys.load_private_key(args.key), version=args.version)
+    manifest = sign_bundle(args.bundle, keys.load_private_key(args.key), version=args.version,
+                           min_samples=args.min_samples)
     print(f"signed {manifest.name} v{manifest.version} with key {manifest.publisher}")
     return EXIT_OK
 
@@ -99,10 +105,11 @@ def _publish(args: argparse.Namespace) -> int:
 
     key = keys.load_private_key(args.key) if args.key else None
     with RegistryClient(args.registry) as client:
-        result = publish_bundle(args.bundle, client, key=key, dry_run=args.dry_run)
+        result = publish_bundle(args.bundle, client, key=key, dry_run=args.dry_run, min_samples=args.min_samples)
     if args.dry_run:
         print("dry run: nothing was sent. An upload would send exactly:")
-        print("\n".join(result))
+        print("\n".join(result.lines()))
+        return EXIT_OK if result.ok else EXIT_FLAGGED
     else:
         print(f"published {result.name} v{result.version} (publisher {result.publisher}, "
               f"manifest {result.manifest_sha256[:16]})")
@@ -172,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, default=1, help="adapter version, > the last published (default 1)")
     p.add_argument("--centroids", type=int, default=1, help="retrieval centroids, 1 or k-means up to 8 (default 1)")
     p.add_argument("--min-samples", type=int, default=50, help="refuse fewer images than this (default 50)")
+    p.add_argument("--dp-epsilon", type=float, default=None, metavar="E",
+                   help="Gaussian DP on the centroid and sample count with this epsilon (k = 1 centroid only; "
+                   "analytic Gaussian mechanism, unit-norm clipping); default: published exactly")
+    p.add_argument("--dp-delta", type=float, default=1e-5, metavar="D", help="DP delta (default 1e-5)")
     p.add_argument("--domain", help="domain description to publish (default: from DIR/domain.json or the name)")
     p.add_argument("--base", default="semla-tiny", help="base model architecture (default semla-tiny)")
     p.add_argument("--pretrained", default=None,
@@ -183,13 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path, help="bundle directory")
     p.add_argument("--key", type=Path, required=True, help="your private key file")
     p.add_argument("--version", type=int, default=None, help="set a new version before signing")
+    p.add_argument("--min-samples", type=int, default=50, help="refuse a centroid of fewer samples (default 50)")
     p.set_defaults(func=_sign)
 
     p = sub.add_parser("publish", help="verify a bundle locally and upload it to a registry")
     p.add_argument("bundle", type=Path, help="bundle directory")
     p.add_argument("--registry", required=True, help="registry URL")
     p.add_argument("--key", type=Path, help="sign with this key first")
-    p.add_argument("--dry-run", action="store_true", help="print every file and field that would be sent; send nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print every file and field that would be sent (the audit listing) and send nothing; "
+                   f"exit {EXIT_FLAGGED} when something is flagged")
+    p.add_argument("--min-samples", type=int, default=50, help="refuse a centroid of fewer samples (default 50)")
     p.set_defaults(func=_publish)
 
     p = sub.add_parser("revoke", help="revoke one of your published adapter versions (signed request)")
@@ -204,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", type=Path, required=True, help="the old private key")
     p.add_argument("--new-key", type=Path, required=True, help="the new private key (make it with keygen)")
     p.set_defaults(func=_rotate_key)
+
+    audit.add_parser(sub)
     return parser
 
 
