@@ -82,21 +82,25 @@ __all__ = [
 
 #: Exit code of ``semla-client audit`` (and ``publish --dry-run``) when something is flagged.
 EXIT_FLAGGED = 3
-#: Shortest base64 run reported (a sha256 in hex is 64 characters; 120 base64 chars = 90 bytes).
+#: Shortest base64 run reported as a blob (a sha256 in hex is 64 characters; 120 base64
+#: characters = 90 bytes). Shorter runs are still decoded and flagged when they hold an image.
 MIN_BASE64_RUN = 120
 #: Identity strings shorter than this are not searched for (too many chance hits).
 MIN_NEEDLE = 3
 
-_IMAGE_SIGNATURES = re.compile(
-    rb"(?P<png>\x89PNG\r\n\x1a\n)"
-    rb"|(?P<jpeg>\xff\xd8\xff[\xe0-\xef]..(?:JFIF|JFXX|Exif))"
-    rb"|(?P<gif>GIF8[79]a)"
-    rb"|(?P<tiff>II\*\x00\x08\x00\x00\x00|MM\x00\*\x00\x00\x00\x08)"
-    rb"|(?P<webp>RIFF....WEBPVP8)"
-    rb"|(?P<exif>Exif\x00\x00)",
-    re.DOTALL,
+#: (kind, a fixed prefix found with bytes.find, a pattern confirming it or None). Long enough
+#: that float tensor data does not produce them by chance.
+_IMAGE_SIGNATURES = (
+    ("png", b"\x89PNG\r\n\x1a\n", None),
+    ("jpeg", b"\xff\xd8\xff", re.compile(rb"\xff\xd8\xff[\xe0-\xef]..(?:JFIF|JFXX|Exif)", re.DOTALL)),
+    ("gif", b"GIF8", re.compile(rb"GIF8[79]a")),
+    ("tiff", b"II*\x00\x08\x00\x00\x00", None),
+    ("tiff", b"MM\x00*\x00\x00\x00\x08", None),
+    ("webp", b"RIFF", re.compile(rb"RIFF....WEBPVP8", re.DOTALL)),
+    ("exif", b"Exif\x00\x00", None),
 )
-_BASE64_RUN = re.compile(rb"[A-Za-z0-9+/]{%d,}={0,2}" % MIN_BASE64_RUN)
+_WORD_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_")
+_BASE64_RUN = re.compile(rb"[A-Za-z0-9+/]{16,}={0,2}")
 _DATA_URI = re.compile(r"data:[a-z]+/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 #: Absolute POSIX paths of two or more components, ~/..., C:\..., \\server\..., file:// URLs.
 _PATH = re.compile(
@@ -271,8 +275,12 @@ def _clip(text: str, n: int = 60) -> str:
 def _images(data: bytes) -> dict[str, int]:
     """Image signature kind → offset of its first occurrence in ``data``."""
     found: dict[str, int] = {}
-    for match in _IMAGE_SIGNATURES.finditer(data):
-        found.setdefault(match.lastgroup or "image", match.start())
+    for kind, prefix, confirm in _IMAGE_SIGNATURES:
+        at = data.find(prefix)
+        while at != -1 and confirm is not None and not confirm.match(data, at):
+            at = data.find(prefix, at + 1)
+        if at != -1:
+            found[kind] = min(at, found.get(kind, at))
     return found
 
 
@@ -288,18 +296,27 @@ def _scan_base64(flags: _Flags, file: str, place: str, data: bytes) -> None:
         if kinds:
             flags.add("image_data", file, place, f"base64 run {head}... decodes to {', '.join(sorted(kinds))} "
                       "image data", head)
-        else:
+        elif len(run) >= MIN_BASE64_RUN:
             flags.add("base64_blob", file, place, f"a base64 run of {len(run)} characters ({head}...)", head)
 
 
-def _needle(text: str) -> re.Pattern[bytes]:
-    return re.compile(rb"(?<![A-Za-z0-9_])" + re.escape(text.encode()) + rb"(?![A-Za-z0-9_])", re.IGNORECASE)
+def _has_word(lowered: bytes, word: str) -> bool:
+    """Whether ``word`` occurs in ``lowered`` (lower-cased bytes) not inside a longer word."""
+    needle = word.lower().encode()
+    at = lowered.find(needle)
+    while at != -1:
+        end = at + len(needle)
+        if (at == 0 or lowered[at - 1] not in _WORD_BYTES) and (end == len(lowered) or lowered[end] not in _WORD_BYTES):
+            return True
+        at = lowered.find(needle, at + 1)
+    return False
 
 
 def _scan_identity(flags: _Flags, file: str, place: str, data: bytes, identity: Identity) -> None:
+    lowered = data.lower()
     for code, values in (("home_dir", identity.homes), ("user_name", identity.users), ("host_name", identity.hosts)):
         for value in values:
-            if _needle(value).search(data):
+            if _has_word(lowered, value):
                 what = {"home_dir": "home directory", "user_name": "user name", "host_name": "host name"}[code]
                 flags.add(code, file, place, f"this machine's {what} {value!r}", value.lower())
 
