@@ -15,7 +15,8 @@ a refused upload from leaving anything behind:
 
 The privacy ledger is the adapters table itself: each row keeps its manifest's DP ε and δ on
 the centroid, so the charge is committed in the same transaction as the adapter (one row, no
-partial state) and checked under the same lock (concurrent uploads cannot overspend). A
+partial state) and checked under the same lock (concurrent uploads cannot overspend; on
+SQLite the guarantee holds for one server process, the embedded deployment). A
 publisher is a rotation chain of keys: a rotated key's spend carries to its successors.
 Revoking a version refunds nothing (its centroid was public). DP on federated LoRA updates
 (``training.federated.update_privacy``) is not charged: it protects the federation's owners,
