@@ -268,7 +268,7 @@ def dp_centroid(
 
 def published_count(noisy_count: float, floor: int) -> int:
     """The sample count to publish from a noisy count: rounded, at least ``floor``."""
-    return max(int(floor), int(round(noisy_count)))
+    return max(int(floor), round(noisy_count))
 
 
 def check_min_samples(sample_count: int, floor: int, *, what: str = "the centroid") -> None:
