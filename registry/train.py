@@ -37,7 +37,20 @@ from semla.registry.model import DenseClip, load_base, lora_target_modules
 from semla.schemas import Manifest
 from semla.schemas.errors import InvalidInputError
 
-__all__ = ["TrainConfig", "train_adapter", "embed_images", "compute_centroids", "segmentation_loss", "batches"]
+__all__ = [
+    "TrainConfig",
+    "train_adapter",
+    "embed_images",
+    "compute_centroids",
+    "segmentation_loss",
+    "batches",
+    "prepare_tensors",
+    "lora_config",
+    "adapter_config_json",
+    "lora_state",
+    "fit_lora",
+    "write_adapter",
+]
 
 DEFAULT_MIN_SAMPLES = privacy.DEFAULT_MIN_SAMPLES
 
@@ -122,7 +135,8 @@ def segmentation_loss(model: DenseClip, pixels: torch.Tensor, masks: torch.Tenso
     return F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
 
 
-def _prepare(model: DenseClip, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_tensors(model: DenseClip, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised pixels (N, 3, S, S) and class-index masks (N, S, S) at the model's input size."""
     pixels = torch.cat([model.pixels(data.images[i : i + 256]) for i in range(0, len(data), 256)])
     size = (model.image_size, model.image_size)
     masks = torch.stack([
@@ -147,6 +161,117 @@ def _json_safe(value: Any) -> Any:
 
 def _utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def lora_config(model: DenseClip, rank: int, alpha: float) -> peft.LoraConfig:
+    """The peft LoRA configuration every adapter uses: every LoRA target of the image encoder."""
+    return peft.LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=lora_target_modules(model.clip), lora_dropout=0.0, bias="none"
+    )
+
+
+def adapter_config_json(model: DenseClip, config: peft.LoraConfig) -> dict[str, Any]:
+    """``adapter_config.json`` content: the peft config, JSON-safe, target modules in model order."""
+    out = _json_safe(config.to_dict())
+    out["target_modules"] = lora_target_modules(model.clip)  # peft keeps them as an unordered set
+    return out
+
+
+def lora_state(peft_model: peft.PeftModel) -> dict[str, torch.Tensor]:
+    """The LoRA A/B tensors of a peft model (peft names), detached, contiguous, on the CPU."""
+    return {k: v.detach().contiguous().cpu() for k, v in peft.get_peft_model_state_dict(peft_model).items()}
+
+
+def fit_lora(
+    model: DenseClip,
+    peft_model: peft.PeftModel,
+    pixels: torch.Tensor,
+    masks: torch.Tensor,
+    text: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    start: int = 0,
+    total: int | None = None,
+    progress: bool = False,
+    desc: str = "train",
+) -> None:
+    """Run ``steps`` AdamW steps on the LoRA parameters of ``peft_model`` (random horizontal flips).
+
+    The learning rate follows one cosine from ``lr`` to 0 over ``total`` steps (default
+    ``steps``), entered at step ``start``: a federated round continues the schedule where the
+    previous round stopped. The model is left in eval mode.
+    """
+    total = steps if total is None else total
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * (start + s) / total)))
+    model.train()
+    bar = tqdm(batches(len(pixels), min(batch_size, len(pixels)), steps, seed), total=steps, desc=desc,
+               unit="step", disable=not progress, leave=False, mininterval=1.0)
+    try:
+        for idx, gen in bar:
+            x, y = pixels[idx], masks[idx]
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
+            y = torch.where(flip.view(-1, 1, 1).to(y.device), y.flip(-1), y)
+            loss = segmentation_loss(model, x, y, text)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    finally:
+        model.eval()
+
+
+def write_adapter(
+    out: Path,
+    model: DenseClip,
+    state: dict[str, torch.Tensor],
+    adapter_config: dict[str, Any],
+    *,
+    name: str,
+    version: int,
+    vocabulary: list[str],
+    domain: str,
+    centroids: np.ndarray,
+    sample_count: int,
+    privacy: dict[str, Any],
+    training: dict[str, Any],
+) -> Manifest:
+    """Write LoRA tensors as an unsigned bundle with the manifest fields every adapter carries.
+
+    Args:
+        centroids: (k, E) unit vectors in the base model's retrieval space.
+        privacy / training: the manifest's privacy and training blocks.
+
+    Raises:
+        InvalidInputError: ``out`` exists, or the fields do not form a valid manifest.
+    """
+    fields = {
+        "schema_version": 1,
+        "name": name,
+        "version": version,
+        "base_model": model.ref.model_dump(mode="json"),
+        "target_modules": adapter_config["target_modules"],
+        "rank": adapter_config["r"],
+        "alpha": float(adapter_config["lora_alpha"]),
+        "vocabulary": list(vocabulary),
+        "domain": domain,
+        "centroids": {
+            "embedding_model": model.embedding_model,
+            "vectors": [[float(v) for v in row] for row in centroids],
+        },
+        "sample_count": sample_count,
+        "privacy": privacy,
+        "training": training,
+        "created_at": _utc_now(),
+    }
+    weights = save_safetensors(state, metadata={"format": "pt"})
+    return write_bundle(out, weights=weights, adapter_config=adapter_config, manifest_fields=fields)
 
 
 def train_adapter(
@@ -192,57 +317,19 @@ def train_adapter(
                              clip_norm=release.clip_norm)
     with torch.no_grad():
         text = model.encode_classes(data.classes)
-    pixels, masks = _prepare(model, data)
+    pixels, masks = prepare_tensors(model, data)
 
-    targets = lora_target_modules(model.clip)
-    lora_config = peft.LoraConfig(
-        r=config.rank, lora_alpha=config.alpha, target_modules=targets, lora_dropout=0.0, bias="none"
-    )
-    peft_model = peft.get_peft_model(model.clip, lora_config)
+    lora = lora_config(model, config.rank, config.alpha)
+    peft_model = peft.get_peft_model(model.clip, lora)
     try:
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / config.steps)))
-        model.train()
-        bar = tqdm(batches(len(data), min(config.batch_size, len(data)), config.steps, config.seed),
-                   total=config.steps, desc=f"train {name}", unit="step", disable=not progress, leave=False,
-                   mininterval=1.0)
-        for idx, gen in bar:
-            x, y = pixels[idx], masks[idx]
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
-            y = torch.where(flip.view(-1, 1, 1).to(y.device), y.flip(-1), y)
-            loss = segmentation_loss(model, x, y, text)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        model.eval()
-        state = {k: v.detach().contiguous().cpu() for k, v in peft.get_peft_model_state_dict(peft_model).items()}
-        adapter_config = _json_safe(peft_model.peft_config["default"].to_dict())
+        fit_lora(model, peft_model, pixels, masks, text, steps=config.steps, lr=config.lr,
+                 batch_size=config.batch_size, seed=config.seed, progress=progress, desc=f"train {name}")
+        state = lora_state(peft_model)
     finally:
         peft_model.unload()  # leave the caller's base model exactly as it was
         model.eval()
-    adapter_config["target_modules"] = targets
-    weights = save_safetensors(state, metadata={"format": "pt"})
-    fields = {
-        "schema_version": 1,
-        "name": name,
-        "version": config.version,
-        "base_model": model.ref.model_dump(mode="json"),
-        "target_modules": targets,
-        "rank": config.rank,
-        "alpha": float(config.alpha),
-        "vocabulary": list(data.classes),
-        "domain": domain,
-        "centroids": {
-            "embedding_model": model.embedding_model,
-            "vectors": [[float(v) for v in row] for row in centroids],
-        },
-        "sample_count": sample_count,
-        "privacy": privacy_block,
-        "training": {"steps": config.steps, "lr": float(config.lr), "batch_size": config.batch_size, "seed": config.seed},
-        "created_at": _utc_now(),
-    }
-    return write_bundle(out, weights=weights, adapter_config=adapter_config, manifest_fields=fields)
+    return write_adapter(
+        out, model, state, adapter_config_json(model, lora), name=name, version=config.version, vocabulary=data.classes,
+        domain=domain, centroids=centroids, sample_count=sample_count, privacy=privacy_block,
+        training={"steps": config.steps, "lr": float(config.lr), "batch_size": config.batch_size, "seed": config.seed},
+    )
