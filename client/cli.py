@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from semla.client import audit
+from semla.client import audit, federate
 from semla.client.audit import EXIT_FLAGGED
 from semla.registry._cli import EXIT_OK, run
 from semla.schemas.errors import InvalidInputError
@@ -221,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_rotate_key)
 
     audit.add_parser(sub)
+    federate.add_parser(sub)
     return parser
 
 
