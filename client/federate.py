@@ -255,8 +255,9 @@ def serve(
         link = _Child(args, flower_env(work / "superlink"), work / "superlink.log")
         try:
             _wait_listening(link, host, port)
-            dial = "127.0.0.1" if host in ("0.0.0.0", "::") else host
             public = socket.getfqdn() if host in ("0.0.0.0", "::") else host
+            # flwr run dials the name the certificate carries; in plain text, loopback will do
+            dial = public if tls is not None else "127.0.0.1" if host in ("0.0.0.0", "::") else host
             if on_ready is not None:
                 on_ready(f"{public}:{port}")
             _write_app(work / "app", settings)
