@@ -1,0 +1,527 @@
+"""The SemLA benchmark: 20 synthetic domains, leave-one-out, every method, ablations, plots.
+
+Does retrieving and fusing adapters from a library adapt the segmenter to an unseen domain
+without training, better than the base model and better than merging everything?
+
+1. **Adapters, through the real path.** For every domain: render its private training set
+   (its own seeds, :func:`semla.registry.synth.split_seeds`), train with ``semla-client train``,
+   then one data owner per domain makes a key, registers it, signs and publishes to a registry
+   on 127.0.0.1; a node pulls the signed index and downloads and verifies every adapter.
+   Trained bundles are cached in the work dir, so a second run (or one that was interrupted)
+   only trains what is missing.
+2. **Leave-one-out.** For each target domain its own adapter is removed from the library and
+   every method segments the target's held-out test set with the target's class list:
+   ``base`` (no adapter), ``oracle`` (the target's own adapter: the upper bound), ``uniform``
+   (all library adapters at equal weight, exact fusion), ``nearest`` (the single nearest
+   adapter) and ``semla`` (top-k, softmax(-d / T), exact per-image fusion; DESIGN §4 defaults:
+   euclidean, k 5, T 0.05). Reported: mIoU per domain and method, averages, the share of the
+   base→oracle gap that SemLA closes, and on how many domains SemLA beats uniform and nearest.
+3. **Ablations**, averaged over the same leave-one-out targets: top-k, temperature, distance,
+   centroids per adapter (1 vs k-means 4, computed by the same function ``train --centroids 4``
+   uses, from the same training images), fusion (exact vs averaging A and B vs truncated SVD),
+   Gaussian DP on the centroids, and library size (random sub-libraries of 2..19 adapters).
+
+Nothing is tuned on the test sets: every setting is DESIGN §4's default, and the ablations
+only report.
+
+    python benchmarks/semla_benchmark.py            # full: 20 domains (~35 min on 2 CPU cores)
+    python benchmarks/semla_benchmark.py --quick    # 3 domains, few steps, a few minutes
+
+Results: ``benchmarks/results/semla.json`` and PNG plots beside it (``--out-dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from semla.client import cli as client_cli  # noqa: E402
+from semla.client.publish import publish_bundle  # noqa: E402
+from semla.registry import keys, synth  # noqa: E402
+from semla.registry.data import load_dataset, miou  # noqa: E402
+from semla.registry.fusion import LoraAdapter  # noqa: E402
+from semla.registry.http import RegistryClient  # noqa: E402
+from semla.registry.model import load_base  # noqa: E402
+from semla.registry.node import Node, Retrieval  # noqa: E402
+from semla.registry.privacy import dp_centroid  # noqa: E402
+from semla.registry.retrieval import CentroidTable, retrieve_torch  # noqa: E402
+from semla.registry.train import compute_centroids, embed_images  # noqa: E402
+from semla.server.local import local_registry  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("base", "oracle", "uniform", "nearest", "semla")
+FUSIONS = ("exact", "average_ab", "svd")
+QUICK_DOMAINS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    domains: tuple[str, ...]
+    steps: int = 300
+    n_train: int = 100
+    n_test: int = 40
+    top_k: int = 5
+    temperature: float = 0.05
+    distance: str = "euclidean"
+    seed: int = 0
+    top_ks: tuple[int, ...] = (1, 3, 5, 10, 0)  # 0: the whole library
+    temperatures: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+    dp_epsilons: tuple[float, ...] = (8.0, 4.0, 1.0)
+    dp_delta: float = 1e-5
+    library_sizes: tuple[int, ...] = (2, 4, 8, 12, 16, 19)
+    library_draws: int = 3
+    kmeans: int = 4
+
+    def training_key(self, domain: str, base_fingerprint: str) -> str:
+        """What a cached bundle depends on: change any of it and the adapter is retrained."""
+        train_seed, _ = synth.split_seeds(domain)
+        blob = json.dumps({"domain": domain, "steps": self.steps, "n_train": self.n_train, "seed": self.seed,
+                           "train_seed": train_seed, "base": base_fingerprint}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# -- 1. adapters through the real path -----------------------------------------------------------
+
+
+def train_adapters(cfg: Config, workdir: Path, base_fingerprint: str, progress: bool) -> tuple[dict[str, Path], list[str]]:
+    """Train (or reuse) one bundle per domain with ``semla-client train``: (bundles, domains trained now)."""
+    bundles: dict[str, Path] = {}
+    todo = []
+    for domain in cfg.domains:
+        out = workdir / "bundles" / f"{domain}-{cfg.training_key(domain, base_fingerprint)}"
+        bundles[domain] = out
+        if not (out / "manifest.json").is_file():
+            todo.append(domain)
+    bar = tqdm(todo, desc="train adapters", unit="adapter", disable=not progress or not todo)
+    for domain in bar:
+        bar.set_postfix(domain=domain)
+        data = workdir / "data" / domain
+        if data.exists():
+            shutil.rmtree(data)
+        synth.write_dataset(domain, cfg.n_train, synth.split_seeds(domain)[0], data)
+        tmp = bundles[domain].with_name(bundles[domain].name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        argv = ["train", "--data", str(data), "--out", str(tmp), "--name", domain, "--steps", str(cfg.steps),
+                "--seed", str(cfg.seed), "--domain", synth.get_domain(domain).description]
+        with contextlib.redirect_stdout(io.StringIO()):
+            rc = client_cli.main(argv)
+        if rc != 0:
+            raise SystemExit(f"semla-client train failed for {domain} (exit {rc})")
+        tmp.replace(bundles[domain])
+    return bundles, todo
+
+
+def publish_all(bundles: dict[str, Path], client: RegistryClient, token: str, workdir: Path) -> None:
+    """One data owner per domain: a key (kept in the work dir), registered, signs and publishes."""
+    for domain, bundle in bundles.items():
+        (workdir / "keys").mkdir(exist_ok=True)
+        key = keys.load_or_create_key(workdir / "keys" / f"{domain}.key")
+        client.register_key(keys.public_bytes(key).hex(), token, label=f"{domain} owner")
+        publish_bundle(bundle, client, key=key)
+
+
+# -- 2. evaluation ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Target:
+    """One domain's held-out test set, ready for the model."""
+
+    classes: list[str]
+    pixels: torch.Tensor  # (B, 3, S, S)
+    query: torch.Tensor  # (B, D) frozen-base retrieval embeddings
+    text: torch.Tensor  # (C, E)
+    masks: list[np.ndarray]
+
+
+class Bench:
+    """The pulled library plus the test sets; every method is a weight matrix over the library."""
+
+    def __init__(self, node: Node, cfg: Config, workdir: Path) -> None:
+        self.node, self.cfg = node, cfg
+        self.names = [s.name for s in node.library]
+        self.index = {n: i for i, n in enumerate(self.names)}
+        missing = [d for d in cfg.domains if d not in self.index]
+        if missing:
+            raise SystemExit(f"not in the pulled library: {missing}")
+        self.adapters = {d: node.adapter(node.library[self.index[d]]) for d in cfg.domains}
+        self.centroids = {d: np.asarray(node.library[self.index[d]].centroids, dtype=np.float32)
+                          for d in cfg.domains}
+        self.targets: dict[str, Target] = {}
+        for d in cfg.domains:
+            _, test_seed = synth.split_seeds(d)
+            images, masks = zip(*(synth.render(d, test_seed, i) for i in range(cfg.n_test)))
+            classes = list(synth.get_scene(synth.get_domain(d).scene).classes)
+            pixels, query = node.embed(list(images))
+            self.targets[d] = Target(classes, pixels, query, node.text(classes), list(masks))
+        self.workdir = workdir
+
+    def library(self, target: str, pool: Sequence[str] | None = None) -> list[str]:
+        """Leave-one-out: every benchmarked domain but the target (or a given sub-library)."""
+        return [d for d in (pool if pool is not None else self.cfg.domains) if d != target]
+
+    # one forward per (target, weights) ------------------------------------------------------
+    @torch.no_grad()
+    def miou(self, target: str, lib: Sequence[str] | None, idx: torch.Tensor | None = None,
+             weights: torch.Tensor | None = None, fusion: str = "exact") -> float:
+        """mIoU on the target's test set; ``idx``/``weights`` (B, k) index into ``lib``."""
+        t = self.targets[target]
+        if lib is None:  # the base model
+            dense = self.node.fused_dense(t.pixels, None)
+        elif fusion == "exact":
+            lib_idx = torch.tensor([self.index[d] for d in lib])[idx]
+            dense = self.node.fused_dense(t.pixels, Retrieval(lib_idx, torch.zeros_like(weights), weights))
+        else:
+            dense = self._approximate(t.pixels, [[self.adapters[lib[j]] for j in row] for row in idx.tolist()],
+                                      weights, fusion)
+        preds = self.node.masks(self.node.logits(dense, [t.text] * len(t.masks)), [m.shape for m in t.masks])
+        return round(miou(preds, t.masks, len(t.classes)), 4)
+
+    def _approximate(self, pixels: torch.Tensor, chosen: list[list[LoraAdapter]], weights: torch.Tensor,
+                     fusion: str) -> torch.Tensor:
+        """The inexact fusions the design rejects, for the ablation: one synthetic adapter per image."""
+        per_image = [_combine(adapters, w.tolist(), fusion) for adapters, w in zip(chosen, weights)]
+        engine = self.node.engine
+        engine.unmerge()
+        engine.set_mixture(per_image, torch.eye(len(per_image)), layout="gather")
+        try:
+            return self.node.base.encode_dense(pixels)
+        finally:
+            engine.clear()
+
+    def retrieve(self, target: str, lib: Sequence[str], *, top_k: int | None = None, temperature: float | None = None,
+                 distance: str | None = None, centroids: dict[str, np.ndarray] | None = None):
+        cfg = self.cfg
+        cents = centroids or self.centroids
+        table = CentroidTable.from_lists([cents[d] for d in lib])
+        k = top_k or len(lib)
+        idx, _, weights = retrieve_torch(self.targets[target].query, table, top_k=min(k, len(lib)),
+                                         temperature=temperature or cfg.temperature,
+                                         distance=distance or cfg.distance)
+        return idx, weights
+
+    def semla(self, target: str, lib: Sequence[str] | None = None, fusion: str = "exact", **kw) -> float:
+        lib = lib if lib is not None else self.library(target)
+        kw.setdefault("top_k", self.cfg.top_k)
+        idx, weights = self.retrieve(target, lib, **kw)
+        return self.miou(target, lib, idx, weights, fusion)
+
+    def methods(self, target: str) -> dict[str, float]:
+        lib = self.library(target)
+        n, b = len(lib), len(self.targets[target].masks)
+        everything = torch.arange(n).expand(b, n)
+        return {
+            "base": self.miou(target, None),
+            "oracle": self.miou(target, [target], torch.zeros(b, 1, dtype=torch.long), torch.ones(b, 1)),
+            "uniform": self.miou(target, lib, everything, torch.full((b, n), 1.0 / n)),
+            "nearest": self.semla(target, lib, top_k=1),
+            "semla": self.semla(target, lib),
+        }
+
+
+def _combine(adapters: Sequence[LoraAdapter], weights: Sequence[float], fusion: str) -> LoraAdapter:
+    """Average A and B separately (LoRAX / peft ``linear`` style), or truncate the exact sum by SVD."""
+    modules = sorted(set().union(*(a.A for a in adapters)))
+    A, B = {}, {}
+    for m in modules:
+        held = [(a, w) for a, w in zip(adapters, weights) if m in a.A]
+        if fusion == "average_ab":  # s is shared: every benchmark adapter has the same rank and alpha
+            A[m] = sum(w * a.A[m] for a, w in held)
+            B[m] = sum(w * a.B[m] for a, w in held)
+        elif fusion == "svd":  # best rank-r approximation of sum w s B A, r = the adapters' rank
+            delta = sum(w * a.delta(m) for a, w in held)
+            r = held[0][0].A[m].shape[0]
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+            B[m], A[m] = u[:, :r] * s[:r], vh[:r]
+        else:
+            raise ValueError(f"unknown fusion {fusion!r}; valid: {', '.join(FUSIONS)}")
+    scale = adapters[0].scale if fusion == "average_ab" else 1.0
+    return LoraAdapter(key=f"{fusion}:" + "+".join(a.key for a in adapters), scale=scale, A=A, B=B)
+
+
+def kmeans_centroids(cfg: Config, workdir: Path, node: Node) -> dict[str, np.ndarray]:
+    """k-means centroids from each domain's training images (what ``train --centroids k`` publishes)."""
+    out = {}
+    for d in cfg.domains:
+        data = workdir / "data" / d
+        if not data.is_dir():
+            synth.write_dataset(d, cfg.n_train, synth.split_seeds(d)[0], data)
+        emb = embed_images(node.base, load_dataset(data).images)
+        out[d] = compute_centroids(emb, k=cfg.kmeans, seed=cfg.seed)
+    return out
+
+
+def dp_centroids(cfg: Config, workdir: Path, node: Node, epsilon: float) -> dict[str, np.ndarray]:
+    """Each domain's centroid as ``train --dp-epsilon`` publishes it (seeded noise)."""
+    out = {}
+    for i, d in enumerate(cfg.domains):
+        emb = embed_images(node.base, load_dataset(workdir / "data" / d).images).double().numpy()
+        rng = np.random.default_rng([cfg.seed, i, int(epsilon * 1000)])
+        out[d] = np.asarray(dp_centroid(emb, epsilon, cfg.dp_delta, rng=rng).centroid, dtype=np.float32)[None]
+    return out
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return round(float(np.mean(values)), 4) if values else float("nan")
+
+
+def run_ablations(bench: Bench, cfg: Config, workdir: Path, progress: bool) -> dict:
+    targets = list(cfg.domains)
+    each = lambda fn: _mean(fn(t) for t in targets)  # noqa: E731
+    steps = (len(cfg.top_ks) + len(cfg.temperatures) + 2 + 2 + len(FUSIONS) + len(cfg.dp_epsilons)
+             + len(cfg.library_sizes))
+    bar = tqdm(total=steps, desc="ablations", disable=not progress)
+
+    def tick(result):
+        bar.update()
+        return result
+
+    ab: dict = {}
+    ab["top_k"] = {str(k or "all"): tick(each(lambda t: bench.semla(t, top_k=k or None))) for k in cfg.top_ks}
+    ab["temperature"] = {str(T): tick(each(lambda t: bench.semla(t, temperature=T))) for T in cfg.temperatures}
+    ab["distance"] = {d: tick(each(lambda t: bench.semla(t, distance=d))) for d in ("euclidean", "cosine")}
+    km = kmeans_centroids(cfg, workdir, bench.node)
+    ab["centroids"] = {"1": tick(each(lambda t: bench.semla(t))),
+                       f"kmeans-{cfg.kmeans}": tick(each(lambda t: bench.semla(t, centroids=km)))}
+    ab["fusion"] = {f: tick(each(lambda t: bench.semla(t, fusion=f))) for f in FUSIONS}
+    ab["dp_centroids"] = {"inf": ab["centroids"]["1"]}
+    for eps in cfg.dp_epsilons:
+        cents = dp_centroids(cfg, workdir, bench.node, eps)
+        ab["dp_centroids"][str(eps)] = tick(each(lambda t: bench.semla(t, centroids=cents)))
+    rng = np.random.default_rng(cfg.seed)
+    sizes = {}
+    for m in cfg.library_sizes:
+        if m > len(targets) - 1:
+            bar.update()
+            continue
+        scores = []
+        for t in targets:
+            others = bench.library(t)
+            for _ in range(cfg.library_draws):
+                pool = list(rng.choice(others, size=m, replace=False))
+                scores.append(bench.semla(t, pool))
+        sizes[str(m)] = tick(_mean(scores))
+    ab["library_size"] = sizes
+    bar.close()
+    return ab
+
+
+# -- 3. report -------------------------------------------------------------------------------------
+
+
+def summarise(per_domain: dict[str, dict[str, float]]) -> dict:
+    doms = list(per_domain)
+    avg = {m: _mean(per_domain[d][m] for d in doms) for m in METHODS}
+    gaps = {}
+    for d in doms:
+        r = per_domain[d]
+        gap = r["oracle"] - r["base"]
+        gaps[d] = round((r["semla"] - r["base"]) / gap, 4) if gap > 1e-9 else None
+    valid = [g for g in gaps.values() if g is not None]
+    beats_u = [d for d in doms if per_domain[d]["semla"] > per_domain[d]["uniform"]]
+    beats_n = [d for d in doms if per_domain[d]["semla"] > per_domain[d]["nearest"]]
+    whole_gap = avg["oracle"] - avg["base"]
+    return {
+        "average_miou": avg,
+        "gap_closed_per_domain": gaps,
+        "gap_closed_mean_of_domains": _mean(valid),
+        "gap_closed_of_averages": round((avg["semla"] - avg["base"]) / whole_gap, 4) if whole_gap > 1e-9 else None,
+        "semla_beats_uniform": len(beats_u),
+        "semla_beats_nearest": len(beats_n),
+        "semla_beats_both": len(set(beats_u) & set(beats_n)),
+        "domains": len(doms),
+        "goal": "SemLA closes >= 70 % of the base->oracle gap on average and beats uniform and nearest "
+                "on >= 16 of 20 domains",
+    }
+
+
+def plot(results: dict, bench: Bench, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    doms = list(results["per_domain"])
+    written = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+
+    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(doms) + 3), 4.2))
+    width = 0.8 / len(METHODS)
+    for j, m in enumerate(METHODS):
+        ax.bar(np.arange(len(doms)) + (j - 2) * width, [results["per_domain"][d][m] for d in doms], width, label=m)
+    ax.set_xticks(np.arange(len(doms)), doms, rotation=60, ha="right")
+    ax.set_ylabel("mIoU (held-out test set)")
+    ax.set_title("Leave-one-out: each domain's own adapter removed from the library")
+    ax.legend(ncol=5, fontsize=8)
+    save(fig, "semla_per_domain.png")
+
+    gaps = results["summary"]["gap_closed_per_domain"]
+    fig, ax = plt.subplots(figsize=(max(8, 0.5 * len(doms) + 3), 3.6))
+    vals = [gaps[d] if gaps[d] is not None else 0.0 for d in doms]
+    ax.bar(doms, vals, color=["tab:green" if v >= 0.7 else "tab:orange" for v in vals])
+    ax.axhline(0.7, color="k", ls="--", lw=1, label="goal 0.7")
+    ax.axhline(1.0, color="grey", ls=":", lw=1)
+    ax.set_ylabel("share of base→oracle gap closed")
+    ax.tick_params(axis="x", rotation=60)
+    plt.setp(ax.get_xticklabels(), ha="right")
+    ax.legend(fontsize=8)
+    save(fig, "semla_gap_closed.png")
+
+    ab = results["ablations"]
+    panels = [(k, v) for k, v in ab.items() if v]
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (name, values) in zip(axes.flat, panels):
+        keys_, ys = list(values), list(values.values())
+        if name in ("temperature", "library_size"):
+            ax.plot([float(k) for k in keys_], ys, marker="o")
+            if name == "temperature":
+                ax.set_xscale("log")
+        else:
+            ax.bar(keys_, ys, color="tab:blue")
+            ax.tick_params(axis="x", rotation=30)
+            lo = min(ys + [results["summary"]["average_miou"]["base"]])
+            ax.set_ylim(max(0.0, lo - 0.05), max(ys + [results["summary"]["average_miou"]["oracle"]]) + 0.02)
+        ax.axhline(results["summary"]["average_miou"]["base"], color="grey", ls=":", lw=1, label="base")
+        ax.axhline(results["summary"]["average_miou"]["oracle"], color="tab:green", ls=":", lw=1, label="oracle")
+        ax.set_title(name.replace("_", " "), fontsize=9)
+    axes[0, 0].set_ylabel("mean mIoU (leave-one-out)")
+    axes[0, 0].legend(fontsize=7)
+    save(fig, "semla_ablations.png")
+
+    cents = np.stack([bench.centroids[d][0] for d in doms])
+    queries = [bench.targets[d].query.cpu().numpy() for d in doms]
+    mean = cents.mean(0)
+    _, _, vh = np.linalg.svd(cents - mean, full_matrices=False)
+    proj = lambda x: (x - mean) @ vh[:2].T  # noqa: E731
+    scenes = sorted({synth.get_domain(d).scene for d in doms})
+    colours = {s: plt.get_cmap("tab10")(i) for i, s in enumerate(scenes)}
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    for d, q in zip(doms, queries):
+        c = colours[synth.get_domain(d).scene]
+        p = proj(q)
+        ax.scatter(p[:, 0], p[:, 1], s=4, color=c, alpha=0.25)
+    p = proj(cents)
+    for d, (x, y) in zip(doms, p):
+        ax.scatter([x], [y], s=60, color=colours[synth.get_domain(d).scene], edgecolor="k", zorder=3)
+        ax.annotate(d, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for s, c in colours.items():
+        ax.scatter([], [], color=c, label=s)
+    ax.legend(fontsize=8, title="scene")
+    ax.set_title("Centroids (large) and test-image embeddings (small), PCA", fontsize=10)
+    save(fig, "semla_centroids.png")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"first {QUICK_DOMAINS} benchmark domains, 30 steps, small sets: minutes, for smoke tests")
+    parser.add_argument("--domains", help="comma-separated domains (default: the 20 of synth.benchmark_domains())")
+    parser.add_argument("--steps", type=int, help="training steps per adapter (default 300; quick 30)")
+    parser.add_argument("--n-train", type=int, help="training images per domain (default 100; quick 50)")
+    parser.add_argument("--n-test", type=int, help="held-out test images per domain (default 40; quick 8)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/semla-benchmark"),
+                        help="cached data, adapters and keys (reused across runs)")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results",
+                        help="where semla.json and the plots go")
+    parser.add_argument("--json-name", default=None, help="results file name (default semla.json; quick semla-quick.json)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--no-ablations", action="store_true", help="skip the ablations")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+
+    domains = args.domains.split(",") if args.domains else synth.benchmark_domains()
+    if args.quick and not args.domains:
+        domains = domains[:QUICK_DOMAINS]
+    quick = dict(steps=30, n_train=50, n_test=8) if args.quick else {}
+    over = {k: v for k, v in (("steps", args.steps), ("n_train", args.n_train), ("n_test", args.n_test)) if v}
+    for d in domains:
+        try:
+            synth.get_domain(d)
+        except KeyError as exc:
+            parser.error(exc.args[0])  # lists the valid names
+    if len(domains) < 2:
+        parser.error("leave-one-out needs at least two domains")
+    cfg = Config(domains=tuple(domains), **{**quick, **over})
+    if args.quick:
+        cfg = dataclasses.replace(cfg, library_sizes=tuple(s for s in (1, 2) if s < len(domains)), library_draws=1,
+                                  top_ks=(1, 0), temperatures=(0.05, 1.0), dp_epsilons=(1.0,))
+    progress = not args.quiet
+    workdir = args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+
+    base = load_base()
+    bundles, trained = train_adapters(cfg, workdir, base.ref.fingerprint, progress)
+    t_train = time.perf_counter() - t0
+    for sub in ("registry", "node-cache"):
+        shutil.rmtree(workdir / sub, ignore_errors=True)
+    token = os.urandom(16).hex()
+    with local_registry(workdir / "registry", token, log=workdir / "server.log") as url:
+        client = RegistryClient(url)
+        publish_all(bundles, client, token, workdir)
+        node = Node(client, base=base, cache_dir=workdir / "node-cache")
+        node.pull()
+        bench = Bench(node, cfg, workdir)  # downloads and verifies every adapter
+    results: dict = {
+        "config": {**dataclasses.asdict(cfg), "base_fingerprint": node.base.ref.fingerprint,
+                   "seeds": {d: dict(zip(("train", "test"), synth.split_seeds(d))) for d in cfg.domains},
+                   "classes": {d: bench.targets[d].classes for d in cfg.domains}},
+        "per_domain": {},
+    }
+    for target in tqdm(cfg.domains, desc="leave-one-out", disable=not progress):
+        results["per_domain"][target] = bench.methods(target)
+    results["summary"] = summarise(results["per_domain"])
+    results["ablations"] = {} if args.no_ablations else run_ablations(bench, cfg, workdir, progress)
+    results["plots"] = [] if args.no_plots else plot(results, bench, args.out_dir)
+    results["command"] = ("python benchmarks/semla_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    results["machine"] = {"device": str(node.device), "threads": torch.get_num_threads(),
+                          "platform": platform.platform(), "torch": torch.__version__}
+    results["seconds"] = {"training": round(t_train, 1), "total": round(time.perf_counter() - t0, 1)}
+    results["trained_this_run"] = trained  # the rest came from the work dir's cache
+    name = args.json_name or ("semla-quick.json" if args.quick else "semla.json")
+    (args.out_dir / name).write_text(json.dumps(results, indent=2) + "\n")
+    s = results["summary"]
+    print(f"{'domain':14s}" + "".join(f"{m:>9s}" for m in METHODS))
+    for d, r in results["per_domain"].items():
+        print(f"{d:14s}" + "".join(f"{r[m]:9.3f}" for m in METHODS))
+    print(f"{'average':14s}" + "".join(f"{s['average_miou'][m]:9.3f}" for m in METHODS))
+    print(f"gap closed: {s['gap_closed_of_averages']} of the averages, {s['gap_closed_mean_of_domains']} mean per domain; "
+          f"SemLA beats uniform on {s['semla_beats_uniform']}/{s['domains']}, nearest on "
+          f"{s['semla_beats_nearest']}/{s['domains']}, both on {s['semla_beats_both']}")
+    print(f"results in {args.out_dir / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
