@@ -201,6 +201,7 @@ class _LoraStrategy(Strategy):
         self.total: fed.Contribution | None = None
         self.participants: set[int] = set()
         self.rounds_done = 0
+        self.asked: dict[int, int] = {}  # round -> owners sampled
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return ndarrays_to_parameters(_ndarrays(self.state))
@@ -218,6 +219,7 @@ class _LoraStrategy(Strategy):
         if config.secure_aggregation and k > MAX_SECURE_PARTICIPANTS:
             k = MAX_SECURE_PARTICIPANTS
         clients = client_manager.sample(k, min_num_clients=config.min_clients)
+        self.asked[server_round] = len(clients)
         fit_config = {"round": server_round, "participants": len(clients), "fingerprint": self.fingerprint}
         log(_INFO, "round %d/%d: %d owners", server_round, config.rounds, len(clients))
         return [(c, FitIns(parameters, dict(fit_config))) for c in clients]
@@ -225,9 +227,15 @@ class _LoraStrategy(Strategy):
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict]:
         config, scales = self.settings.config, wire_scales(self.settings)
-        if failures and config.secure_aggregation and config.dp is not None:
-            raise SemlaError(f"round {server_round}: {len(failures)} owner(s) dropped out; the distributed DP "
+        missing = self.asked.get(server_round, len(results)) - len(results)
+        # a timed-out owner shows up in neither list: count against what configure_fit asked for
+        if missing > 0 and config.secure_aggregation and config.dp is not None:
+            raise SemlaError(f"round {server_round}: {missing} owner(s) dropped out; the distributed DP "
                              "noise was calibrated for all participants, so the round is discarded",
+                             code="federation_failed")
+        if missing > 0 and server_round == config.rounds:
+            raise SemlaError(f"final round: {missing} owner(s) dropped out; the published centroid and sample "
+                             "count must cover every owner asked, so the round is discarded",
                              code="federation_failed")
         if len(results) < config.min_clients:
             reasons = "; ".join(sorted({_reason(f) for f in failures}))

@@ -191,6 +191,22 @@ def test_a_host_name_in_safetensors_metadata_is_flagged(files, key):
     assert "header metadata: format=\"pt\", host=\"build-host-7\"" in "\n".join(report.lines())
 
 
+def test_a_short_user_name_that_tensor_bytes_spell_by_chance_is_not_flagged(files, key):
+    # " bob " spelled by the bytes of a LoRA tensor: chance, not a leak (3-letter names do occur
+    # in megabytes of random floats); the same name in the header is still found
+    chance = np.frombuffer(b" bob  bob  bob  bob ", dtype=np.float32).reshape(1, 5)
+    module = next(iter(bundle_factory.MODULES))
+    fan_in = bundle_factory.MODULES[module][0]
+    a = np.zeros((4, fan_in), dtype=np.float32)
+    a[0, :5] = chance
+    bob = Identity(users=("bob",), homes=(), hosts=())
+    clean = _weights_with(files, key, extra_tensors={f"base_model.model.{module}.lora_A.weight": a})
+    assert b" bob " in clean[ADAPTER_WEIGHTS_FILE]
+    assert "user_name" not in codes(audit_files(clean, identity=bob))
+    named = _weights_with(files, key, metadata={"format": "pt", "owner": "bob"})
+    assert "user_name" in codes(audit_files(named, identity=bob))
+
+
 def test_a_png_is_flagged_inside_any_file_raw_or_base64(files, key, tmp_path):
     png = png_bytes()
     in_config = audit_files(_config_with(files, key, notes=base64.b64encode(png).decode()), identity=ME)
@@ -299,7 +315,8 @@ def test_train_with_dp_then_audit_on_the_command_line(tmp_path, fog_data):
     report = json.loads(audit.stdout)
     assert report["summary"]["privacy"] == {"mechanism": "gaussian", "epsilon": 4.0, "delta": 1e-5,
                                             "clip_norm": 1.0, "min_samples": 50}
-    assert audit.returncode == (0 if report["ok"] else EXIT_FLAGGED)
+    assert report["ok"], report["flags"]  # a freshly trained bundle carries nothing to flag
+    assert audit.returncode == 0
     refused = subprocess.run([str(bin_dir / "semla-client"), "train", "--data", str(fog_data), "--out",
                               str(tmp_path / "km"), "--name", "fog", "--dp-epsilon", "4", "--centroids", "2"],
                              capture_output=True, text=True, timeout=300, env=env, check=False)
