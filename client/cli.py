@@ -9,6 +9,7 @@ from pathlib import Path
 from semla.client import audit, federate
 from semla.client.audit import EXIT_FLAGGED
 from semla.registry._cli import EXIT_OK, run
+from semla.registry.privacy import DEFAULT_MIN_SAMPLES
 from semla.schemas.errors import InvalidInputError
 
 __all__ = ["main", "build_parser"]
@@ -178,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--version", type=int, default=1, help="adapter version, > the last published (default 1)")
     p.add_argument("--centroids", type=int, default=1, help="retrieval centroids, 1 or k-means up to 8 (default 1)")
-    p.add_argument("--min-samples", type=int, default=50, help="refuse fewer images than this (default 50)")
+    p.add_argument("--min-samples", type=int, default=DEFAULT_MIN_SAMPLES,
+                   help=f"refuse fewer images than this (default {DEFAULT_MIN_SAMPLES})")
     p.add_argument("--dp-epsilon", type=float, default=None, metavar="E",
                    help="Gaussian DP on the centroid and sample count with this epsilon (k = 1 centroid only; "
                    "analytic Gaussian mechanism, unit-norm clipping); default: published exactly")
@@ -194,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path, help="bundle directory")
     p.add_argument("--key", type=Path, required=True, help="your private key file")
     p.add_argument("--version", type=int, default=None, help="set a new version before signing")
-    p.add_argument("--min-samples", type=int, default=50, help="refuse a centroid of fewer samples (default 50)")
+    p.add_argument("--min-samples", type=int, default=DEFAULT_MIN_SAMPLES,
+                   help=f"refuse a centroid of fewer samples (default {DEFAULT_MIN_SAMPLES})")
     p.set_defaults(func=_sign)
 
     p = sub.add_parser("publish", help="verify a bundle locally and upload it to a registry")
@@ -204,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print every file and field that would be sent (the audit listing) and send nothing; "
                    f"exit {EXIT_FLAGGED} when something is flagged")
-    p.add_argument("--min-samples", type=int, default=50, help="refuse a centroid of fewer samples (default 50)")
+    p.add_argument("--min-samples", type=int, default=DEFAULT_MIN_SAMPLES,
+                   help=f"refuse a centroid of fewer samples (default {DEFAULT_MIN_SAMPLES})")
     p.set_defaults(func=_publish)
 
     p = sub.add_parser("revoke", help="revoke one of your published adapter versions (signed request)")

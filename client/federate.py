@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 
 from semla.client import federated as fed
 from semla.registry._cli import EXIT_OK
+from semla.registry._net import free_port
 from semla.schemas import Manifest
 from semla.schemas.errors import InvalidInputError, SemlaError
 
@@ -77,12 +78,6 @@ def flower_env(home: Path, **extra: str) -> dict[str, str]:
     env = {**os.environ, **_OFFLINE, "FLWR_HOME": str(home), **extra}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
-
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -334,7 +329,7 @@ def supernode_command(
     if pretrained:
         node_config.append(f"pretrained={quote(pretrained)}")
     args = ["flower-supernode", "--superlink", superlink, "--node-config", " ".join(node_config),
-            "--port", str(runtime_port or _free_port()), "--max-wait-time", str(max_wait)]
+            "--port", str(runtime_port or free_port()), "--max-wait-time", str(max_wait)]
     if insecure:
         args.append("--insecure")
     elif root_certificates is not None:
@@ -441,7 +436,7 @@ def run_loopback(
         def start_owners(address: str) -> None:
             stack.enter_context(_supernodes(address, owner_dirs, Path(tmp), threads))
 
-        return serve(settings, host="127.0.0.1", port=_free_port(), timeout=timeout, on_ready=start_owners, echo=echo)
+        return serve(settings, host="127.0.0.1", port=free_port(), timeout=timeout, on_ready=start_owners, echo=echo)
 
 
 # -- command line -------------------------------------------------------------------------------------
@@ -473,7 +468,7 @@ _TRAINING_OPTIONS = (
     ("--batch", int, 16, "batch size of each owner"),
     ("--seed", int, 0, "seed of the shared LoRA init and of the batch order"),
     ("--version", int, 1, "adapter version"),
-    ("--min-samples", int, 50, "images each owner must hold"),
+    ("--min-samples", int, fed.privacy.DEFAULT_MIN_SAMPLES, "images each owner must hold"),
     ("--max-samples", int, 10_000, "most images one owner may hold (scales the secure-aggregation encoding)"),
 )
 
@@ -593,8 +588,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--require-secure-aggregation", action="store_true",
                    help="refuse any run that would send this owner's update unmasked")
     p.add_argument("--pretrained", default=None, help="where this machine keeps the base weights")
-    p.add_argument("--min-samples", type=int, default=50,
-                   help="refuse to join with fewer images (default 50; the coordinator's minimum applies anyway)")
+    p.add_argument("--min-samples", type=int, default=fed.privacy.DEFAULT_MIN_SAMPLES,
+                   help=f"refuse to join with fewer images (default {fed.privacy.DEFAULT_MIN_SAMPLES}; "
+                        "the coordinator's minimum applies anyway)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to keep trying to reach the SuperLink, at the start and after it goes away; "
                         "then leave (default 60)")

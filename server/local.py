@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import sys
 import threading
@@ -13,13 +12,10 @@ from pathlib import Path
 
 import httpx
 
+from semla.registry._net import free_port
+
 __all__ = ["free_port", "local_registry", "serve_in_thread", "wait_healthy"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen | None = None, *, timeout: float = 30.0,

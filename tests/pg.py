@@ -25,13 +25,14 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from semla.registry._net import free_port
 
 __all__ = ["Cluster", "cluster", "find_bindir", "unavailable_reason"]
 
@@ -80,12 +81,6 @@ def unavailable_reason() -> str | None:
         except KeyError:
             return f"running as root and there is no {SUPERUSER!r} system user to run initdb as"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _chown_tree(root: Path, user: str) -> None:
@@ -175,7 +170,7 @@ def cluster(*, attempts: int = 3) -> Iterator[Cluster]:
             raise RuntimeError(f"initdb failed: {init.stderr.strip() or init.stdout.strip()}")
         last_error = ""
         for _ in range(attempts):  # the free port may be taken between probe and bind: retry
-            c.port = _free_port()
+            c.port = free_port()
             options = (f"-c listen_addresses={c.host} -p {c.port} -k {sockdir} -c fsync=off "
                        "-c synchronous_commit=off -c full_page_writes=off -c max_connections=100")
             result = c.pg_ctl("-l", str(root / "server.log"), "-o", options, "-w", "-t", "30", "start", timeout=45)

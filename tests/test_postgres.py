@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select, text
 
 from semla.registry import keys
+from semla.registry._net import free_port
 from semla.registry.bundle import verify_bundle
 from semla.schemas import BUNDLE_FILES, MANIFEST_FILE
 from semla.server import ServerSettings, create_app
@@ -89,7 +90,7 @@ def run_server_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProce
 def assert_refused_start(url: str, data_dir: Path, fragment: str) -> None:
     """``semla-server`` on this database exits 2 with one line (it never starts listening)."""
     proc = run_server_cli("--data-dir", str(data_dir), "--database-url", url, "--host", "127.0.0.1",
-                          "--port", str(pg._free_port()))
+                          "--port", str(free_port()))
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("semla-server: error:"), proc.stderr
@@ -204,7 +205,7 @@ def test_a_database_made_before_migrations_is_refused_then_adopted(pg_url, tmp_p
 
 # -- (c) two stateless replicas on one database and one blob store --------------------------------
 def _start_replica(url: str, data_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = pg._free_port()
+    port = free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("SEMLA_")}, "SEMLA_ADMIN_TOKEN": ADMIN}
     with open(log, "w") as out:
         proc = subprocess.Popen(
@@ -318,7 +319,7 @@ def test_sqlite_default_is_migrated_automatically_and_checked(tmp_path):
     with engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = 'f00dfeed9999'"))
     engine.dispose()
-    proc = run_server_cli("--data-dir", str(data_dir), "--port", str(pg._free_port()))
+    proc = run_server_cli("--data-dir", str(data_dir), "--port", str(free_port()))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "f00dfeed9999" in proc.stderr and "does not know" in proc.stderr
 
@@ -329,7 +330,7 @@ def test_sqlite_made_before_migrations_needs_db_upgrade(tmp_path):
     engine = make_engine(f"sqlite:///{data_dir / 'registry.db'}")
     first_release_tables(engine)
     engine.dispose()
-    proc = run_server_cli("--data-dir", str(data_dir), "--port", str(pg._free_port()))
+    proc = run_server_cli("--data-dir", str(data_dir), "--port", str(free_port()))
     assert proc.returncode == 2 and "semla-server db upgrade" in proc.stderr, proc.stderr
     up = run_server_cli("db", "upgrade", "--data-dir", str(data_dir))
     assert up.returncode == 0 and f"to {head_revision()} (head)" in up.stdout, up.stderr
