@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import shutil
+import time
 import types
 
 import numpy as np
@@ -346,10 +347,19 @@ def test_secure_aggregation_shows_the_coordinator_only_masked_vectors_and_their_
 
 
 # -- the Deployment Engine on loopback -------------------------------------------------------------------
-def flower_processes() -> list[psutil.Process]:
+def flower_processes(since: float = 0.0) -> list[psutil.Process]:
+    """Live Flower processes started since ``since`` by this test: our descendants, and orphans
+    (a process whose parent died is re-parented to init and escapes a walk of our children)."""
     names = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
-    return [p for p in psutil.Process().children(recursive=True)
-            if p.status() != psutil.STATUS_ZOMBIE and any(n in " ".join(p.cmdline()) for n in names)]
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}
+    found = []
+    for p in psutil.process_iter(["cmdline", "create_time", "status", "ppid"]):
+        info = p.info
+        if (info["status"] != psutil.STATUS_ZOMBIE and (info["create_time"] or 0) >= since
+                and (p.pid in ours or info["ppid"] == 1)
+                and any(n in " ".join(info["cmdline"] or ()) for n in names)):
+            found.append(p)
+    return found
 
 
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
@@ -362,8 +372,9 @@ def test_loopback_superlink_and_three_supernodes(small_owners, tmp_path, secure)
     classes = tuple(load_dataset(small_owners[0]).classes)
     settings = flower_app.RunSettings(name="fog-fed", out=str(tmp_path / "bundle"), classes=classes, config=config,
                                       join_timeout=120)
+    started = time.time() - 1.0
     manifest = run_loopback(small_owners, settings, timeout=300)
-    assert not flower_processes()  # every SuperLink, SuperNode and app process is gone
+    assert not flower_processes(started)  # every SuperLink, SuperNode and app process is gone
 
     key = keys.generate_key()
     sign_bundle(tmp_path / "bundle", key)
@@ -378,6 +389,8 @@ def test_loopback_superlink_and_three_supernodes(small_owners, tmp_path, secure)
 
 # -- command line ---------------------------------------------------------------------------------------
 def test_cli_refuses_bad_input_with_one_line_errors(tmp_path, small_owners, free_port, capsys):
+    started = time.time() - 1.0
+
     def run(*argv: str) -> tuple[int, str]:
         code = client_main(list(argv))
         return code, capsys.readouterr().err
@@ -396,4 +409,4 @@ def test_cli_refuses_bad_input_with_one_line_errors(tmp_path, small_owners, free
     assert code == 2 and "needs TLS" in err
     code, err = run(*serve, "--secure-aggregation", "--min-clients", "1")
     assert code == 2 and "at least 2 owners" in err
-    assert not flower_processes()
+    assert not flower_processes(started)
