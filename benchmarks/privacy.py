@@ -45,12 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import semla_benchmark as sb  # noqa: E402
 
 from semla.registry import synth  # noqa: E402
-from semla.registry.http import RegistryClient  # noqa: E402
 from semla.registry.model import load_base  # noqa: E402
 from semla.registry.node import Node  # noqa: E402
 from semla.registry.privacy import dp_centroid  # noqa: E402
 from semla.registry.train import embed_images  # noqa: E402
-from semla.server.local import local_registry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DOMAINS = ("clear", "night", "fog", "snow", "noise", "indoor_dim", "indoor_warm", "harbour_fog",
@@ -148,15 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     base = load_base()
     bundles, _ = sb.train_adapters(cfg, args.workdir, base.ref.fingerprint, progress)
-    for sub in ("registry", "node-cache"):
-        shutil.rmtree(args.workdir / sub, ignore_errors=True)
-    token = os.urandom(16).hex()
-    with local_registry(args.workdir / "registry", token, log=args.workdir / "server.log") as url:
-        client = RegistryClient(url)
-        sb.publish_all(bundles, client, token, args.workdir)
-        node = Node(client, base=base, cache_dir=args.workdir / "node-cache")
-        node.pull()
-        bench = sb.Bench(node, cfg, args.workdir)
+    bench = sb.pull_library(cfg, args.workdir, bundles, base)
     results = {
         "config": {"domains": list(domains), "samples": sizes, "epsilons": [str(e) for e in epsilons],
                    "delta": args.delta, "draws": args.draws, "top_k": cfg.top_k, "temperature": cfg.temperature,

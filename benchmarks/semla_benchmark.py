@@ -58,7 +58,7 @@ from semla.registry import keys, synth  # noqa: E402
 from semla.registry.data import load_dataset, miou  # noqa: E402
 from semla.registry.fusion import LoraAdapter  # noqa: E402
 from semla.registry.http import RegistryClient  # noqa: E402
-from semla.registry.model import load_base  # noqa: E402
+from semla.registry.model import DenseClip, load_base  # noqa: E402
 from semla.registry.node import Node, Retrieval  # noqa: E402
 from semla.registry.privacy import dp_centroid  # noqa: E402
 from semla.registry.retrieval import CentroidTable, retrieve_torch  # noqa: E402
@@ -121,10 +121,12 @@ def train_adapters(cfg: Config, workdir: Path, base_fingerprint: str, progress: 
             shutil.rmtree(tmp)
         argv = ["train", "--data", str(data), "--out", str(tmp), "--name", domain, "--steps", str(cfg.steps),
                 "--seed", str(cfg.seed), "--domain", synth.get_domain(domain).description]
-        with contextlib.redirect_stdout(io.StringIO()):
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), \
+                (contextlib.nullcontext() if progress else contextlib.redirect_stderr(err)):
             rc = client_cli.main(argv)
         if rc != 0:
-            raise SystemExit(f"semla-client train failed for {domain} (exit {rc})")
+            raise SystemExit(f"semla-client train failed for {domain} (exit {rc}){err.getvalue()[-2000:]}")
         tmp.replace(bundles[domain])
     return bundles, todo
 
@@ -136,6 +138,20 @@ def publish_all(bundles: dict[str, Path], client: RegistryClient, token: str, wo
         key = keys.load_or_create_key(workdir / "keys" / f"{domain}.key")
         client.register_key(keys.public_bytes(key).hex(), token, label=f"{domain} owner")
         publish_bundle(bundle, client, key=key)
+
+
+def pull_library(cfg: Config, workdir: Path, bundles: dict[str, Path], base: DenseClip) -> "Bench":
+    """Publish every bundle to a fresh registry on loopback; a node pulls the signed index and
+    downloads and verifies every adapter (the registry stops afterwards; the node keeps them)."""
+    for sub in ("registry", "node-cache"):
+        shutil.rmtree(workdir / sub, ignore_errors=True)
+    token = os.urandom(16).hex()
+    with local_registry(workdir / "registry", token, log=workdir / "server.log") as url:
+        client = RegistryClient(url)
+        publish_all(bundles, client, token, workdir)
+        node = Node(client, base=base, cache_dir=workdir / "node-cache")
+        node.pull()
+        return Bench(node, cfg, workdir)
 
 
 # -- 2. evaluation ---------------------------------------------------------------------------------
@@ -156,7 +172,7 @@ class Bench:
     """The pulled library plus the test sets; every method is a weight matrix over the library."""
 
     def __init__(self, node: Node, cfg: Config, workdir: Path) -> None:
-        self.node, self.cfg = node, cfg
+        self.node, self.cfg, self.workdir = node, cfg, workdir
         self.names = [s.name for s in node.library]
         self.index = {n: i for i, n in enumerate(self.names)}
         missing = [d for d in cfg.domains if d not in self.index]
@@ -172,7 +188,16 @@ class Bench:
             classes = list(synth.get_scene(synth.get_domain(d).scene).classes)
             pixels, query = node.embed(list(images))
             self.targets[d] = Target(classes, pixels, query, node.text(classes), list(masks))
-        self.workdir = workdir
+        self._train_embeddings: dict[str, torch.Tensor] = {}
+
+    def train_embeddings(self, domain: str) -> torch.Tensor:
+        """Frozen-base retrieval embeddings (N, D) of the domain's training images, computed once."""
+        if domain not in self._train_embeddings:
+            data = self.workdir / "data" / domain
+            if not data.is_dir():  # adapters came from the cache of an earlier run
+                synth.write_dataset(domain, self.cfg.n_train, synth.split_seeds(domain)[0], data)
+            self._train_embeddings[domain] = embed_images(self.node.base, load_dataset(data).images)
+        return self._train_embeddings[domain]
 
     def library(self, target: str, pool: Sequence[str] | None = None) -> list[str]:
         """Leave-one-out: every benchmarked domain but the target (or a given sub-library)."""
@@ -257,23 +282,17 @@ def _combine(adapters: Sequence[LoraAdapter], weights: Sequence[float], fusion: 
     return LoraAdapter(key=f"{fusion}:" + "+".join(a.key for a in adapters), scale=scale, A=A, B=B)
 
 
-def kmeans_centroids(cfg: Config, workdir: Path, node: Node) -> dict[str, np.ndarray]:
+def kmeans_centroids(bench: Bench) -> dict[str, np.ndarray]:
     """k-means centroids from each domain's training images (what ``train --centroids k`` publishes)."""
-    out = {}
-    for d in cfg.domains:
-        data = workdir / "data" / d
-        if not data.is_dir():
-            synth.write_dataset(d, cfg.n_train, synth.split_seeds(d)[0], data)
-        emb = embed_images(node.base, load_dataset(data).images)
-        out[d] = compute_centroids(emb, k=cfg.kmeans, seed=cfg.seed)
-    return out
+    cfg = bench.cfg
+    return {d: compute_centroids(bench.train_embeddings(d), k=cfg.kmeans, seed=cfg.seed) for d in cfg.domains}
 
 
-def dp_centroids(cfg: Config, workdir: Path, node: Node, epsilon: float) -> dict[str, np.ndarray]:
+def dp_centroids(bench: Bench, epsilon: float) -> dict[str, np.ndarray]:
     """Each domain's centroid as ``train --dp-epsilon`` publishes it (seeded noise)."""
-    out = {}
+    cfg, out = bench.cfg, {}
     for i, d in enumerate(cfg.domains):
-        emb = embed_images(node.base, load_dataset(workdir / "data" / d).images).double().numpy()
+        emb = bench.train_embeddings(d).double().numpy()
         rng = np.random.default_rng([cfg.seed, i, int(epsilon * 1000)])
         out[d] = np.asarray(dp_centroid(emb, epsilon, cfg.dp_delta, rng=rng).centroid, dtype=np.float32)[None]
     return out
@@ -284,7 +303,7 @@ def _mean(values) -> float:
     return round(float(np.mean(values)), 4) if values else float("nan")
 
 
-def run_ablations(bench: Bench, cfg: Config, workdir: Path, progress: bool) -> dict:
+def run_ablations(bench: Bench, cfg: Config, progress: bool) -> dict:
     targets = list(cfg.domains)
     each = lambda fn: _mean(fn(t) for t in targets)  # noqa: E731
     steps = (len(cfg.top_ks) + len(cfg.temperatures) + 2 + 2 + len(FUSIONS) + len(cfg.dp_epsilons)
@@ -299,13 +318,13 @@ def run_ablations(bench: Bench, cfg: Config, workdir: Path, progress: bool) -> d
     ab["top_k"] = {str(k or "all"): tick(each(lambda t: bench.semla(t, top_k=k or None))) for k in cfg.top_ks}
     ab["temperature"] = {str(T): tick(each(lambda t: bench.semla(t, temperature=T))) for T in cfg.temperatures}
     ab["distance"] = {d: tick(each(lambda t: bench.semla(t, distance=d))) for d in ("euclidean", "cosine")}
-    km = kmeans_centroids(cfg, workdir, bench.node)
+    km = kmeans_centroids(bench)
     ab["centroids"] = {"1": tick(each(lambda t: bench.semla(t))),
                        f"kmeans-{cfg.kmeans}": tick(each(lambda t: bench.semla(t, centroids=km)))}
     ab["fusion"] = {f: tick(each(lambda t: bench.semla(t, fusion=f))) for f in FUSIONS}
     ab["dp_centroids"] = {"inf": ab["centroids"]["1"]}
     for eps in cfg.dp_epsilons:
-        cents = dp_centroids(cfg, workdir, bench.node, eps)
+        cents = dp_centroids(bench, eps)
         ab["dp_centroids"][str(eps)] = tick(each(lambda t: bench.semla(t, centroids=cents)))
     rng = np.random.default_rng(cfg.seed)
     sizes = {}
@@ -484,15 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     base = load_base()
     bundles, trained = train_adapters(cfg, workdir, base.ref.fingerprint, progress)
     t_train = time.perf_counter() - t0
-    for sub in ("registry", "node-cache"):
-        shutil.rmtree(workdir / sub, ignore_errors=True)
-    token = os.urandom(16).hex()
-    with local_registry(workdir / "registry", token, log=workdir / "server.log") as url:
-        client = RegistryClient(url)
-        publish_all(bundles, client, token, workdir)
-        node = Node(client, base=base, cache_dir=workdir / "node-cache")
-        node.pull()
-        bench = Bench(node, cfg, workdir)  # downloads and verifies every adapter
+    bench = pull_library(cfg, workdir, bundles, base)
+    node = bench.node
     results: dict = {
         "config": {**dataclasses.asdict(cfg), "base_fingerprint": node.base.ref.fingerprint,
                    "seeds": {d: dict(zip(("train", "test"), synth.split_seeds(d))) for d in cfg.domains},
@@ -502,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     for target in tqdm(cfg.domains, desc="leave-one-out", disable=not progress):
         results["per_domain"][target] = bench.methods(target)
     results["summary"] = summarise(results["per_domain"])
-    results["ablations"] = {} if args.no_ablations else run_ablations(bench, cfg, workdir, progress)
+    results["ablations"] = {} if args.no_ablations else run_ablations(bench, cfg, progress)
     results["plots"] = [] if args.no_plots else plot(results, bench, args.out_dir)
     results["command"] = ("python benchmarks/semla_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     results["machine"] = {"device": str(node.device), "threads": torch.get_num_threads(),
