@@ -306,6 +306,30 @@ def test_an_owner_sends_only_lora_updates_its_embedding_sum_and_counts(tiny_base
     assert manifest.sample_count == 3 * N_IMAGES and manifest.training.federated.participants == 3
 
 
+@pytest.mark.parametrize(("secure_dp", "rounds", "server_round", "refused"), [
+    (True, 3, 1, True),  # distributed DP noise was sized for every owner asked
+    (False, 3, 3, True),  # the final round sets the published centroid and sample count
+    (False, 3, 1, False),  # an earlier plain round goes on with the owners that answered
+])
+def test_an_owner_that_silently_times_out_discards_the_rounds_that_need_everyone(secure_dp, rounds, server_round,
+                                                                                 refused):
+    from semla.schemas.errors import SemlaError
+
+    dp = fed.UpdateDP(clip_norm=1.0, noise_multiplier=0.5) if secure_dp else None
+    config = fed.FederatedConfig(rounds=rounds, min_clients=2, secure_aggregation=secure_dp, dp=dp)
+    settings = flower_app.RunSettings(name="fog", out="", classes=("sky",), config=config)
+    strategy = flower_app._LoraStrategy(settings, {}, "0" * 64, 4)
+    strategy.asked[server_round] = 3
+    two_replies = [(types.SimpleNamespace(node_id=i), None) for i in range(2)]  # the third: no reply, no failure
+    if refused:
+        with pytest.raises(SemlaError, match="dropped out") as exc:
+            strategy.aggregate_fit(server_round, two_replies, failures=[])
+        assert exc.value.code == "federation_failed" and strategy.rounds_done == 0
+    else:  # gets past the dropout check to decoding, which these placeholder replies cannot pass
+        with pytest.raises(AttributeError):
+            strategy.aggregate_fit(server_round, two_replies, failures=[])
+
+
 def test_secure_aggregation_shows_the_coordinator_only_masked_vectors_and_their_sum(small_owners, tmp_path,
                                                                                    monkeypatch):
     from flwr.common import bytes_to_ndarray
