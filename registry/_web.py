@@ -7,27 +7,41 @@ Starlette's ``request.form()`` spools large parts to temp files and caps non-fil
 1 MiB; here every part becomes a :class:`Part` in memory, the body is counted as it streams
 in (a client that lies about or omits Content-Length is stopped at ``max_bytes`` too), and the
 caller's ``accept`` hook refuses an unwanted part before its bytes are buffered.
+
+:class:`BodyGuard` (ASGI middleware) bounds every request body of both services before any
+route sees it: a body must keep arriving (no gap over ``idle_timeout_s``, on average at least
+``min_rate`` bytes/s after ``grace_s``) or it is answered 408 and its connection closed; a body
+that is not multipart is read whole up to ``max_body_bytes`` and, when it is JSON, checked
+against :class:`~semla.schemas.JsonLimits` before FastAPI parses it. :func:`install_offline_docs`
+serves /docs and /redoc from assets shipped in a pinned package, never from a CDN.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from importlib import resources
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from semla.schemas import ErrorBody, ErrorResponse
+from semla.schemas import ErrorBody, ErrorResponse, JsonLimits, check_json_limits
 from semla.schemas.errors import (
     ConflictError,
     FileSetError,
+    GoneError,
     HashMismatchError,
     IncompatibleAdapterError,
     InvalidInputError,
@@ -46,8 +60,12 @@ from semla.schemas.errors import (
 
 __all__ = [
     "ERROR_RESPONSES",
+    "BodyGuard",
+    "BodyLimits",
+    "BodyTimeout",
     "Part",
     "RequestTooLarge",
+    "install_offline_docs",
     "error_response",
     "install_error_handlers",
     "read_multipart",
@@ -63,9 +81,16 @@ class RequestTooLarge(InvalidInputError):
     code = "too_large"
 
 
+class BodyTimeout(InvalidInputError):
+    """The request body arrived too slowly (answered 408; the connection is closed)."""
+
+    code = "body_timeout"
+
+
 #: HTTP status per error class; the most specific class in an error's MRO wins.
 _STATUS: dict[type[SemlaError], int] = {
     RequestTooLarge: 413,
+    BodyTimeout: 408,
     ManifestError: 422,
     FileSetError: 422,
     HashMismatchError: 422,
@@ -75,6 +100,7 @@ _STATUS: dict[type[SemlaError], int] = {
     VerificationError: 422,
     IncompatibleAdapterError: 422,
     ConflictError: 409,
+    GoneError: 410,
     NotFoundError: 404,
     RateLimitedError: 429,
     TooFewSamplesError: 422,
@@ -91,6 +117,7 @@ _HTTP_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "body_timeout",
     413: "too_large",
     429: "rate_limited",
     503: "unavailable",
@@ -294,3 +321,164 @@ async def read_multipart(request: Request, *, max_bytes: int, accept: Accept) ->
     if not parts.ended:
         raise InvalidInputError("multipart body ended before its closing boundary", code="invalid_form")
     return parts.parts
+
+
+# -- request bodies -------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BodyLimits:
+    """How :class:`BodyGuard` reads request bodies.
+
+    Attributes:
+        max_body_bytes: largest body that is not multipart/form-data (JSON requests); multipart
+            bodies are bounded by the route's own limit as they stream.
+        json: bounds on a JSON body, checked before it is parsed.
+        idle_timeout_s: longest wait for the next chunk of a body.
+        min_rate: bytes per second a body must average once ``grace_s`` has passed; a body of
+            ``n`` bytes has ``grace_s + n / min_rate`` seconds in all.
+        grace_s: time any body has before ``min_rate`` applies.
+    """
+
+    max_body_bytes: int = 1024 * 1024
+    json: JsonLimits = JsonLimits(max_bytes=1024 * 1024, max_depth=16, max_containers=1_000)
+    idle_timeout_s: float = 10.0
+    min_rate: float = 16 * 1024
+    grace_s: float = 10.0
+
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class _TimedReceive:
+    """``receive`` with the body deadlines of :class:`BodyLimits`; raises :class:`BodyTimeout`."""
+
+    def __init__(self, receive: Receive, limits: BodyLimits) -> None:
+        self._receive = receive
+        self._limits = limits
+        self._start = time.monotonic()
+        self.received = 0
+        self.complete = False
+
+    async def __call__(self) -> Message:
+        if self.complete:  # the body is in; what follows is the wait for a disconnect
+            return await self._receive()
+        limits = self._limits
+        deadline = self._start + limits.grace_s + self.received / limits.min_rate
+        timeout = min(limits.idle_timeout_s, deadline - time.monotonic())
+        try:
+            if timeout <= 0:
+                raise asyncio.TimeoutError
+            message = await asyncio.wait_for(self._receive(), timeout)
+        except asyncio.TimeoutError:
+            raise BodyTimeout(f"request body too slow: {self.received} bytes in "
+                              f"{time.monotonic() - self._start:.1f} s (at least {limits.min_rate:g} bytes/s after "
+                              f"{limits.grace_s:g} s, no pause over {limits.idle_timeout_s:g} s)") from None
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            self.complete = not message.get("more_body", False)
+        else:
+            self.complete = True
+        return message
+
+
+def _is_json(content_type: bytes) -> bool:
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return not media or media == b"application/json" or media.endswith(b"+json")
+
+
+class BodyGuard:
+    """ASGI middleware bounding request bodies in time, size and JSON shape (see the module doc).
+
+    Args:
+        app: the ASGI app to guard.
+        limits: the bounds; a route reads ``request.app.state`` for nothing of this.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], limits: BodyLimits = BodyLimits()) -> None:
+        self.app = app
+        self.limits = limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        timed = _TimedReceive(receive, self.limits)
+
+        async def send_closing(message: Message) -> None:
+            # A response sent before the body is in (a refusal) ends the connection: the rest of
+            # the body is never read.
+            if message["type"] == "http.response.start" and not timed.complete:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        headers = dict(scope.get("headers") or [])
+        content_type = headers.get(b"content-type", b"")
+        if content_type.lower().startswith(b"multipart/"):
+            await self.app(scope, timed, send_closing)  # the route streams it against its own limit
+            return
+        try:
+            body = await self._read(timed, headers.get(b"content-length"))
+            if body and _is_json(content_type):
+                check_json_limits(body, self.limits.json, what="request body")
+        except SemlaError as exc:
+            logger.info("%s %s refused: %s (%s)", scope.get("method"), scope.get("path"), exc.code, exc.message)
+            await error_response(status_for(exc), exc.code, exc.message)(scope, receive, send_closing)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, timed: _TimedReceive, declared: bytes | None) -> bytes:
+        limit = self.limits.max_body_bytes
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+        chunks: list[bytes] = []
+        while not timed.complete:
+            message = await timed()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            if timed.received > limit:
+                raise RequestTooLarge(f"request body exceeds the limit of {limit} bytes")
+        return b"".join(chunks)
+
+
+# -- offline API docs ---------------------------------------------------------------------------
+#: Where /docs and /redoc load their scripts from (served by the app itself).
+DOCS_ASSETS_URL = "/docs-assets"
+
+
+def install_offline_docs(app: FastAPI) -> None:
+    """Serve Swagger UI at /docs and ReDoc at /redoc with scripts from this app, not a CDN.
+
+    The assets (Swagger UI 5 with OpenAPI 3.1 support, ReDoc 2) come from the pinned
+    ``fastapi-offline`` package. Build the app with ``docs_url=None, redoc_url=None``.
+    """
+    static = resources.files("fastapi_offline") / "static"
+    app.mount(DOCS_ASSETS_URL, StaticFiles(directory=str(static)), name="docs-assets")
+    openapi_url = app.openapi_url or "/openapi.json"
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=openapi_url, title=f"{app.title} - API docs",
+            swagger_js_url=f"{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=openapi_url, title=f"{app.title} - ReDoc", redoc_js_url=f"{DOCS_ASSETS_URL}/redoc.standalone.js",
+            redoc_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png", with_google_fonts=False,
+        )

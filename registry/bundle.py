@@ -32,6 +32,7 @@ from semla.schemas import (
     BUNDLE_FILES,
     MANIFEST_FILE,
     SIGNATURE_FILE,
+    JsonLimits,
     Manifest,
     canonical_json,
     signing_payload,
@@ -67,6 +68,10 @@ __all__ = [
 MAX_FILE_BYTES = 512 * 1024 * 1024
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}
 _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
+#: A safetensors header lists ~150 bytes per tensor (ViT-L/14 with every target: ~300 tensors).
+HEADER_JSON_LIMITS = JsonLimits(max_bytes=1024 * 1024, max_depth=4, max_containers=20_000, max_number_chars=20)
+#: adapter_config.json is a flat peft LoraConfig of a few hundred bytes.
+CONFIG_JSON_LIMITS = JsonLimits(max_bytes=256 * 1024, max_depth=8, max_containers=2_000)
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>[A-Za-z0-9_.]+)\.lora_(?P<ab>[AB])\.weight$")
 
 
@@ -102,12 +107,16 @@ def parse_safetensors_header(data: bytes) -> dict[str, dict[str, Any]]:
     if len(data) < 8:
         raise TensorFormatError(f"{what} is not a safetensors file (too short)")
     (n,) = struct.unpack("<Q", data[:8])
-    if n == 0 or n > min(len(data) - 8, 100 * 1024 * 1024):
+    if n == 0 or n > len(data) - 8:
         raise TensorFormatError(f"{what} is not a safetensors file (bad header length)")
+    if n > HEADER_JSON_LIMITS.max_bytes:
+        raise TensorFormatError(f"{what} header is {n} bytes; the limit is {HEADER_JSON_LIMITS.max_bytes}",
+                                code="json_too_large")
     try:
-        header = strict_json_loads(data[8 : 8 + n], what=f"{what} header")
+        header = strict_json_loads(data[8 : 8 + n], what=f"{what} header", limits=HEADER_JSON_LIMITS)
     except ManifestError as exc:
-        raise TensorFormatError(f"{what} is not a safetensors file ({exc.message})") from None
+        code = exc.code if exc.code.startswith("json_") else None  # a limit keeps its own code
+        raise TensorFormatError(f"{what} is not a safetensors file ({exc.message})", code=code) from None
     if not isinstance(header, dict):
         raise TensorFormatError(f"{what} header is not a JSON object")
     meta = header.pop("__metadata__", {})
@@ -121,9 +130,11 @@ def parse_safetensors_header(data: bytes) -> dict[str, dict[str, Any]]:
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if dtype not in _DTYPES:
             raise TensorFormatError(f"{what}: tensor {name!r} has dtype {dtype!r}; allowed {sorted(_DTYPES)}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and len(shape) <= 8
+                and all(isinstance(d, int) and 0 <= d <= 2**40 for d in shape)):
             raise TensorFormatError(f"{what}: tensor {name!r} has a bad shape")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and 0 <= o <= 2**62 for o in offsets)):
             raise TensorFormatError(f"{what}: tensor {name!r} has bad data_offsets")
         begin, end = offsets
         if not 0 <= begin <= end <= len(body) or end - begin != math.prod(shape) * _ITEMSIZE[dtype]:
@@ -209,9 +220,10 @@ def _check_file_set(files: Mapping[str, bytes]) -> None:
 
 def _check_adapter_config(data: bytes, manifest: Manifest) -> None:
     try:
-        config = strict_json_loads(data, what=ADAPTER_CONFIG_FILE)
+        config = strict_json_loads(data, what=ADAPTER_CONFIG_FILE, limits=CONFIG_JSON_LIMITS)
     except ManifestError as exc:
-        raise ManifestError(exc.message, code="adapter_config_invalid") from None
+        code = exc.code if exc.code.startswith("json_") else "adapter_config_invalid"
+        raise ManifestError(exc.message, code=code) from None
     if not isinstance(config, dict):
         raise ManifestError(f"{ADAPTER_CONFIG_FILE} must hold a JSON object", code="adapter_config_invalid")
     expect = {"peft_type": "LORA", "r": manifest.rank, "lora_alpha": manifest.alpha}
@@ -255,7 +267,7 @@ def check_bundle(
         public = trusted_keys.get(manifest.publisher)
         if public is None:
             raise UnknownKeyError(f"publisher key {manifest.publisher} is not registered or not active")
-        _keys.verify(public, files[SIGNATURE_FILE], signing_payload(manifest))
+        _keys.verify(public, files[SIGNATURE_FILE], signing_payload(manifest), what="the manifest")
         for name, entry in manifest.files.items():
             data = files[name]
             if len(data) != entry.size or sha256_bytes(data) != entry.sha256:

@@ -113,19 +113,22 @@ def sign(key: Ed25519PrivateKey, payload: bytes) -> bytes:
     return key.sign(payload)
 
 
-def verify(public_key: Ed25519PublicKey | bytes, signature: bytes, payload: bytes) -> None:
-    """Check an Ed25519 signature.
+def verify(public_key: Ed25519PublicKey | bytes, signature: bytes, payload: bytes, *, what: str) -> None:
+    """Check an Ed25519 signature over ``payload``.
+
+    Args:
+        what: what was signed ("the manifest", "the revoke request", ...), named in the error.
 
     Raises:
         SignatureError: the signature is malformed or does not match.
     """
     pub = Ed25519PublicKey.from_public_bytes(public_key) if isinstance(public_key, bytes) else public_key
     if len(signature) != 64:
-        raise SignatureError(f"signature must be 64 bytes, got {len(signature)}")
+        raise SignatureError(f"the signature of {what} must be 64 bytes, got {len(signature)}")
     try:
         pub.verify(signature, payload)
     except InvalidSignature:
-        raise SignatureError("signature does not match the manifest") from None
+        raise SignatureError(f"signature does not match {what}") from None
 
 
 def load_or_create_key(path: Path) -> Ed25519PrivateKey:

@@ -38,6 +38,7 @@ from pydantic import ValidationError
 import torch.nn.functional as F
 
 from semla.registry.bundle import atomic_replace_dir, read_bundle, verify_bundle
+from semla.registry._fs import atomic_write
 from semla.registry.keys import key_id
 from semla.registry.keys import verify as verify_signature
 from semla.registry.cache import AdapterCache, CacheLimits
@@ -213,14 +214,16 @@ class Node:
             accepted_at = time.time()
             self.offline = False
         except RegistryError as exc:
-            if exc.code != "unreachable" or saved is None:
-                if exc.code == "unreachable":
+            unreachable = exc.code == "unreachable" or (exc.status is not None and exc.status >= 500)
+            if not unreachable or saved is None:
+                if unreachable:
                     raise RegistryError(f"{exc.message}; and no earlier index of this registry is cached",
                                         code="unreachable") from None
                 raise
             doc, accepted_at = saved
             self.offline = True
-            logger.warning("registry unreachable; serving from the index accepted at %s", time.ctime(accepted_at))
+            logger.warning("registry unreachable (%s); serving from the index accepted at %s", exc.message,
+                           time.ctime(accepted_at))
         signed = self._verify_index(doc)
         if saved is not None and not self.offline:
             last = SignedIndex.model_validate(saved[0]).signed.version
@@ -251,17 +254,37 @@ class Node:
         return self.cache_dir / "registry-keys" / f"{url_id}.pub"
 
     def _pinned_key(self) -> bytes:
-        """The registry key: given, or pinned on first use (kept beside the cached index)."""
+        """The registry key: given, or pinned on first use (kept beside the cached index).
+
+        Only a pin file that does not exist leads to trust on first use; one that cannot be
+        read or does not hold a key is an error (else whoever damaged it chooses the key).
+
+        Raises:
+            VerificationError: ``pin_unreadable``: the pin file exists but is unreadable or corrupt.
+        """
         if self.registry_key is not None:
             return self.registry_key
         path = self._pin_path()
         try:
-            self.registry_key = bytes.fromhex(path.read_text().strip())
-        except (OSError, ValueError):
-            self.registry_key = self.client.registry_key()  # trust on first use
+            text = path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            key = self.client.registry_key()  # trust on first use
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(self.registry_key.hex() + "\n")
-        return self.registry_key
+            atomic_write(path, key.hex().encode() + b"\n")
+            self.registry_key = key
+            return key
+        except (OSError, UnicodeDecodeError) as exc:
+            raise VerificationError(f"cannot read the pinned registry key {path}: {exc}; restore it or remove "
+                                    "it to trust the registry's key again", code="pin_unreadable") from None
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise VerificationError(f"the pinned registry key {path} is corrupt (not 32 bytes of hex); restore it "
+                                    "or remove it to trust the registry's key again", code="pin_unreadable")
+        self.registry_key = key
+        return key
 
     def _verify_index(self, doc: dict) -> IndexSigned:
         try:
@@ -277,7 +300,8 @@ class Node:
             signature = bytes.fromhex(sig.sig)
         except ValueError:
             raise SignatureError("the index signature is not hex") from None
-        verify_signature(key, signature, INDEX_CONTEXT + canonical_json(index.signed.model_dump(mode="json")))
+        verify_signature(key, signature, INDEX_CONTEXT + canonical_json(index.signed.model_dump(mode="json")),
+                         what="the registry's index")
         if _parse_utc(index.signed.expires) < time.time() and not self.offline:
             raise VerificationError(f"the index expired at {index.signed.expires} (freeze refused)",
                                     code="index_expired")
@@ -296,12 +320,13 @@ class Node:
                 signature = bytes.fromhex(step.signature)
             except ValueError:
                 raise SignatureError("a registry key rotation signature is not hex") from None
-            verify_signature(key, signature, root_rotation_payload(step.old_key_id, step.new_public_key))
+            verify_signature(key, signature, root_rotation_payload(step.old_key_id, step.new_public_key),
+                             what=f"the registry key rotation from {step.old_key_id}")
             key = bytes.fromhex(step.new_public_key)
         if key != start:
             logger.warning("the registry key was rotated from %s to %s; following it", key_id(start), key_id(key))
             self.registry_key = key
-            self._pin_path().write_text(key.hex() + "\n")
+            atomic_write(self._pin_path(), key.hex().encode() + b"\n")
         return key
 
     def _load_index(self) -> tuple[dict, float] | None:

@@ -49,9 +49,12 @@ from starlette.concurrency import run_in_threadpool
 from semla.registry._cli import EXIT_OK, add_node_arguments, build_node
 from semla.registry._web import (
     ERROR_RESPONSES,
+    BodyGuard,
+    BodyLimits,
     Part,
     RequestTooLarge,
     install_error_handlers,
+    install_offline_docs,
     read_multipart,
     status_for,
 )
@@ -87,6 +90,7 @@ class ServeSettings:
         max_queue: most images waiting; beyond it requests get 503 ``busy``.
         refresh_seconds: period of the background ``node.pull()``; 0 disables it.
         top_k, temperature, distance: retrieval defaults when a request gives none.
+        body_limits: how fast a request body must arrive (slower ones get 408 and are cut off).
     """
 
     max_batch: int = 16
@@ -98,6 +102,7 @@ class ServeSettings:
     top_k: int = DEFAULT_TOP_K
     temperature: float = DEFAULT_TEMPERATURE
     distance: str = DEFAULT_DISTANCE
+    body_limits: BodyLimits = BodyLimits()
 
     def __post_init__(self) -> None:
         problems = []
@@ -547,7 +552,11 @@ def create_app(node: "Node", settings: ServeSettings = ServeSettings()) -> FastA
             "names given. Concurrent requests are batched dynamically."
         ),
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
+    app.add_middleware(BodyGuard, limits=settings.body_limits)
+    install_offline_docs(app)
     app.state.settings = settings
     app.state.worker = worker
     install_error_handlers(app, service="node", status=_status)
@@ -560,6 +569,7 @@ def create_app(node: "Node", settings: ServeSettings = ServeSettings()) -> FastA
         response_model=SegmentResponse,
         response_model_exclude_none=True,
         responses={
+            408: {**ERROR_RESPONSES, "description": "body_timeout: the request body arrived too slowly"},
             413: {**ERROR_RESPONSES, "description": "too_large: too many images or bytes"},
             422: {**ERROR_RESPONSES, "description": "bad_image, empty_classes, bad_classes, bad_parameter, "
                                                     "no_images, invalid_form"},

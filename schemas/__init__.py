@@ -4,7 +4,13 @@ Everything here is pure pydantic + stdlib, so every role (including the torch-fr
 import it. ``canonical_json`` is the only encoder ever used for bytes that are signed or hashed.
 """
 
-from semla.schemas._canonical import canonical_json, strict_json_loads
+from semla.schemas._canonical import (
+    DEFAULT_JSON_LIMITS,
+    JsonLimits,
+    canonical_json,
+    check_json_limits,
+    strict_json_loads,
+)
 from semla.schemas.manifest import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
@@ -53,6 +59,9 @@ from semla.schemas.api import (
 __all__ = [
     "canonical_json",
     "strict_json_loads",
+    "check_json_limits",
+    "JsonLimits",
+    "DEFAULT_JSON_LIMITS",
     "ADAPTER_CONFIG_FILE",
     "ADAPTER_WEIGHTS_FILE",
     "BUNDLE_FILES",

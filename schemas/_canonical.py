@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 from typing import Any
+
+import numpy as np
 
 from semla.schemas.errors import ManifestError
 
-__all__ = ["canonical_json", "strict_json_loads"]
+__all__ = ["JsonLimits", "DEFAULT_JSON_LIMITS", "canonical_json", "check_json_limits", "strict_json_loads"]
 
 
 def _check_finite(obj: Any) -> None:
@@ -53,15 +57,92 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def strict_json_loads(data: bytes | str, *, what: str = "JSON document") -> Any:
-    """Parse JSON refusing duplicate keys, NaN/Infinity and invalid UTF-8.
+@dataclasses.dataclass(frozen=True)
+class JsonLimits:
+    """Bounds checked on a JSON document's bytes before it is parsed.
+
+    Python's ``json`` recurses per nesting level (a RecursionError deep down), builds one object
+    per value (a 32 MiB ``[{},{},...]`` costs about 800 MB) and turns any digit string into an
+    int. Checking the bytes first keeps the parse's memory within a small multiple of
+    ``max_bytes`` plus ``max_containers`` objects.
+
+    Attributes:
+        max_bytes: the document's size.
+        max_depth: nesting of arrays and objects.
+        max_containers: arrays and objects in the whole document.
+        max_number_chars: characters of one number (a float's repr needs at most 24).
+    """
+
+    max_bytes: int = 2 * 1024 * 1024
+    max_depth: int = 32
+    max_containers: int = 20_000
+    max_number_chars: int = 40
+
+
+DEFAULT_JSON_LIMITS = JsonLimits()
+
+#: A JSON string (quotes included), escapes skipped; the unrolled form runs without backtracking.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NUMBER = re.compile(rb"[-+0-9.eE]+")
+_CHUNK = 1 << 20
+_OPEN = np.zeros(256, dtype=np.int8)
+_OPEN[[ord("["), ord("{")]] = 1
+_STEP = _OPEN.copy()
+_STEP[[ord("]"), ord("}")]] = -1
+
+
+def check_json_limits(data: bytes, limits: JsonLimits = DEFAULT_JSON_LIMITS, *, what: str = "JSON document") -> None:
+    """Refuse a document whose size, nesting, container count or number length exceeds ``limits``.
+
+    Runs on the raw bytes (strings blanked out, then bracket counts in numpy, chunk by chunk),
+    so its cost is linear and its memory a few MiB whatever the document holds.
 
     Raises:
-        ManifestError: the bytes are not strict JSON.
+        ManifestError: ``json_too_large``, ``json_too_deep``, ``json_too_many_values`` or
+            ``json_number_too_long``.
     """
+    if len(data) > limits.max_bytes:
+        raise ManifestError(f"{what} is {len(data)} bytes; the limit is {limits.max_bytes}", code="json_too_large")
+    bare = _STRING.sub(b'""', data)
+    depth = containers = 0
+    for start in range(0, len(bare), _CHUNK):
+        chunk = np.frombuffer(bare, dtype=np.uint8, count=min(_CHUNK, len(bare) - start), offset=start)
+        containers += int(_OPEN[chunk].sum(dtype=np.int64))
+        levels = depth + np.cumsum(_STEP[chunk], dtype=np.int32)
+        if len(levels) and int(levels.max()) > limits.max_depth:
+            raise ManifestError(f"{what} nests deeper than {limits.max_depth} levels", code="json_too_deep")
+        depth = int(levels[-1]) if len(levels) else depth
+    if containers > limits.max_containers:
+        raise ManifestError(f"{what} holds {containers} arrays/objects; the limit is {limits.max_containers}",
+                            code="json_too_many_values")
+    longest = max((len(m) for m in _NUMBER.findall(bare)), default=0)
+    if longest > limits.max_number_chars:
+        raise ManifestError(f"{what} holds a number of {longest} characters; the limit is "
+                            f"{limits.max_number_chars}", code="json_number_too_long")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ManifestError(f"number {text[:40]} is out of range")
+    return value
+
+
+def strict_json_loads(data: bytes | str, *, what: str = "JSON document",
+                      limits: JsonLimits = DEFAULT_JSON_LIMITS) -> Any:
+    """Parse JSON within ``limits``, refusing duplicate keys, NaN/Infinity (also as an
+    overflowing literal such as ``1e999``) and invalid UTF-8.
+
+    Raises:
+        ManifestError: the bytes exceed the limits (with the code of
+            :func:`check_json_limits`) or are not strict JSON.
+    """
+    raw = data.encode("utf-8", errors="surrogatepass") if isinstance(data, str) else bytes(data)
+    check_json_limits(raw, limits, what=what)
     try:
-        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        text = raw.decode("utf-8")
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
+                          parse_float=_finite_float)
     except ManifestError as exc:
         raise ManifestError(f"{what}: {exc.message}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -17,6 +17,7 @@ client can tell refusals apart without parsing prose::
     ├── IncompatibleAdapterError    adapter does not fit the base model (fingerprint, shapes)
     ├── ConflictError               stale/replayed version, name owned by another publisher
     ├── NotFoundError               no such adapter, version, file or key
+    │   └── GoneError               revoked: the version or its publisher key was withdrawn
     ├── RateLimitedError            too many requests by one publisher key
     ├── PrivacyError                a release would break a privacy rule (nothing is published)
     │   ├── TooFewSamplesError      too_few_samples: fewer samples than the minimum
@@ -39,6 +40,7 @@ __all__ = [
     "IncompatibleAdapterError",
     "ConflictError",
     "NotFoundError",
+    "GoneError",
     "RateLimitedError",
     "PrivacyError",
     "TooFewSamplesError",
@@ -104,6 +106,12 @@ class ConflictError(SemlaError):
 
 class NotFoundError(SemlaError):
     code = "not_found"
+
+
+class GoneError(NotFoundError):
+    """The adapter version existed but was revoked (by its publisher or with its key)."""
+
+    code = "revoked"
 
 
 class RateLimitedError(SemlaError):

@@ -6,9 +6,10 @@ a signer and a reader disagree about what was signed.
 
 from __future__ import annotations
 
+import calendar
 import math
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -50,6 +51,16 @@ SIGNING_CONTEXT = b"semla-manifest-v1\n"
 #: Adapter names: lower-case, no path separators, no leading dot.
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _HEX64 = r"^[0-9a-f]{64}$"
+#: Bounds of the manifest's numbers (documented in the README's security section). The database
+#: stores counts and versions as signed 64-bit integers; these keep every value far inside.
+MAX_SAMPLE_COUNT = 10**9
+MAX_EPSILON = 100.0
+MAX_COUNT = 10**6
+MAX_STEPS = 10**9
+MAX_FILE_SIZE = 2**40
+#: A float that is finite; ``le``/``ge`` give the range.
+_Finite = Annotated[float, Field(allow_inf_nan=False)]
+_Word = Annotated[str, Field(max_length=256)]
 
 
 class _Frozen(BaseModel):
@@ -93,13 +104,18 @@ class Centroids(_Frozen):
 
 
 class Privacy(_Frozen):
-    """How the published centroid was protected."""
+    """How the published centroid was protected.
+
+    ε lies in (0, 100] (beyond it a Gaussian release protects nothing, and a tiny ε paired with a
+    huge δ would sidestep the registry's ε ledger); δ in (0, 1/sample_count] (checked by the
+    manifest); the clip norm is positive.
+    """
 
     mechanism: Literal["none", "gaussian"] = "none"
-    epsilon: float | None = None
-    delta: float | None = None
-    clip_norm: float | None = None
-    min_samples: int = Field(ge=1)
+    epsilon: _Finite | None = Field(default=None, gt=0, le=MAX_EPSILON)
+    delta: _Finite | None = Field(default=None, gt=0, lt=1)
+    clip_norm: _Finite | None = Field(default=None, gt=0, le=1e6)
+    min_samples: int = Field(ge=1, le=MAX_SAMPLE_COUNT)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Privacy":
@@ -120,38 +136,38 @@ class UpdatePrivacy(_Frozen):
     (L2 over all its LoRA tensors), Gaussian noise of std ``noise_multiplier * clip_norm`` added
     to the sum; (epsilon, delta) over all rounds from the accountant named in ``accountant``."""
 
-    clip_norm: float = Field(gt=0)
-    noise_multiplier: float = Field(ge=0)
-    epsilon: float | None = Field(default=None, gt=0)
-    delta: float = Field(gt=0, lt=1)
+    clip_norm: _Finite = Field(gt=0, le=1e6)
+    noise_multiplier: _Finite = Field(ge=0, le=1e6)
+    epsilon: _Finite | None = Field(default=None, gt=0)
+    delta: _Finite = Field(gt=0, lt=1)
     accountant: str = Field(min_length=1, max_length=64)
 
 
 class FederatedProvenance(_Frozen):
     """How a federated adapter was trained (DESIGN §7): no individual owner's data left its machine."""
 
-    rounds: int = Field(ge=1)
+    rounds: int = Field(ge=1, le=MAX_COUNT)
     #: distinct owners whose updates were aggregated at least once
-    participants: int = Field(ge=1)
+    participants: int = Field(ge=1, le=MAX_COUNT)
     secure_aggregation: bool
     #: local optimiser steps per owner per round
-    local_steps: int = Field(default=1, ge=1)
+    local_steps: int = Field(default=1, ge=1, le=MAX_STEPS)
     #: least owners a round needed to proceed
-    min_clients: int = Field(default=1, ge=1)
+    min_clients: int = Field(default=1, ge=1, le=MAX_COUNT)
     update_privacy: UpdatePrivacy | None = None
 
 
 class TrainingProvenance(_Frozen):
-    steps: int = Field(ge=0)
-    lr: float = Field(ge=0)
-    batch_size: int = Field(ge=1)
-    seed: int
+    steps: int = Field(ge=0, le=MAX_STEPS)
+    lr: _Finite = Field(ge=0, le=1e6)
+    batch_size: int = Field(ge=1, le=MAX_COUNT)
+    seed: int = Field(ge=-(2**63), lt=2**63)
     federated: FederatedProvenance | None = None
 
 
 class FileEntry(_Frozen):
     sha256: str = Field(pattern=_HEX64)
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=MAX_FILE_SIZE)
 
 
 class Manifest(_Frozen):
@@ -166,14 +182,14 @@ class Manifest(_Frozen):
     target_modules: list[str] = Field(min_length=1, max_length=512)
     rank: int = Field(ge=1, le=1024)
     alpha: float = Field(gt=0)
-    vocabulary: list[str] = Field(min_length=1, max_length=1024)
+    vocabulary: list[_Word] = Field(min_length=1, max_length=1024)
     domain: str = Field(max_length=1024)
     centroids: Centroids
-    sample_count: int = Field(ge=1)
+    sample_count: int = Field(ge=1, le=MAX_SAMPLE_COUNT)
     privacy: Privacy
     training: TrainingProvenance
     files: dict[str, FileEntry]
-    created_at: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
+    created_at: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
 
     @field_validator("files")
     @classmethod
@@ -182,6 +198,17 @@ class Manifest(_Frozen):
         if set(files) != expected:
             raise ValueError(f"files must list exactly {sorted(expected)}, got {sorted(files)}")
         return files
+
+    @field_validator("created_at")
+    @classmethod
+    def _real_date(cls, value: str) -> str:
+        year, month, day = int(value[0:4]), int(value[5:7]), int(value[8:10])
+        hour, minute, second = int(value[11:13]), int(value[14:16]), int(value[17:19])
+        if not 2000 <= year <= 2200 or not 1 <= month <= 12 or not 1 <= day <= calendar.monthrange(year, month)[1]:
+            raise ValueError(f"created_at {value[:10]} is not a date between 2000 and 2200")
+        if hour > 23 or minute > 59 or second > 59:
+            raise ValueError(f"created_at {value[11:19]} is not a time of day")
+        return value
 
     @field_validator("target_modules")
     @classmethod
@@ -197,6 +224,12 @@ class Manifest(_Frozen):
             raise ValueError(
                 f"sample_count {self.sample_count} is below the privacy minimum "
                 f"{self.privacy.min_samples}"
+            )
+        delta = self.privacy.delta
+        if delta is not None and delta * self.sample_count > 1.0:
+            raise ValueError(
+                f"privacy.delta {delta:g} exceeds 1/sample_count (1/{self.sample_count}): a release with "
+                "that delta may expose one sample outright"
             )
         return self
 

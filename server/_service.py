@@ -69,10 +69,12 @@ from semla.schemas import (
 from semla.registry.privacy import check_min_samples
 from semla.schemas.errors import (
     ConflictError,
+    GoneError,
     InvalidInputError,
     NotFoundError,
     PrivacyBudgetError,
     RateLimitedError,
+    SignatureError,
     UnknownKeyError,
 )
 from semla.server.blobs import BlobStore
@@ -422,24 +424,51 @@ class RegistryService:
         """Revoke one adapter version at its publisher's signed request.
 
         The signature covers ``b"semla-revoke-v1\n" + canonical_json({"name", "version"})`` and
-        must be by the key that published the version.
+        must be by the publisher's current key: the key that published the version or, after a
+        rotation, its successor. A key rotated away can no longer revoke anything.
 
         Raises:
             NotFoundError: no such version.
+            UnknownKeyError: ``key_rotated`` (signed by a key of the chain that was rotated away)
+                or ``key_revoked`` (the publisher's current key was revoked).
             SignatureError: the signature is not the publisher's.
             ConflictError: ``already_revoked``.
         """
+        payload = revocation_payload(name, version)
         with self._sessions() as session:
             row = session.scalar(select(Adapter).where(Adapter.name == name, Adapter.version == version))
             if row is None:
                 raise NotFoundError(f"no adapter {name!r} version {version}")
-            publisher = session.get(Publisher, row.publisher_key_id)
-            _keys.verify(bytes.fromhex(publisher.public_key), signature, revocation_payload(name, version))
+            chain = self._owner_chain(session, row.publisher_key_id)
+            current = session.get(Publisher, chain[-1])
+            try:
+                _keys.verify(bytes.fromhex(current.public_key), signature, payload, what="the revoke request")
+            except SignatureError:
+                self._explain_rotated_signer(session, chain[:-1], signature, payload, current.key_id)
+                raise
+            if not current.active:
+                raise UnknownKeyError(f"publisher key {current.key_id} was revoked", code="key_revoked")
             if row.revoked_at is not None:
                 raise ConflictError(f"{name} version {version} is already revoked", code="already_revoked")
             row.revoked_at = utcnow()
             session.commit()
             return _summary(row)
+
+    @staticmethod
+    def _explain_rotated_signer(session: Session, rotated: list[str], signature: bytes, payload: bytes,
+                                current: str) -> None:
+        """A request that the current key did not sign: was it signed by a key rotated away?
+
+        Raises:
+            UnknownKeyError: ``key_rotated`` when one of ``rotated`` signed it (nothing otherwise).
+        """
+        for key_id in rotated:
+            try:
+                _keys.verify(bytes.fromhex(session.get(Publisher, key_id).public_key), signature, payload, what="")
+            except SignatureError:
+                continue
+            raise UnknownKeyError(f"key {key_id} was rotated away; its publisher now signs with {current}",
+                                  code="key_rotated")
 
     def rotate_key(self, body: RotateRequest) -> KeyPublic:
         """Register a publisher's new key, signed by its old one; the old key publishes no more,
@@ -456,7 +485,7 @@ class RegistryService:
             if old is None:
                 raise NotFoundError(f"no publisher key {body.old_key_id}")
             _keys.verify(bytes.fromhex(old.public_key), bytes.fromhex(body.signature),
-                         rotation_payload(body.old_key_id, body.new_public_key))
+                         rotation_payload(body.old_key_id, body.new_public_key), what="the rotate request")
             if not old.active:
                 raise InvalidInputError(f"key {old.key_id} is revoked; a revoked key cannot hand over its names")
             if old.rotated_to is not None:
@@ -624,18 +653,25 @@ class RegistryService:
 
         Raises:
             NotFoundError: unknown file name, adapter or version.
+            GoneError: ``revoked``: the version, or its publisher key, was revoked.
             RuntimeError: the database names a blob the store does not hold (storage damage).
         """
         if filename not in BUNDLE_FILES:
             raise NotFoundError(f"no bundle file {filename!r}; bundle files are {', '.join(BUNDLE_FILES)}")
         with self._sessions() as session:
-            digest = session.scalar(
-                select(AdapterFile.sha256)
+            found = session.execute(
+                select(AdapterFile.sha256, Adapter.revoked_at, Publisher.active)
                 .join(Adapter, AdapterFile.adapter_id == Adapter.id)
+                .join(Publisher, Adapter.publisher_key_id == Publisher.key_id)
                 .where(Adapter.name == name, Adapter.version == version, AdapterFile.filename == filename)
-            )
-        if digest is None:
+            ).first()
+        if found is None:
             raise NotFoundError(f"no adapter {name!r} version {version}")
+        digest, revoked_at, key_active = found
+        if revoked_at is not None:
+            raise GoneError(f"{name} version {version} was revoked by its publisher")
+        if not key_active:
+            raise GoneError(f"the publisher key of {name} version {version} was revoked")
         if not self._blobs.exists(digest):
             raise RuntimeError(f"blob {digest} of {name} v{version}/{filename} is missing from the store")
         return self._blobs.path(digest)

@@ -20,7 +20,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from semla.registry.keys import load_or_create_key
-from semla.registry._web import ERROR_RESPONSES, Part, install_error_handlers, read_multipart
+from semla.registry._web import (
+    ERROR_RESPONSES,
+    BodyGuard,
+    Part,
+    install_error_handlers,
+    install_offline_docs,
+    read_multipart,
+)
 from semla.schemas import (
     BUNDLE_FILES,
     MANIFEST_FILE,
@@ -110,6 +117,12 @@ _UPLOAD_BODY = {
     }
 }
 
+#: Refusals of any request body by BodyGuard (too slow, too large, JSON too deep or too big).
+_BODY_REFUSALS = {
+    408: {**ERROR_RESPONSES, "description": "body_timeout: the request body arrived too slowly"},
+    413: {**ERROR_RESPONSES, "description": "too_large"},
+}
+
 #: More parts than this is not a bundle (it has four files); refused before they are buffered.
 MAX_PARTS = 16
 
@@ -138,6 +151,7 @@ def healthz() -> dict[str, str]:
     summary="Register a publisher key (admin)",
     dependencies=[Depends(_require_admin)],
     responses={
+        **_BODY_REFUSALS,
         400: ERROR_RESPONSES,
         401: ERROR_RESPONSES,
         409: {**ERROR_RESPONSES, "description": "key_exists"},
@@ -168,11 +182,11 @@ def list_keys(service: ServiceDep) -> list[KeyPublic]:
     ),
     openapi_extra=_UPLOAD_BODY,
     responses={
+        **_BODY_REFUSALS,
         400: ERROR_RESPONSES,
         403: {**ERROR_RESPONSES, "description": "bad_signature, unsigned, unknown_key, key_revoked, key_rotated, "
               "privacy_budget: the manifest's epsilon would take its publisher above the budget"},
         409: {**ERROR_RESPONSES, "description": "name_taken, stale_version"},
-        413: {**ERROR_RESPONSES, "description": "too_large"},
         429: {**ERROR_RESPONSES, "description": "rate_limited: too many uploads by this publisher key"},
         422: {
             **ERROR_RESPONSES,
@@ -229,8 +243,8 @@ def registry_key(service: ServiceDep) -> IndexKey:
     description="Registers the new key; the old one publishes no more, the adapters it signed stay valid, "
     "and its adapter names pass to the new key. The old key signs `semla-rotate-v1\\n` + canonical JSON "
     "`{new_public_key, old_key_id}`.",
-    responses={400: ERROR_RESPONSES, 403: ERROR_RESPONSES, 404: ERROR_RESPONSES, 409: ERROR_RESPONSES,
-               422: ERROR_RESPONSES},
+    responses={**_BODY_REFUSALS, 400: ERROR_RESPONSES, 403: ERROR_RESPONSES, 404: ERROR_RESPONSES,
+               409: ERROR_RESPONSES, 422: ERROR_RESPONSES},
 )
 def rotate_key(body: RotateRequest, service: ServiceDep) -> KeyPublic:
     return service.rotate_key(body)
@@ -254,8 +268,8 @@ def privacy_ledger(key_id: Annotated[str, Path(pattern=r"^[0-9a-f]{16}$")], serv
     tags=["keys"],
     summary="Revoke a publisher key (admin): its adapters leave the index",
     dependencies=[Depends(_require_admin)],
-    responses={400: ERROR_RESPONSES, 401: ERROR_RESPONSES, 404: ERROR_RESPONSES, 422: ERROR_RESPONSES,
-               503: ERROR_RESPONSES},
+    responses={**_BODY_REFUSALS, 400: ERROR_RESPONSES, 401: ERROR_RESPONSES, 404: ERROR_RESPONSES,
+               422: ERROR_RESPONSES, 503: ERROR_RESPONSES},
 )
 def revoke_key(key_id: Annotated[str, Path(pattern=r"^[0-9a-f]{16}$")], service: ServiceDep) -> KeyPublic:
     return service.revoke_key(key_id)
@@ -266,10 +280,13 @@ def revoke_key(key_id: Annotated[str, Path(pattern=r"^[0-9a-f]{16}$")], service:
     tags=["adapters"],
     summary="Revoke one adapter version (signed by its publisher)",
     description="The body holds the publisher's Ed25519 signature over "
-    '`semla-revoke-v1\\n` + canonical JSON `{"name": ..., "version": ...}`. A revoked version leaves '
-    "the index (the previous live version, if any, takes its place) and nodes drop it at their next pull.",
-    responses={400: ERROR_RESPONSES, 403: ERROR_RESPONSES, 404: ERROR_RESPONSES, 409: ERROR_RESPONSES,
-               422: ERROR_RESPONSES},
+    '`semla-revoke-v1\\n` + canonical JSON `{"name": ..., "version": ...}`, by the publisher\'s current key: '
+    "the key that published the version or, after rotations, the last key of its chain (a key rotated away "
+    "can revoke nothing). A revoked version leaves the index (the previous live version, if any, takes its "
+    "place), its files answer 410, and nodes drop it at their next pull.",
+    responses={**_BODY_REFUSALS, 400: ERROR_RESPONSES, 403: {**ERROR_RESPONSES, "description": "bad_signature, "
+               "key_rotated: signed by a key its publisher rotated away, key_revoked"}, 404: ERROR_RESPONSES,
+               409: ERROR_RESPONSES, 422: ERROR_RESPONSES},
 )
 def revoke_version(name: AdapterName, version: Version, body: RevokeRequest, service: ServiceDep) -> AdapterSummary:
     return service.revoke_version(name, version, bytes.fromhex(body.signature))
@@ -284,8 +301,8 @@ def revoke_version(name: AdapterName, version: Version, body: RevokeRequest, ser
         "an adapter's centroids (euclidean between unit vectors, or cosine), top-k, weights softmax(-d/T). "
         "Same math as the node's local retrieval; a node that retrieves locally never sends its query."
     ),
-    responses={404: {**ERROR_RESPONSES, "description": "no adapter of this base"}, 422: ERROR_RESPONSES,
-               400: ERROR_RESPONSES},
+    responses={**_BODY_REFUSALS, 404: {**ERROR_RESPONSES, "description": "no adapter of this base"},
+               422: ERROR_RESPONSES, 400: ERROR_RESPONSES},
 )
 def retrieve(body: RetrieveRequest, service: ServiceDep) -> RetrieveResponse:
     return service.retrieve(body)
@@ -309,6 +326,7 @@ def adapter_versions(name: AdapterName, service: ServiceDep) -> list[AdapterSumm
     responses={
         200: {"content": {"application/json": {}}, "description": "manifest.json, byte-identical"},
         404: ERROR_RESPONSES,
+        410: {**ERROR_RESPONSES, "description": "revoked: the version or its publisher key was revoked"},
         422: ERROR_RESPONSES,
     },
 )
@@ -325,6 +343,7 @@ def get_manifest(name: AdapterName, version: Version, service: ServiceDep) -> Re
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "the file's bytes"},
         404: ERROR_RESPONSES,
+        410: {**ERROR_RESPONSES, "description": "revoked: the version or its publisher key was revoked"},
         422: ERROR_RESPONSES,
     },
 )
@@ -365,7 +384,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
             "files, and verify every signature again before loading."
         ),
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
+    app.add_middleware(BodyGuard, limits=settings.body_limits())
+    install_offline_docs(app)
     app.state.settings = settings
     app.state.engine = engine
     app.state.blobs = blobs

@@ -6,10 +6,13 @@ Nothing is read or created at import: build a :class:`ServerSettings` and hand i
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from semla.registry._web import BodyLimits
 
 __all__ = ["ServerSettings", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MIN_SAMPLES", "DEFAULT_EPSILON_BUDGET"]
 
@@ -40,6 +43,11 @@ class ServerSettings(BaseSettings):
             refused (``privacy_budget``). ``SEMLA_EPSILON_BUDGET`` empty, ``none`` or ``inf``
             means no limit (spend is still recorded and shown); ``0`` refuses every DP upload.
             Uploads without DP carry no ε and are not charged.
+        max_json_bytes: Largest JSON request body (key registration, rotation, revocation,
+            retrieval); its nesting, number of arrays/objects and number lengths are bounded too.
+        body_idle_timeout_s / body_min_rate / body_grace_s: a request body must keep arriving:
+            no pause longer than ``body_idle_timeout_s``, and after ``body_grace_s`` at least
+            ``body_min_rate`` bytes/s on average; else 408 ``body_timeout`` and the connection closes.
     """
 
     model_config = SettingsConfigDict(env_prefix="SEMLA_", extra="forbid", frozen=True)
@@ -59,6 +67,17 @@ class ServerSettings(BaseSettings):
     index_ttl_seconds: int = Field(default=86400, ge=60)
     min_samples: int = Field(default=DEFAULT_MIN_SAMPLES, ge=1)
     epsilon_budget: float | None = Field(default=DEFAULT_EPSILON_BUDGET, ge=0)
+    max_json_bytes: int = Field(default=BodyLimits.max_body_bytes, ge=1024, le=64 * 1024 * 1024)
+    body_idle_timeout_s: float = Field(default=BodyLimits.idle_timeout_s, gt=0, le=3600)
+    body_min_rate: float = Field(default=BodyLimits.min_rate, gt=0)
+    body_grace_s: float = Field(default=BodyLimits.grace_s, ge=0, le=3600)
+
+    def body_limits(self) -> BodyLimits:
+        """The request-body bounds these settings describe."""
+        return BodyLimits(max_body_bytes=self.max_json_bytes,
+                          json=dataclasses.replace(BodyLimits.json, max_bytes=self.max_json_bytes),
+                          idle_timeout_s=self.body_idle_timeout_s, min_rate=self.body_min_rate,
+                          grace_s=self.body_grace_s)
 
     @field_validator("epsilon_budget", mode="before")
     @classmethod

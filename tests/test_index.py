@@ -57,7 +57,8 @@ def test_index_is_signed_and_its_version_follows_every_change(registry, tmp_path
     doc = http.get("/v1/index").json()
     index = SignedIndex.model_validate(doc)
     pub = bytes.fromhex(http.get("/v1/registry-key").json()["public_key"])
-    keys.verify(pub, bytes.fromhex(index.signatures[0].sig), INDEX_CONTEXT + canonical_json(doc["signed"]))
+    keys.verify(pub, bytes.fromhex(index.signatures[0].sig), INDEX_CONTEXT + canonical_json(doc["signed"]),
+                what="the index")
     assert [a.name for a in index.signed.adapters] == ["fog"]
     assert [k.key_id for k in index.signed.keys] == [keys.key_id(key)]
     versions = [index.signed.version]
