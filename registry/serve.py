@@ -51,6 +51,7 @@ from semla.registry._web import (
     ERROR_RESPONSES,
     BodyGuard,
     BodyLimits,
+    BodyTimeout,
     Part,
     RequestTooLarge,
     install_error_handlers,
@@ -384,7 +385,7 @@ async def _read_form(request: Request, settings: ServeSettings) -> _Form:
         parts = await read_multipart(request, max_bytes=settings.max_upload_bytes,
                                      accept=_form_part(settings.max_images))
     except InvalidInputError as exc:
-        if isinstance(exc, (RequestTooLarge, UnprocessableError)):
+        if isinstance(exc, (RequestTooLarge, UnprocessableError, BodyTimeout)):
             raise
         raise UnprocessableError(exc.message, code=exc.code) from None
     form = _Form()
