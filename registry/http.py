@@ -11,10 +11,22 @@ from collections.abc import Mapping
 
 import httpx
 
-from semla.schemas import AdapterSummary, IndexKey, KeyPublic, PrivacyLedger, UploadReceipt
+from semla.schemas import (
+    AdapterSummary,
+    IndexKey,
+    JsonLimits,
+    KeyPublic,
+    PrivacyLedger,
+    UploadReceipt,
+    strict_json_loads,
+)
 from semla.schemas.errors import RegistryError
 
-__all__ = ["RegistryClient"]
+__all__ = ["RegistryClient", "INDEX_JSON_LIMITS"]
+
+#: The signed index is parsed within these bounds before its signature is checked, so a hostile
+#: registry or network cannot crash a node with a deeply nested or oversized document.
+INDEX_JSON_LIMITS = JsonLimits(max_bytes=1 << 30, max_depth=8, max_containers=10**7)
 
 
 class RegistryClient:
@@ -78,8 +90,13 @@ class RegistryClient:
         return UploadReceipt.model_validate(self._request("POST", "/v1/adapters", files=parts).json())
 
     def signed_index(self) -> dict:
-        """The registry's signed index snapshot, as raw JSON (the node verifies it)."""
-        return self._request("GET", "/v1/index").json()
+        """The registry's signed index snapshot, as raw JSON (the node verifies it).
+
+        Raises:
+            ManifestError: the document exceeds :data:`INDEX_JSON_LIMITS` or is not strict JSON.
+        """
+        return strict_json_loads(self._request("GET", "/v1/index").content, what="the registry's index",
+                                 limits=INDEX_JSON_LIMITS)
 
     def registry_key(self) -> bytes:
         """The registry's raw public key as it announces it (pin it; better: get it out of band)."""

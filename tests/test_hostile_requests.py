@@ -415,3 +415,13 @@ def test_node_docs_load_no_external_asset(tiny_base, tmp_path):
 
     node = Node("http://127.0.0.1:9", base=copy.deepcopy(tiny_base), cache_dir=tmp_path / "cache")
     _docs_are_offline(TestClient(create_node_app(node)))
+
+
+def test_a_hostile_index_is_refused_before_parsing():
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b'{"signed":' + b"[" * 100_000)
+
+    client = RegistryClient("http://registry.test", client=httpx.Client(transport=httpx.MockTransport(answer)))
+    with pytest.raises(VerificationError) as info:
+        client.signed_index()
+    assert info.value.code == "json_too_deep"
