@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Also read from the environment: SEMLA_MAX_UPLOAD_BYTES (default {DEFAULT_MAX_UPLOAD_BYTES}); "
         f"SEMLA_MIN_SAMPLES, the fewest samples behind a centroid (default {DEFAULT_MIN_SAMPLES}); "
         f"SEMLA_EPSILON_BUDGET, the DP epsilon each publisher may spend on centroids (default "
-        f"{DEFAULT_EPSILON_BUDGET:g}; empty or 'none' for no limit). "
+        f"{DEFAULT_EPSILON_BUDGET:g}; empty or 'none' for no limit); SEMLA_MAX_JSON_BYTES, the largest JSON "
+        "request body (default 1 MiB); SEMLA_BODY_IDLE_TIMEOUT_S, SEMLA_BODY_GRACE_S and SEMLA_BODY_MIN_RATE: a "
+        "request body pausing longer than the first (default 10 s) or, after the grace (default 10 s), arriving "
+        "slower than the rate (default 16384 bytes/s) is answered 408 and its connection closed. "
         "Access log on stdout, server log on stderr.",
     )
     for dest, (flag, metavar, text) in _FLAGS.items():
