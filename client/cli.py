@@ -69,9 +69,8 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from semla.registry.model import load_base
-    from semla.registry.node import resolve_device
-    from semla.registry.train import TrainConfig, train_adapter
+    from semla.registry.config import TrainConfig
+    from semla.registry.data import scan_dataset
 
     config = TrainConfig(
         steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr, batch_size=args.batch, seed=args.seed,
@@ -80,6 +79,12 @@ def _train(args: argparse.Namespace) -> int:
     )
     if args.out.exists():
         raise InvalidInputError(f"{args.out} already exists; choose a new --out")
+    scan_dataset(args.data, min_samples=config.min_samples)  # bad input fails before torch and the model load
+
+    from semla.registry.device import resolve_device
+    from semla.registry.model import load_base
+    from semla.registry.train import train_adapter
+
     device = resolve_device(args.device)
     base = load_base(args.base, args.pretrained, device=device)
     manifest = train_adapter(args.data, args.out, args.name, config, base=base, progress=True)

@@ -88,7 +88,8 @@ def parse_classes(text: str) -> list[str]:
 def build_node(args: argparse.Namespace, **kwargs: Any) -> Any:
     """A pulled :class:`~semla.registry.node.Node` from the arguments of :func:`add_node_arguments`."""
     from semla.registry.model import load_base
-    from semla.registry.node import Node, resolve_device
+    from semla.registry.device import resolve_device
+    from semla.registry.node import Node
 
     from semla.registry.keys import load_public_key_file, public_bytes
 
