@@ -9,6 +9,7 @@ from pathlib import Path
 from semla.client import audit, federate
 from semla.client.audit import EXIT_FLAGGED
 from semla.registry._cli import EXIT_OK, run
+from semla.registry.config import TrainConfig
 from semla.registry.privacy import DEFAULT_MIN_SAMPLES
 from semla.schemas.errors import InvalidInputError
 
@@ -69,9 +70,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from semla.registry.model import load_base
-    from semla.registry.node import resolve_device
-    from semla.registry.train import TrainConfig, train_adapter
+    from semla.registry.data import scan_dataset
 
     config = TrainConfig(
         steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr, batch_size=args.batch, seed=args.seed,
@@ -80,6 +79,12 @@ def _train(args: argparse.Namespace) -> int:
     )
     if args.out.exists():
         raise InvalidInputError(f"{args.out} already exists; choose a new --out")
+    scan_dataset(args.data, min_samples=config.min_samples)  # bad input fails before torch and the model load
+
+    from semla.registry.device import resolve_device
+    from semla.registry.model import load_base
+    from semla.registry.train import train_adapter
+
     device = resolve_device(args.device)
     base = load_base(args.base, args.pretrained, device=device)
     manifest = train_adapter(args.data, args.out, args.name, config, base=base, progress=True)
@@ -171,20 +176,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="DIR with images/, masks/ and classes.txt")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to create")
     p.add_argument("--name", required=True, help="adapter name: lower-case letters, digits, . _ -")
-    p.add_argument("--steps", type=int, default=300, help="optimisation steps (default 300)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scale = alpha / r (default 16)")
-    p.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3)")
-    p.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--version", type=int, default=1, help="adapter version, > the last published (default 1)")
-    p.add_argument("--centroids", type=int, default=1, help="retrieval centroids, 1 or k-means up to 8 (default 1)")
+    d = TrainConfig  # the defaults, defined once (registry/config.py)
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimisation steps (default {d.steps})")
+    p.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank r (default {d.rank})")
+    p.add_argument("--alpha", type=float, default=d.alpha, help=f"LoRA alpha; scale = alpha / r (default {d.alpha:g})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr:g})")
+    p.add_argument("--batch", type=int, default=d.batch_size, help=f"batch size (default {d.batch_size})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed})")
+    p.add_argument("--version", type=int, default=d.version,
+                   help=f"adapter version, > the last published (default {d.version})")
+    p.add_argument("--centroids", type=int, default=d.centroids,
+                   help=f"retrieval centroids, 1 or k-means up to 8 (default {d.centroids})")
     p.add_argument("--min-samples", type=int, default=DEFAULT_MIN_SAMPLES,
                    help=f"refuse fewer images than this (default {DEFAULT_MIN_SAMPLES})")
     p.add_argument("--dp-epsilon", type=float, default=None, metavar="E",
                    help="Gaussian DP on the centroid and sample count with this epsilon (k = 1 centroid only; "
                    "analytic Gaussian mechanism, unit-norm clipping); default: published exactly")
-    p.add_argument("--dp-delta", type=float, default=1e-5, metavar="D", help="DP delta (default 1e-5)")
+    p.add_argument("--dp-delta", type=float, default=d.dp_delta, metavar="D", help=f"DP delta (default {d.dp_delta:g})")
     p.add_argument("--domain", help="domain description to publish (default: from DIR/domain.json or the name)")
     p.add_argument("--base", default="semla-tiny", help="base model architecture (default semla-tiny)")
     p.add_argument("--pretrained", default=None,

@@ -462,13 +462,13 @@ like any other (semla-client publish BUNDLE --key KEY).
 
 #: flag, type, default, help of the training settings every owner receives from the coordinator
 _TRAINING_OPTIONS = (
-    ("--rank", int, 8, "LoRA rank r"),
-    ("--alpha", float, 16.0, "LoRA alpha"),
-    ("--lr", float, 2e-3, "learning rate"),
-    ("--batch", int, 16, "batch size of each owner"),
-    ("--seed", int, 0, "seed of the shared LoRA init and of the batch order"),
-    ("--version", int, 1, "adapter version"),
-    ("--min-samples", int, fed.privacy.DEFAULT_MIN_SAMPLES, "images each owner must hold"),
+    ("--rank", int, fed.FederatedConfig.rank, "LoRA rank r"),
+    ("--alpha", float, fed.FederatedConfig.alpha, "LoRA alpha"),
+    ("--lr", float, fed.FederatedConfig.lr, "learning rate"),
+    ("--batch", int, fed.FederatedConfig.batch_size, "batch size of each owner"),
+    ("--seed", int, fed.FederatedConfig.seed, "seed of the shared LoRA init and of the batch order"),
+    ("--version", int, fed.FederatedConfig.version, "adapter version"),
+    ("--min-samples", int, fed.FederatedConfig.min_samples, "images each owner must hold"),
     ("--max-samples", int, 10_000, "most images one owner may hold (scales the secure-aggregation encoding)"),
 )
 

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from semla.registry import privacy
+from semla.registry.config import LoraSettings
 from semla.schemas.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -120,14 +121,16 @@ class UpdateDP:
                 "epsilon": eps, "delta": float(self.delta), "accountant": ACCOUNTANT}
 
 
-@dataclasses.dataclass(frozen=True)
-class FederatedConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FederatedConfig(LoraSettings):
     """Settings of one federated training; the coordinator sends them to every owner.
 
     ``local_steps`` optimiser steps per owner per round; ``rounds × local_steps`` steps of the
     global model in all (the manifest's ``training.steps``). Each round ``fraction`` of the
     connected owners take part, never fewer than ``min_clients``; the last round asks every
-    connected owner, so the published centroid and sample count cover all of them.
+    connected owner, so the published centroid and sample count cover all of them. The LoRA,
+    optimiser and publishing settings and their defaults are central training's
+    (:class:`semla.registry.config.LoraSettings`).
     """
 
     rounds: int = 3
@@ -136,24 +139,12 @@ class FederatedConfig:
     fraction: float = 1.0
     secure_aggregation: bool = False
     dp: UpdateDP | None = None
-    rank: int = 8
-    alpha: float = 16.0
-    lr: float = 2e-3
-    batch_size: int = 16
-    seed: int = 0
-    version: int = 1
-    min_samples: int = privacy.DEFAULT_MIN_SAMPLES
-    domain: str | None = None
 
     def __post_init__(self) -> None:
-        checks = {
+        self._refuse_bad("federated", {
             "rounds": self.rounds >= 1, "local_steps": self.local_steps >= 1, "min_clients": self.min_clients >= 1,
-            "fraction": 0 < self.fraction <= 1, "rank": self.rank >= 1, "alpha": self.alpha > 0, "lr": self.lr > 0,
-            "batch_size": self.batch_size >= 1, "version": self.version >= 1, "min_samples": self.min_samples >= 1,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise InvalidInputError(f"invalid federated setting(s): {', '.join(bad)} (fraction must lie in (0, 1])")
+            "fraction": 0 < self.fraction <= 1,
+        }, "fraction must lie in (0, 1]")
         if self.secure_aggregation and self.min_clients < 2:
             raise InvalidInputError("secure aggregation needs at least 2 owners per round (min_clients >= 2)")
 
@@ -420,18 +411,7 @@ def gdp_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
     if rounds < 1 or not 0 < delta < 1:
         raise InvalidInputError(f"need rounds >= 1 and delta in (0, 1), got {rounds}, {delta}")
     sigma = noise_multiplier / math.sqrt(rounds)
-    lo, hi = 0.0, 1.0
-    while privacy.gaussian_delta(sigma, hi) > delta:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if privacy.gaussian_delta(sigma, mid) > delta:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-10 * hi:
-            break
-    return hi
+    return privacy.smallest_passing(lambda eps: privacy.gaussian_delta(sigma, eps) <= delta, start=1.0, rel_tol=1e-10)
 
 
 # -- the result -------------------------------------------------------------------------------------

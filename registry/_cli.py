@@ -86,9 +86,18 @@ def parse_classes(text: str) -> list[str]:
 
 
 def build_node(args: argparse.Namespace, **kwargs: Any) -> Any:
-    """A pulled :class:`~semla.registry.node.Node` from the arguments of :func:`add_node_arguments`."""
+    """A pulled :class:`~semla.registry.node.Node` from the arguments of :func:`add_node_arguments`.
+
+    Raises:
+        InvalidInputError: ``--top-k`` < 1 or ``--temperature`` <= 0 (checked before the model loads).
+    """
+    if getattr(args, "top_k", 1) < 1:
+        raise InvalidInputError(f"--top-k must be >= 1, got {args.top_k}")
+    if not getattr(args, "temperature", 1.0) > 0:
+        raise InvalidInputError(f"--temperature must be > 0, got {args.temperature}")
     from semla.registry.model import load_base
-    from semla.registry.node import Node, resolve_device
+    from semla.registry.device import resolve_device
+    from semla.registry.node import Node
 
     from semla.registry.keys import load_public_key_file, public_bytes
 

@@ -7,10 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from semla.registry._cli import EXIT_OK, add_node_arguments, add_retrieval_arguments, build_node, parse_classes, run
 from semla.registry.explain import add_parser as add_explain_parser
+from semla.registry.explain import overlay, palette  # re-exported: the colours of a mask live with the pictures
 from semla.registry.serve import add_parser as add_serve_parser
 from semla.registry.retrieval import DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 
@@ -26,22 +25,6 @@ Example:
   semla-node segment street.png --registry http://127.0.0.1:8080 \\
       --classes sky,road,sidewalk,building,vegetation,car,person,pole --out ./masks --json
 """
-
-
-def palette(n: int) -> np.ndarray:
-    """n distinct RGB colours (uint8, (n, 3)), stable across runs."""
-    base = np.array([[70, 130, 180], [128, 64, 128], [244, 35, 232], [70, 70, 70], [107, 142, 35],
-                     [0, 0, 142], [220, 20, 60], [153, 153, 153], [250, 170, 30], [152, 251, 152],
-                     [255, 0, 0], [0, 60, 100]], dtype=np.uint8)
-    if n <= len(base):
-        return base[:n]
-    rng = np.random.default_rng(0)
-    return np.concatenate([base, rng.integers(0, 256, size=(n - len(base), 3), dtype=np.uint8)])
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, n_classes: int, alpha: float = 0.5) -> np.ndarray:
-    colours = palette(n_classes)[mask]
-    return (image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha).astype(np.uint8)
 
 
 def _segment(args: argparse.Namespace) -> int:

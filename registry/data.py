@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from semla.schemas.errors import InvalidInputError
 
-__all__ = ["Dataset", "IGNORE_INDEX", "IMAGE_SUFFIXES", "load_dataset", "read_image", "read_classes", "miou"]
+__all__ = ["Dataset", "IGNORE_INDEX", "IMAGE_SUFFIXES", "load_dataset", "scan_dataset", "read_image", "read_classes", "miou"]
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -59,13 +59,13 @@ def read_classes(path: Path) -> list[str]:
     return classes
 
 
-def load_dataset(root: Path, *, min_samples: int = 1, limit: int | None = None) -> Dataset:
-    """Load and validate a training folder.
+def scan_dataset(root: Path, *, min_samples: int = 1) -> tuple[list[str], list[Path]]:
+    """The class names and image paths of a training folder, checked without reading any image.
+
+    Cheap enough for a command line to call before it loads a model.
 
     Raises:
-        InvalidInputError: naming the first problem: no images/ or masks/, an image without its
-            mask, an unreadable file, too few images, a mask whose size or class indices do not
-            match its image or classes.txt.
+        InvalidInputError: no such folder, no images/ or masks/, a bad classes.txt, too few images.
     """
     root = Path(root)
     if not root.is_dir():
@@ -82,6 +82,19 @@ def load_dataset(root: Path, *, min_samples: int = 1, limit: int | None = None) 
             f"{image_dir} holds {len(paths)} images; at least {min_samples} are required "
             "(the minimum sample count before a centroid may be published)"
         )
+    return classes, paths
+
+
+def load_dataset(root: Path, *, min_samples: int = 1, limit: int | None = None) -> Dataset:
+    """Load and validate a training folder.
+
+    Raises:
+        InvalidInputError: naming the first problem: no images/ or masks/, an image without its
+            mask, an unreadable file, too few images, a mask whose size or class indices do not
+            match its image or classes.txt.
+    """
+    classes, paths = scan_dataset(root, min_samples=min_samples)
+    mask_dir = Path(root) / "masks"
     if limit is not None:
         paths = paths[:limit]
     data = Dataset([], [], classes, [])

@@ -24,7 +24,8 @@ segmentations run as one batch of per-image mixtures (float noise ~1e-5 against 
 
 Everything runs on the caller's thread and uses only the public :class:`Node` calls. torch and
 the node are imported on first use, so declaring the subcommand keeps ``semla-node --help`` fast
-(and ``semla.registry.cli`` can import this module without a cycle).
+(and ``semla.registry.cli`` imports this module, never the other way round). The class colours of
+a mask (:func:`palette`, :func:`overlay`) live here with the pictures.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ if TYPE_CHECKING:
 
     from semla.registry.node import Contribution, Node, Retrieval
 
-__all__ = ["AdapterStats", "Explanation", "explain", "render", "to_json", "add_parser", "adapter_colours"]
+__all__ = [
+    "AdapterStats", "Explanation", "explain", "render", "to_json", "add_parser", "adapter_colours", "palette", "overlay",
+]
 
 ATTRIBUTION_METHOD = "leave-one-out drop of the fused winner's logit margin"
 _NOISE = 1e-3  # logits; merged and per-image mixture fusion differ by ~1e-5
@@ -248,6 +251,22 @@ _BG, _FG, _MUTED = (255, 255, 255), (20, 20, 20), (110, 110, 110)
 _PAD, _TARGET = 16, 288
 
 
+def palette(n: int) -> np.ndarray:
+    """n distinct RGB colours (uint8, (n, 3)), stable across runs."""
+    base = np.array([[70, 130, 180], [128, 64, 128], [244, 35, 232], [70, 70, 70], [107, 142, 35],
+                     [0, 0, 142], [220, 20, 60], [153, 153, 153], [250, 170, 30], [152, 251, 152],
+                     [255, 0, 0], [0, 60, 100]], dtype=np.uint8)
+    if n <= len(base):
+        return base[:n]
+    rng = np.random.default_rng(0)
+    return np.concatenate([base, rng.integers(0, 256, size=(n - len(base), 3), dtype=np.uint8)])
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, n_classes: int, alpha: float = 0.5) -> np.ndarray:
+    colours = palette(n_classes)[mask]
+    return (image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha).astype(np.uint8)
+
+
 def adapter_colours(n: int) -> np.ndarray:
     """n RGB colours for adapters (uint8, (n, 3)), bright against the darkened change map."""
     if n <= len(_ADAPTER_COLOURS):
@@ -280,8 +299,6 @@ def _text_width(draw: ImageDraw.ImageDraw, text: str, font) -> int:
 
 def render(explanation: Explanation, image: np.ndarray, classes: Sequence[str]) -> Image.Image:
     """One RGB picture: image, base mask, fused mask, changes by adapter; weights and legends below."""
-    from semla.registry.cli import palette  # here, not at import: cli.py declares this module's subcommand
-
     e = explanation
     image = np.asarray(image, dtype=np.uint8)
     k, n_classes = len(e.contributions), len(classes)

@@ -43,6 +43,7 @@ from semla.registry.keys import key_id
 from semla.registry.keys import verify as verify_signature
 from semla.registry.cache import AdapterCache, CacheLimits
 from semla.registry.data import read_image
+from semla.registry.device import resolve_device  # re-exported for callers of semla.registry.node
 from semla.registry.fusion import FusionEngine, LoraAdapter, load_adapter
 from semla.registry.http import RegistryClient
 from semla.registry.model import DenseClip, load_base, lora_target_modules
@@ -87,25 +88,6 @@ def _parse_utc(text: str) -> float:
 
 def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "semla" / "adapters"
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N``; None picks cuda when available.
-
-    Raises:
-        InvalidInputError: an unknown device, or cuda without a GPU.
-    """
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise InvalidInputError(f"unknown device {device!r}; use cpu or cuda") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise InvalidInputError(f"unsupported device {device!r}; use cpu or cuda")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError("device cuda requested but no CUDA GPU is available")
-    return dev
 
 
 @dataclasses.dataclass(frozen=True)

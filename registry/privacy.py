@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -48,6 +49,7 @@ __all__ = [
     "Budget",
     "NoisySumCount",
     "gaussian_delta",
+    "smallest_passing",
     "analytic_gaussian_sigma",
     "classic_gaussian_sigma",
     "split_budget",
@@ -104,6 +106,28 @@ def gaussian_delta(sigma: float, epsilon: float, sensitivity: float = 1.0) -> fl
     return max(0.0, first - second)
 
 
+def smallest_passing(passes: Callable[[float], bool], *, start: float, rel_tol: float) -> float:
+    """The smallest x > 0 with ``passes(x)``, for a test that fails below a threshold and passes above.
+
+    Doubles ``start`` until the test passes, then bisects [0, x] for at most 200 steps or until
+    the bracket is narrower than ``rel_tol`` of its upper end. Returns the upper end, which
+    always passes: a noise scale or an ε found this way is never understated.
+    """
+    hi = start
+    while not passes(hi):
+        hi *= 2.0
+    lo = 0.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if passes(mid):
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo <= rel_tol * hi:
+            break
+    return hi
+
+
 def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1.0) -> float:
     """Smallest σ for which Gaussian noise on an L2-sensitivity-``sensitivity`` query is (ε, δ)-DP.
 
@@ -119,19 +143,8 @@ def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1
     if epsilon == math.inf:
         return 0.0
     _check_budget(epsilon, delta)
-    hi = sensitivity
-    while gaussian_delta(hi, epsilon, sensitivity) > delta:
-        hi *= 2.0
-    lo = 0.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if gaussian_delta(mid, epsilon, sensitivity) > delta:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-12 * hi:
-            break
-    return hi
+    return smallest_passing(lambda sigma: gaussian_delta(sigma, epsilon, sensitivity) <= delta,
+                            start=sensitivity, rel_tol=1e-12)
 
 
 def classic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1.0) -> float:

@@ -14,7 +14,6 @@ never the published training seed: whoever knows the seed can subtract the noise
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import enum
 import json
@@ -31,6 +30,7 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
 from semla.registry.bundle import write_bundle
+from semla.registry.config import TrainConfig  # re-exported: defined without torch
 from semla.registry.data import IGNORE_INDEX, Dataset, load_dataset
 from semla.registry import privacy
 from semla.registry.model import DenseClip, load_base, lora_target_modules
@@ -51,45 +51,6 @@ __all__ = [
     "fit_lora",
     "write_adapter",
 ]
-
-DEFAULT_MIN_SAMPLES = privacy.DEFAULT_MIN_SAMPLES
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of one adapter; the defaults train semla-tiny in well under a minute on 2 cores."""
-
-    steps: int = 300
-    rank: int = 8
-    alpha: float = 16.0
-    lr: float = 2e-3
-    batch_size: int = 16
-    seed: int = 0
-    version: int = 1
-    min_samples: int = DEFAULT_MIN_SAMPLES
-    centroids: int = 1
-    domain: str | None = None
-    #: Gaussian DP on the centroid and sample count: None publishes them exactly.
-    dp_epsilon: float | None = None
-    dp_delta: float = privacy.DEFAULT_DELTA
-    #: Seed of the DP noise only (tests); None draws fresh OS entropy. Never published.
-    dp_seed: int | None = None
-
-    def __post_init__(self) -> None:
-        checks = {
-            "steps": self.steps >= 1, "rank": self.rank >= 1, "alpha": self.alpha > 0, "lr": self.lr > 0,
-            "batch_size": self.batch_size >= 1, "version": self.version >= 1, "min_samples": self.min_samples >= 1,
-            "centroids": 1 <= self.centroids <= 8,
-            "dp_epsilon": self.dp_epsilon is None or 0 < self.dp_epsilon < math.inf,
-            "dp_delta": 0 < self.dp_delta < 1,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise InvalidInputError(f"invalid training setting(s): {', '.join(bad)} (centroids must be 1..8, "
-                                    "dp_epsilon > 0 and finite, dp_delta in (0, 1))")
-        if self.dp_epsilon is not None and self.centroids != 1:
-            raise InvalidInputError("DP applies to a single centroid (the noised mean); k-means centroids "
-                                    "cannot be released with DP here: use centroids=1 or no dp_epsilon")
 
 
 @torch.no_grad()

@@ -40,17 +40,19 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, *, timeout: flo
 
 
 @contextlib.contextmanager
-def local_registry(data_dir: Path, admin_token: str, *, log: Path | None = None, timeout: float = 30.0) -> Iterator[str]:
+def local_registry(data_dir: Path, admin_token: str, *, log: Path | None = None, timeout: float = 30.0,
+                   exe: Path | None = None) -> Iterator[str]:
     """Start ``semla-server`` on a free 127.0.0.1 port, yield its URL, stop it afterwards.
 
     Args:
         log: file for the server's output (access log included); default: discarded.
+        exe: the ``semla-server`` to run; default: the one beside this interpreter.
 
     Raises:
         RuntimeError: the server exited or did not answer ``/healthz`` within ``timeout``.
     """
     port = free_port()
-    exe = Path(sys.executable).with_name("semla-server")
+    exe = exe or Path(sys.executable).with_name("semla-server")
     out = open(log, "w") if log is not None else subprocess.DEVNULL
     proc = subprocess.Popen(
         [str(exe), "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port),

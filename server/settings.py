@@ -13,11 +13,11 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from semla.registry._web import BodyLimits
+from semla.registry.privacy import DEFAULT_MIN_SAMPLES  # re-exported: one sample floor for owners and registry
 
 __all__ = ["ServerSettings", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MIN_SAMPLES", "DEFAULT_EPSILON_BUDGET"]
 
 DEFAULT_MAX_UPLOAD_BYTES = 256 * 1024 * 1024
-DEFAULT_MIN_SAMPLES = 50
 DEFAULT_EPSILON_BUDGET = 10.0
 #: Values of SEMLA_EPSILON_BUDGET that mean "no limit".
 _NO_LIMIT = ("", "none", "inf", "infinity", "unlimited")

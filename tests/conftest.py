@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny base model, a small trained bundle, keys, a free loopback port."""
+"""Shared fixtures: a tiny base model, a small trained library (fog, night), keys, a free loopback port."""
 
 from __future__ import annotations
 
@@ -51,6 +51,24 @@ def trained_bundle(tmp_path_factory, fog_data, tiny_base) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "fog"
     train_adapter(fog_data, out, "fog", TrainConfig(steps=8, lr=5e-3, seed=3), base=tiny_base, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def night_bundle(tmp_path_factory, tiny_base) -> Path:
+    """An unsigned bundle trained like ``trained_bundle`` on 50 night images (kept read-only by tests)."""
+    from semla.registry import synth
+    from semla.registry.train import TrainConfig, train_adapter
+
+    root = tmp_path_factory.mktemp("night")
+    data = synth.write_dataset("night", 50, 11, root / "data")
+    train_adapter(data, root / "night", "night", TrainConfig(steps=8, lr=5e-3, seed=3), base=tiny_base, progress=False)
+    return root / "night"
+
+
+@pytest.fixture(scope="session")
+def fog_night_library(trained_bundle, night_bundle) -> dict[str, Path]:
+    """The two-adapter library that node, explain and serve tests publish (copy before signing)."""
+    return {"fog": trained_bundle, "night": night_bundle}
 
 
 @pytest.fixture

@@ -42,6 +42,8 @@ def registry(tmp_path):
         yield url
 
 
+@pytest.mark.slow
+@pytest.mark.ci_slow  # a real loop: CI runs it in make test-slow
 def test_full_loop_on_loopback(tmp_path, registry):
     key = tmp_path / "owner.key"
     out = cli("semla-client", "keygen", "--out", str(key)).stdout
@@ -110,6 +112,10 @@ def test_full_loop_on_loopback(tmp_path, registry):
          "empty"),
         (["semla-node", "segment", "{small}/images/00000.png", "--registry", "http://127.0.0.1:9", "--classes", "a",
           "--device", "tpu"], "device"),
+        (["semla-node", "segment", "{small}/images/00000.png", "--registry", "http://127.0.0.1:9", "--classes", "a",
+          "--top-k", "0"], "--top-k"),
+        (["semla-node", "explain", "{small}/images/00000.png", "--registry", "http://127.0.0.1:9", "--classes", "a",
+          "--temperature", "0", "--out", "{tmp}/x"], "--temperature"),
         (["semla-client", "publish", "{tmp}/b", "--registry", "http://127.0.0.1:9"], "not a bundle directory"),
     ],
 )

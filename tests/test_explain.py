@@ -26,23 +26,19 @@ CLASSES = list(synth.get_scene("street").classes)
 
 
 @pytest.fixture(scope="module")
-def registry_url(tmp_path_factory, trained_bundle, tiny_base):
+def registry_url(tmp_path_factory, fog_night_library):
     """A ``semla-server`` on a free loopback port with fog v1 and night v1, signed by one owner."""
     from semla.client.publish import publish_bundle
     from semla.registry.bundle import sign_bundle
     from semla.registry.http import RegistryClient
-    from semla.registry.train import TrainConfig, train_adapter
 
     work = tmp_path_factory.mktemp("explain")
     with local_registry(work / "reg", TOKEN) as url:
-        fog = shutil.copytree(trained_bundle, work / "fog")  # the shared bundle stays unsigned
-        night = work / "night"
-        train_adapter(synth.write_dataset("night", 50, 11, work / "night-data"), night, "night",
-                      TrainConfig(steps=8, lr=5e-3, seed=4), base=tiny_base, progress=False)
         client = RegistryClient(url)
         key = keys.generate_key()
         client.register_key(keys.public_bytes(key).hex(), TOKEN, label="explain tests")
-        for bundle in (fog, night):
+        for name, shared in fog_night_library.items():
+            bundle = shutil.copytree(shared, work / name)  # the shared bundles stay unsigned
             sign_bundle(bundle, key)
             publish_bundle(bundle, client)
         yield url

@@ -386,6 +386,8 @@ def flower_processes(since: float = 0.0) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.slow
+@pytest.mark.ci_slow  # a real loop: CI runs it in make test-slow
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
 def test_loopback_superlink_and_three_supernodes(small_owners, tmp_path, secure):
     from semla.client.federate import run_loopback

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 
 import httpx
 import pytest
@@ -14,7 +15,6 @@ from semla.registry import keys, synth
 from semla.registry.cache import CacheLimits
 from semla.registry.http import RegistryClient
 from semla.registry.node import Node, Retrieval
-from semla.registry.train import TrainConfig, train_adapter
 from semla.schemas import ADAPTER_WEIGHTS_FILE
 from semla.schemas.errors import InvalidInputError, NotFoundError, RegistryError
 from semla.server import ServerSettings, create_app
@@ -24,18 +24,16 @@ CLASSES = list(synth.STREET_CLASSES)
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory, tiny_base):
-    """An in-process registry holding two published adapters (fog, night)."""
+def registry(tmp_path_factory, fog_night_library):
+    """An in-process registry holding two published adapters (fog, night), one key each."""
     root = tmp_path_factory.mktemp("node")
     app = create_app(ServerSettings(data_dir=root / "registry", admin_token=TOKEN))
     http = TestClient(app, base_url="http://registry.test")
     client = RegistryClient("http://registry.test", client=http)
-    for i, domain in enumerate(["fog", "night"]):
+    for domain, bundle in fog_night_library.items():
         key = keys.generate_key()
         client.register_key(keys.public_bytes(key).hex(), TOKEN)
-        data = synth.write_dataset(domain, 50, 20 + i, root / f"{domain}-data")
-        train_adapter(data, root / domain, domain, TrainConfig(steps=6, lr=5e-3), base=tiny_base, progress=False)
-        publish_bundle(root / domain, client, key=key)
+        publish_bundle(shutil.copytree(bundle, root / domain), client, key=key)  # the shared bundles stay unsigned
     return client
 
 
@@ -172,7 +170,7 @@ def test_an_old_index_is_refreshed_when_the_registry_answers(registry, fresh_bas
     assert node.index_age() < 60.0 and node.health()["status"] == "ok"
 
 
-def test_a_revoked_adapter_vanishes_from_retrieval_and_the_cache(tiny_base, tmp_path, images):
+def test_a_revoked_adapter_vanishes_from_retrieval_and_the_cache(tiny_base, fog_night_library, tmp_path, images):
     from semla.schemas import revocation_payload
 
     root = tmp_path / "own"  # a registry of its own: revocation must not leak into other tests
@@ -180,10 +178,8 @@ def test_a_revoked_adapter_vanishes_from_retrieval_and_the_cache(tiny_base, tmp_
     client = RegistryClient("http://own.test", client=TestClient(app, base_url="http://own.test"))
     key = keys.generate_key()
     client.register_key(keys.public_bytes(key).hex(), TOKEN)
-    for i, domain in enumerate(["fog", "night"]):
-        data = synth.write_dataset(domain, 50, 40 + i, root / f"{domain}-data")
-        train_adapter(data, root / domain, domain, TrainConfig(steps=2), base=tiny_base, progress=False)
-        publish_bundle(root / domain, client, key=key)
+    for domain, bundle in fog_night_library.items():
+        publish_bundle(shutil.copytree(bundle, root / domain), client, key=key)
     node = Node(client, base=copy.deepcopy(tiny_base), cache_dir=tmp_path / "cache")
     node.pull()
     node.segment(images, CLASSES, top_k=2)

@@ -46,13 +46,12 @@ def post(client: httpx.Client, url: str, images: list[tuple[str, bytes]], **fiel
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_base, trained_bundle):
+def stack(tmp_path_factory, tiny_base, fog_night_library):
     """Registry (fog + night adapters) → node → service (max_batch 16, max_wait 50 ms)."""
     from semla.client.publish import publish_bundle
     from semla.registry import keys, synth
     from semla.registry.http import RegistryClient
     from semla.registry.node import Node
-    from semla.registry.train import TrainConfig, train_adapter
     from semla.server import ServerSettings
     from semla.server import create_app as create_registry
 
@@ -61,12 +60,8 @@ def stack(tmp_path_factory, tiny_base, trained_bundle):
         key = keys.generate_key()
         client = RegistryClient(registry)
         client.register_key(keys.public_bytes(key).hex(), TOKEN)
-        shutil.copytree(trained_bundle, tmp / "fog")
-        night = synth.write_dataset("night", 50, 11, tmp / "night-data")
-        train_adapter(night, tmp / "night", "night", TrainConfig(steps=8, lr=5e-3, seed=3), base=tiny_base,
-                      progress=False)
-        for name in ("fog", "night"):
-            publish_bundle(tmp / name, client, key=key)
+        for name, shared in fog_night_library.items():
+            publish_bundle(shutil.copytree(shared, tmp / name), client, key=key)  # the shared bundles stay unsigned
 
         node = Node(registry, base=copy.deepcopy(tiny_base), cache_dir=tmp / "cache")
         node.pull()

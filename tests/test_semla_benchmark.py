@@ -25,6 +25,8 @@ def bench_module():
     sys.modules.pop(spec.name, None)
 
 
+@pytest.mark.slow
+@pytest.mark.ci_slow  # a real loop: CI runs it in make test-slow
 def test_quick_two_domains(bench_module, tmp_path: Path) -> None:
     # two shifted domains: on clear, the base's own training domain, a 30-step adapter is no better
     domains = [d for d in synth.benchmark_domains() if d in ("fog", "night")]
