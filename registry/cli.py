@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from semla.registry._cli import EXIT_OK, add_node_arguments, add_retrieval_arguments, build_node, parse_classes, run
+from semla.registry.basecard import add_parser as add_base_card_parser
 from semla.registry.explain import add_parser as add_explain_parser
 from semla.registry.serve import add_parser as add_serve_parser
 from semla.registry.retrieval import DEFAULT_TEMPERATURE, DEFAULT_TOP_K
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_segment)
     add_serve_parser(sub)
     add_explain_parser(sub)
+    add_base_card_parser(sub)
     return parser
 
 
