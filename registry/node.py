@@ -252,7 +252,8 @@ class Node:
             )
         # Everything is computed first and swapped in together: a pull replaces the library, its
         # centroid table, the keys and the index metadata as one, or (on any error) nothing.
-        excluded = {k: why for k, why in self.excluded.items() if any(adapter_key(a) == k for a in listed)}
+        listed_keys = {adapter_key(a) for a in listed}
+        excluded = {k: why for k, why in self.excluded.items() if k in listed_keys}
         for a in listed:
             why = self._unusable_listing(a)
             if why is not None and adapter_key(a) not in excluded:
@@ -295,8 +296,9 @@ class Node:
         """Move adapters that failed to load into ``excluded``; True when the library changed."""
         failed, self._failed = self._failed, {}
         changed = False
+        in_library = {adapter_key(a) for a in self.library}
         for key, reason in failed.items():
-            if any(adapter_key(a) == key for a in self.library):
+            if key in in_library:
                 self._exclude(key, reason)
                 changed = True
         return changed

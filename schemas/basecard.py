@@ -103,3 +103,5 @@ class BaseCard(_Frozen):
             raise InvalidInputError(f"{what} field {where}: {first['msg']}", code="bad_base_card") from None
         except ManifestError as exc:  # not strict JSON
             raise InvalidInputError(exc.message, code="bad_base_card") from None
+        except RecursionError:
+            raise InvalidInputError(f"{what} is nested too deeply", code="bad_base_card") from None
