@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-slow bench-base install clean
+.PHONY: demo test test-slow bench-base base-card install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test-slow: $(BIN)/.installed
 
 bench-base: $(BIN)/.installed
 	$(BIN)/python benchmarks/base_eval.py
+
+# The card of the bundled base (registry/base_cards/), regenerated whenever its weights change.
+base-card: $(BIN)/.installed
+	$(BIN)/semla-node base-card --out registry/base_cards/semla-tiny.json
 
 clean:
 	rm -rf $(VENV) demo-out

@@ -64,12 +64,21 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_retrieval_arguments(p: argparse.ArgumentParser, *, top_k: int, temperature: float) -> None:
     """--top-k, --temperature, --distance."""
-    from semla.registry.retrieval import DEFAULT_DISTANCE, DISTANCES
+    default_temperature = temperature
+    from semla.registry.retrieval import DEFAULT_DISTANCE, DISTANCES, TEMPERATURE_RANGE, temperature_ok
 
+    def temperature(text: str) -> float:
+        value = float(text)  # ValueError: argparse says "invalid temperature value"
+        if not temperature_ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is outside {TEMPERATURE_RANGE}")
+        return value
+
+    temperature.__name__ = "temperature"
     p.add_argument("--top-k", type=int, default=top_k,
                    help=f"adapters fused per image, capped at the library size (default {top_k})")
-    p.add_argument("--temperature", type=float, default=temperature,
-                   help=f"softmax temperature T of w = softmax(-d/T) (default {temperature})")
+    p.add_argument("--temperature", type=temperature, default=default_temperature,
+                   help=f"softmax temperature T of w = softmax(-d/T), within {TEMPERATURE_RANGE} "
+                        f"(default {default_temperature})")
     p.add_argument("--distance", choices=DISTANCES, default=DEFAULT_DISTANCE, help="centroid distance")
 
 

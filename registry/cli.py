@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from semla.registry._cli import EXIT_OK, add_node_arguments, add_retrieval_arguments, build_node, parse_classes, run
+from semla.registry.basecard import add_parser as add_base_card_parser
 from semla.registry.explain import add_parser as add_explain_parser
 from semla.registry.explain import overlay, palette  # re-exported: the colours of a mask live with the pictures
 from semla.registry.serve import add_parser as add_serve_parser
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_segment)
     add_serve_parser(sub)
     add_explain_parser(sub)
+    add_base_card_parser(sub)
     return parser
 
 

@@ -41,7 +41,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from semla.registry._cli import EXIT_OK, add_node_arguments, add_retrieval_arguments, build_node, parse_classes
-from semla.registry.retrieval import DEFAULT_DISTANCE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K
+from semla.registry.retrieval import (
+    DEFAULT_DISTANCE,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    TEMPERATURE_RANGE,
+    temperature_ok,
+)
 from semla.schemas.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -195,8 +201,8 @@ def explain(
     classes = list(classes)
     if not classes:
         raise InvalidInputError("the class list is empty")
-    if top_k < 1 or not temperature > 0:
-        raise InvalidInputError("top-k must be >= 1 and temperature > 0")
+    if top_k < 1 or not temperature_ok(temperature):
+        raise InvalidInputError(f"top-k must be >= 1 and temperature within {TEMPERATURE_RANGE}")
     base_mask, fused_mask, retrieval, drop = _segment_and_drops(
         node, array, classes, top_k=top_k, temperature=temperature, distance=distance)
     k = len(drop)

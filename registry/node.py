@@ -37,11 +37,14 @@ import torch
 from pydantic import ValidationError
 import torch.nn.functional as F
 
+from semla.registry.basecard import compute_base_card
+from semla.registry.basecheck import verify_against_card
 from semla.registry.bundle import atomic_replace_dir, read_bundle, verify_bundle
 from semla.registry._fs import atomic_write
 from semla.registry.keys import key_id
 from semla.registry.keys import verify as verify_signature
-from semla.registry.cache import AdapterCache, CacheLimits
+from semla.registry.cache import AdapterCache, CacheLimits, adapter_key
+from semla.registry._limits import MAX_UPSAMPLE_ELEMENTS, check_classes
 from semla.registry.data import read_image
 from semla.registry.device import resolve_device  # re-exported for callers of semla.registry.node
 from semla.registry.fusion import FusionEngine, LoraAdapter, load_adapter
@@ -51,8 +54,10 @@ from semla.registry.retrieval import (
     DEFAULT_DISTANCE,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
+    TEMPERATURE_RANGE,
     CentroidTable,
     retrieve_torch,
+    temperature_ok,
 )
 from semla.schemas import (
     ADAPTER_WEIGHTS_FILE,
@@ -65,6 +70,7 @@ from semla.schemas import (
     canonical_json,
     root_rotation_payload,
 )
+from semla.schemas.basecard import BaseCard
 from semla.schemas.errors import (
     IncompatibleAdapterError,
     InvalidInputError,
@@ -143,6 +149,8 @@ class Node:
             is unreachable; after that (or after the snapshot's signed expiry) it refuses.
         registry_key: the registry's raw public key, given out of band; default: trusted on
             first use and pinned in ``cache_dir``.
+        card: the base card adapters are checked against before loading (default: computed from
+            ``base``, with the default bounds).
     """
 
     def __init__(
@@ -155,10 +163,15 @@ class Node:
         limits: CacheLimits = CacheLimits(),
         max_index_age: float = 86400.0,
         registry_key: bytes | None = None,
+        card: BaseCard | None = None,
     ) -> None:
         self.client = registry if isinstance(registry, RegistryClient) else RegistryClient(registry)
         self.device = resolve_device(device)
         self.base = (base or load_base(device=self.device)).to(self.device)
+        self.card = card if card is not None else compute_base_card(self.base)
+        if self.card.fingerprint != self.base.ref.fingerprint:
+            raise InvalidInputError(f"the base card is for {self.card.fingerprint[:16]}, the base is "
+                                    f"{self.base.ref.fingerprint[:16]}")
         self.engine = FusionEngine(self.base.clip, lora_target_modules(self.base.clip))
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.cache = AdapterCache(
@@ -175,6 +188,9 @@ class Node:
         self.offline = False
         self._table: CentroidTable | None = None
         self._texts: dict[tuple[str, ...], torch.Tensor] = {}
+        #: adapter key → why this node cannot use it (left out of retrieval; shown in health()).
+        self.excluded: dict[str, str] = {}
+        self._failed: dict[str, str] = {}  # filled while loading, moved to ``excluded`` between batches
 
     # -- library ------------------------------------------------------------------------------
     def pull(self) -> list[AdapterSummary]:
@@ -213,16 +229,27 @@ class Node:
                 raise VerificationError(f"index version {signed.version} is older than the accepted {last} "
                                         "(rollback refused)", code="rollback")
         fingerprint = self.base.ref.fingerprint
-        library = [a for a in signed.adapters if a.base_fingerprint == fingerprint]
-        if not library:
+        listed = [a for a in signed.adapters if a.base_fingerprint == fingerprint]
+        if not listed:
             raise NotFoundError(
                 f"the registry lists {len(signed.adapters)} adapter(s), none for base {self.base.ref.arch} "
                 f"({fingerprint[:12]})"
             )
-        self.library, self.index_time, self.index_expires = library, accepted_at, _parse_utc(signed.expires)
+        # Everything is computed first and swapped in together: a pull replaces the library, its
+        # centroid table, the keys and the index metadata as one, or (on any error) nothing.
+        listed_keys = {adapter_key(a) for a in listed}
+        excluded = {k: why for k, why in self.excluded.items() if k in listed_keys}
+        for a in listed:
+            why = self._unusable_listing(a)
+            if why is not None and adapter_key(a) not in excluded:
+                logger.warning("leaving out %s: %s", adapter_key(a), why)
+                excluded[adapter_key(a)] = why
+        library = [a for a in listed if adapter_key(a) not in excluded]
+        table = CentroidTable.from_lists([a.centroids for a in library]) if library else None
+        keys = {k.key_id: bytes.fromhex(k.public_key) for k in signed.keys}
+        self.library, self._table, self.trusted_keys, self.excluded = library, table, keys, excluded
+        self.index_time, self.index_expires = accepted_at, _parse_utc(signed.expires)
         self.index_version = signed.version
-        self.trusted_keys = {k.key_id: bytes.fromhex(k.public_key) for k in signed.keys}
-        self._table = CentroidTable.from_lists([a.centroids for a in library])
         if not self.offline:
             doc_out = {"registry": self.client.url, "accepted_at": accepted_at, "index": doc}
             atomic_replace_dir(self.cache_dir / "index", {INDEX_FILE: canonical_json(doc_out)}, overwrite=True)
@@ -230,6 +257,36 @@ class Node:
             if dropped:
                 logger.info("dropped %d adapter(s) no longer in the library: %s", len(dropped), ", ".join(dropped))
         return self.library
+
+    def _unusable_listing(self, summary: AdapterSummary) -> str | None:
+        """Why a listed adapter's centroids cannot be retrieved by this node, or None."""
+        dim = self.card.embedding.dim
+        vectors = summary.centroids
+        if not vectors or any(len(v) != dim for v in vectors):
+            return f"its centroids are not {dim}-dimensional (the embedding {self.card.embedding.name})"
+        arr = np.asarray(vectors, dtype=np.float64)
+        if not np.isfinite(arr).all() or not (np.abs(np.linalg.norm(arr, axis=1) - 1.0) < 1e-3).all():
+            return "its centroids are not finite unit vectors"
+        return None
+
+    def _exclude(self, key: str, reason: str) -> None:
+        """Leave one adapter out from now on: the library and its centroid table are rebuilt together."""
+        logger.warning("leaving out %s: %s", key, reason)
+        library = [a for a in self.library if adapter_key(a) != key]
+        table = CentroidTable.from_lists([a.centroids for a in library]) if library else None
+        self.library, self._table = library, table
+        self.excluded = {**self.excluded, key: reason}
+
+    def _leave_out_failed(self) -> bool:
+        """Move adapters that failed to load into ``excluded``; True when the library changed."""
+        failed, self._failed = self._failed, {}
+        changed = False
+        in_library = {adapter_key(a) for a in self.library}
+        for key, reason in failed.items():
+            if key in in_library:
+                self._exclude(key, reason)
+                changed = True
+        return changed
 
     def _pin_path(self) -> Path:
         url_id = hashlib.sha256(self.client.url.encode()).hexdigest()[:16]  # one pin per registry URL
@@ -339,10 +396,12 @@ class Node:
                 "index_age_s": None if age is None else round(age, 1), "max_index_age_s": self.max_index_age,
                 "index_version": self.index_version,
                 "adapters": len(self.library), "device": str(self.device), "cache": self.cache.usage(),
+                "excluded": [{"adapter": k, "reason": why} for k, why in sorted(self.excluded.items())[:100]],
+                "excluded_count": len(self.excluded),
                 "cache_stats": dict(self.cache.stats)}
 
     def _check_servable(self) -> None:
-        if not self.library or self._expired():
+        if self.index_time is None or self._expired():
             self.pull()  # online this refreshes the index; offline it reloads the saved one
         if self._expired():
             age = self.index_age()
@@ -356,21 +415,28 @@ class Node:
         return {f: self.client.fetch_file(summary.name, summary.version, f) for f in BUNDLE_FILES}
 
     def _verify_and_load(self, summary: AdapterSummary, files: dict[str, bytes]) -> LoraAdapter:
-        key = f"{summary.name}@{summary.version}"
+        """Verify a bundle end to end and against the base card; an adapter that fails is left out."""
+        try:
+            return self._check_and_load(summary, files)
+        except (VerificationError, IncompatibleAdapterError) as exc:
+            self._failed[adapter_key(summary)] = f"{exc.message} [{exc.code}]"
+            raise
+
+    def _check_and_load(self, summary: AdapterSummary, files: dict[str, bytes]) -> LoraAdapter:
+        key = adapter_key(summary)
         manifest = verify_bundle(files, self.trusted_keys)
         if hashlib.sha256(files[MANIFEST_FILE]).hexdigest() != summary.manifest_sha256:
             raise VerificationError(f"{key}: manifest differs from the one the registry listed")
         if (manifest.name, manifest.version, manifest.publisher) != (summary.name, summary.version, summary.publisher):
             raise VerificationError(f"{key}: signed name/version/publisher differ from the listing")
-        if manifest.centroids.embedding_model != self.base.embedding_model:
-            raise IncompatibleAdapterError(
-                f"{key}: centroids live in {manifest.centroids.embedding_model}, "
-                f"this node retrieves in {self.base.embedding_model}"
-            )
         listed = np.asarray(summary.centroids, dtype=np.float64)
         signed = np.asarray(manifest.centroids.vectors, dtype=np.float64)
         if listed.shape != signed.shape or not np.allclose(listed, signed, atol=1e-6):
             raise VerificationError(f"{key}: listed centroids differ from the signed manifest")
+        try:
+            verify_against_card(self.card, manifest, files[ADAPTER_WEIGHTS_FILE])
+        except IncompatibleAdapterError as exc:
+            raise IncompatibleAdapterError(f"{key}: {exc.message}", code=exc.code) from None
         return load_adapter(key, files[ADAPTER_WEIGHTS_FILE], manifest, self.base.ref.fingerprint,
                             self.engine.targets, device="cpu")
 
@@ -383,8 +449,7 @@ class Node:
         """Text embeddings of a vocabulary, cached: (C, E)."""
         key = tuple(classes)
         if key not in self._texts:
-            if not key:
-                raise InvalidInputError("the class list is empty")
+            check_classes(key)
             if len(self._texts) >= 64:
                 self._texts.pop(next(iter(self._texts)))
             with torch.no_grad():
@@ -404,6 +469,9 @@ class Node:
         """Top-k adapters per image; with ``pinned``, that one library entry at weight 1."""
         self._check_servable()
         table = self._table
+        if table is None:  # every listed adapter was left out: the base alone
+            empty = torch.zeros(len(query), 0, device=query.device)
+            return Retrieval(empty.long(), empty, empty)
         try:
             if pinned is None:
                 return Retrieval(*retrieve_torch(query, table, top_k=top_k, temperature=temperature, distance=distance))
@@ -430,13 +498,28 @@ class Node:
         if bool((mix == mix[:1]).all()):  # one weight vector for the whole batch: merged path
             self.engine.clear()
             self.engine.merge(adapters, mix[0], key=(tuple(a.key for a in adapters), tuple(mix[0].tolist())))
-            return self.base.encode_dense(pixels)
+            dense = self.base.encode_dense(pixels)
+        else:
+            self.engine.unmerge()
+            self.engine.set_mixture(adapters, mix)
+            try:
+                dense = self.base.encode_dense(pixels)
+            finally:
+                self.engine.clear()
+        return self._finite(pixels, dense)
+
+    def _finite(self, pixels: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """Fused output is always finite: an image whose fused embeddings are not (which the base
+        card's bounds should make impossible) gets the base model's, and a warning is logged."""
+        bad = ~torch.isfinite(dense).flatten(1).all(dim=1)  # (B,)
+        if not bool(bad.any()):
+            return dense
+        logger.warning("fused output of %d image(s) was not finite; they get the base model's", int(bad.sum()))
         self.engine.unmerge()
-        self.engine.set_mixture(adapters, mix)
-        try:
-            return self.base.encode_dense(pixels)
-        finally:
-            self.engine.clear()
+        self.engine.clear()
+        dense = dense.clone()
+        dense[bad] = self.base.encode_dense(pixels[bad])
+        return dense
 
     def logits(self, dense: torch.Tensor, texts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per-image class logits (C_b, g, g) from dense embeddings and each image's vocabulary."""
@@ -445,11 +528,25 @@ class Node:
 
     @staticmethod
     def masks(logits: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-        return [
-            F.interpolate(lg[None], size=size, mode="bilinear", align_corners=False)[0].argmax(0)
-            .to(torch.uint8).cpu().numpy()
-            for lg, size in zip(logits, sizes)
-        ]
+        """Class index per pixel: bilinear upsampling, then argmax over classes.
+
+        Classes are upsampled in chunks of at most :data:`MAX_UPSAMPLE_ELEMENTS` floats, keeping a
+        running maximum, so memory is bounded whatever classes x pixels (the result equals the
+        argmax of the whole upsampled stack, ties to the lower class index)."""
+        out = []
+        for lg, (h, w) in zip(logits, sizes):
+            step = max(1, MAX_UPSAMPLE_ELEMENTS // max(1, h * w))
+            best = torch.full((h, w), float("-inf"), device=lg.device)
+            mask = torch.zeros((h, w), dtype=torch.uint8, device=lg.device)
+            for c0 in range(0, lg.shape[0], step):
+                up = F.interpolate(lg[None, c0 : c0 + step], size=(h, w), mode="bilinear", align_corners=False)[0]
+                value, index = up.max(dim=0)  # (h, w): first maximum within the chunk
+                better = value > best  # strict: an earlier class keeps a tie
+                best = torch.where(better, value, best)
+                mask = torch.where(better, (index + c0).to(torch.uint8), mask)
+                del up
+            out.append(mask.cpu().numpy())
+        return out
 
     def contributions(self, retrieval: Retrieval, b: int) -> list[Contribution]:
         return [
@@ -482,8 +579,10 @@ class Node:
             classes = [list(classes)] * len(images)
         if len(classes) != len(images):
             raise InvalidInputError(f"{len(images)} images but {len(classes)} class lists")
-        if top_k < 1 or not temperature > 0:
-            raise InvalidInputError("top-k must be >= 1 and temperature > 0")
+        for vocab in classes:
+            check_classes(vocab)
+        if top_k < 1 or not temperature_ok(temperature):
+            raise InvalidInputError(f"top-k must be >= 1 and temperature within {TEMPERATURE_RANGE}")
         self._check_servable()
         pinned = None
         if adapter is not None:
@@ -502,8 +601,17 @@ class Node:
             sizes = [a.shape[:2] for a in arrays]
             pixels, query = self.embed(arrays)
             base = self.masks(self.logits(self.fused_dense(pixels, None), texts), sizes) if with_base else None
-            retrieval = self.retrieve(query, top_k=top_k, temperature=temperature, distance=distance, pinned=pinned)
-            masks = self.masks(self.logits(self.fused_dense(pixels, retrieval), texts), sizes)
+            while True:
+                retrieval = self.retrieve(query, top_k=top_k, temperature=temperature, distance=distance, pinned=pinned)
+                try:
+                    dense = self.fused_dense(pixels, retrieval)
+                    break
+                except (VerificationError, IncompatibleAdapterError):
+                    # an adapter this node cannot use: leave it out and retrieve again (the library
+                    # shrinks each time, so this ends); other errors (network) fail the batch
+                    if not self._leave_out_failed() or pinned is not None:
+                        raise
+            masks = self.masks(self.logits(dense, texts), sizes)
             for b in range(len(arrays)):
                 out.append(Prediction(labels[b], vocab[b], masks[b], self.contributions(retrieval, b),
                                       base[b] if base is not None else None))
@@ -527,10 +635,9 @@ class Segmenter:
 
     def __init__(self, node: Node, classes: Sequence[str], *, top_k: int, temperature: float, distance: str) -> None:
         classes = [c.strip() for c in classes if c.strip()]
-        if not classes:
-            raise InvalidInputError("the class list is empty")
-        if top_k < 1 or not temperature > 0:
-            raise InvalidInputError("top-k must be >= 1 and temperature > 0")
+        check_classes(classes)
+        if top_k < 1 or not temperature_ok(temperature):
+            raise InvalidInputError(f"top-k must be >= 1 and temperature within {TEMPERATURE_RANGE}")
         self.node = node
         self.classes = classes
         self.top_k, self.temperature, self.distance = top_k, temperature, distance

@@ -2,7 +2,9 @@
 
 The same math twice: numpy (the torch-free registry server) and torch (the node, on GPU). An
 adapter's distance is the minimum over its centroids; weights are ``softmax(-d / T)`` over the
-top-k. Both functions return identical results up to float rounding (tested).
+top-k. Both functions return identical results up to float rounding (tested). Temperatures are
+bounded (:data:`~semla.schemas.api.MIN_TEMPERATURE` .. ``MAX_TEMPERATURE``) and queries scaled
+before they are normalised, so every weight is finite.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from semla.schemas.api import MAX_TEMPERATURE, MIN_TEMPERATURE
+
 __all__ = [
     "DISTANCES",
     "DEFAULT_TOP_K",
@@ -23,6 +27,8 @@ __all__ = [
     "retrieve_numpy",
     "retrieve_torch",
     "list_distances",
+    "temperature_ok",
+    "TEMPERATURE_RANGE",
 ]
 
 DEFAULT_TOP_K = 5
@@ -36,13 +42,22 @@ def list_distances() -> list[str]:
     return list(DISTANCES)
 
 
+def temperature_ok(temperature: float) -> bool:
+    """True for a finite temperature within [MIN_TEMPERATURE, MAX_TEMPERATURE] (NaN is not)."""
+    return MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE
+
+
+#: For error messages and --help.
+TEMPERATURE_RANGE = f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]"
+
+
 def _check(distance: str, top_k: int, temperature: float) -> None:
     if distance not in DISTANCES:
         raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
     if top_k < 1:
         raise ValueError("top_k must be >= 1")
-    if not temperature > 0:
-        raise ValueError("temperature must be > 0")
+    if not temperature_ok(temperature):
+        raise ValueError(f"temperature must lie in {TEMPERATURE_RANGE}, got {temperature!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +129,12 @@ def retrieve_numpy(
         with k = min(top_k, number of adapters).
     """
     _check(distance, top_k, temperature)
-    q = np.asarray(queries, dtype=np.float32)
-    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    q = np.asarray(queries, dtype=np.float64)
+    peak = np.abs(q).max(axis=1, keepdims=True) if q.size else q
+    if not (np.isfinite(q).all() and (peak > 0).all()):
+        raise ValueError("every query embedding must be finite and non-zero")
+    q = q / peak  # scaled first: the square sum of large finite values stays finite
+    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
     sim = q @ table.vectors.T  # (Q, C)
     d_cent = np.sqrt(np.clip(2.0 - 2.0 * sim, 0.0, None)) if distance == "euclidean" else 1.0 - sim
     if table.one_per_adapter:
@@ -150,7 +169,9 @@ def retrieve_torch(
 
     _check(distance, top_k, temperature)
     q = torch.as_tensor(queries, dtype=torch.float32, device=device)
-    q = torch.nn.functional.normalize(q, dim=1)
+    if not bool(torch.isfinite(q).all()):
+        raise ValueError("every query embedding must be finite")
+    q = torch.nn.functional.normalize(q / q.abs().amax(dim=1, keepdim=True).clamp(min=1e-30), dim=1)
     cents, owner = table.tensors(q.device)
     sim = q @ cents.T  # (Q, C)
     d_cent = torch.sqrt(torch.clamp(2.0 - 2.0 * sim, min=0.0)) if distance == "euclidean" else 1.0 - sim

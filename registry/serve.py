@@ -47,6 +47,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from semla.registry._cli import EXIT_OK, add_node_arguments, build_node
+from semla.registry._limits import MAX_CLASS_NAME_CHARS, MAX_CLASSES, MAX_UPSAMPLE_ELEMENTS
 from semla.registry._web import (
     ERROR_RESPONSES,
     BodyGuard,
@@ -59,7 +60,15 @@ from semla.registry._web import (
     read_multipart,
     status_for,
 )
-from semla.registry.retrieval import DEFAULT_DISTANCE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DISTANCES
+from semla.registry.retrieval import (
+    DEFAULT_DISTANCE,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DISTANCES,
+    TEMPERATURE_RANGE,
+    temperature_ok,
+)
+from semla.schemas.api import MAX_TEMPERATURE, MIN_TEMPERATURE
 from semla.schemas.errors import InvalidInputError, RegistryError, SemlaError
 
 if TYPE_CHECKING:
@@ -71,8 +80,6 @@ __all__ = ["ServeSettings", "create_app", "add_parser", "encode_rle", "decode_rl
 
 #: Largest decoded image accepted (pixels); larger ones are refused before decoding.
 MAX_IMAGE_PIXELS = 4096 * 4096
-#: Masks are uint8 class indices.
-MAX_CLASSES = 255
 MAX_TOP_K = 64
 FORMATS = ("png", "rle")
 #: How often an idle worker refreshes the health snapshot (seconds).
@@ -116,8 +123,8 @@ class ServeSettings:
             problems.append("refresh_seconds must be >= 0 (0 disables refresh)")
         if not 1 <= self.top_k <= MAX_TOP_K:
             problems.append(f"top_k must be in [1, {MAX_TOP_K}]")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            problems.append("temperature must be > 0")
+        if not temperature_ok(self.temperature):
+            problems.append(f"temperature must lie in {TEMPERATURE_RANGE}")
         if self.distance not in DISTANCES:
             problems.append(f"distance must be one of {', '.join(DISTANCES)}")
         if problems:
@@ -413,6 +420,9 @@ def _parse_params(fields: dict[str, str], settings: ServeSettings) -> _Params:
                                  code="empty_classes")
     if len(classes) > MAX_CLASSES or len(set(classes)) != len(classes):
         raise UnprocessableError(f"classes must be at most {MAX_CLASSES} distinct names", code="bad_classes")
+    if max(map(len, classes)) > MAX_CLASS_NAME_CHARS:
+        raise UnprocessableError(f"a class name is longer than {MAX_CLASS_NAME_CHARS} characters (CLIP reads 77 "
+                                 "tokens)", code="bad_classes")
     try:
         top_k = int(fields.get("top_k") or settings.top_k)
         temperature = float(fields.get("temperature") or settings.temperature)
@@ -420,8 +430,8 @@ def _parse_params(fields: dict[str, str], settings: ServeSettings) -> _Params:
         raise UnprocessableError("top_k must be an integer and temperature a number", code="bad_parameter") from None
     if not 1 <= top_k <= MAX_TOP_K:
         raise UnprocessableError(f"top_k must be in [1, {MAX_TOP_K}], got {top_k}", code="bad_parameter")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise UnprocessableError(f"temperature must be a positive number, got {temperature}", code="bad_parameter")
+    if not temperature_ok(temperature):
+        raise UnprocessableError(f"temperature must lie in {TEMPERATURE_RANGE}, got {temperature}", code="bad_parameter")
     distance = fields.get("distance") or settings.distance
     if distance not in DISTANCES:
         raise UnprocessableError(f"distance must be one of {', '.join(DISTANCES)}", code="bad_parameter")
@@ -504,7 +514,7 @@ _SEGMENT_BODY = {
                                     "description": "comma-separated class names (any vocabulary)"},
                         "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K,
                                   "description": "adapters fused per image (capped at the library size)"},
-                        "temperature": {"type": "number", "exclusiveMinimum": 0,
+                        "temperature": {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": MAX_TEMPERATURE,
                                         "description": "softmax temperature T of w = softmax(-d/T)"},
                         "distance": {"type": "string", "enum": list(DISTANCES)},
                         "format": {"type": "string", "enum": list(FORMATS), "default": "png",
@@ -550,7 +560,14 @@ def create_app(node: "Node", settings: ServeSettings = ServeSettings()) -> FastA
             "Open-vocabulary segmentation with LoRA adapters retrieved and fused on this node. "
             "For each image the node embeds it with the frozen base, retrieves the nearest adapters "
             "from the registry's signed library (locally), fuses them and segments with the class "
-            "names given. Concurrent requests are batched dynamically."
+            "names given. Concurrent requests are batched dynamically.\n\n"
+            f"Limits: at most {MAX_CLASSES} class names of at most {MAX_CLASS_NAME_CHARS} characters each; "
+            f"images up to {MAX_IMAGE_PIXELS} pixels; temperature within {TEMPERATURE_RANGE}. Memory per image "
+            f"for the upsampled class logits is bounded: classes are upsampled and arg-maxed in chunks of at most "
+            f"{MAX_UPSAMPLE_ELEMENTS} float32 values ({MAX_UPSAMPLE_ELEMENTS * 4 // 2**20} MiB), plus the "
+            "mask and a running maximum (5 bytes per pixel), whatever classes x pixels is. Adapters this "
+            "node cannot use (they fail verification or the base card's checks) are left out and listed "
+            "under `excluded` in /healthz."
         ),
         lifespan=lifespan,
         docs_url=None,

@@ -18,6 +18,9 @@ __all__ = [
     "PrivacyLedger",
     "PrivacySpend",
     "RetrieveRequest",
+    "MIN_TEMPERATURE",
+    "MAX_TEMPERATURE",
+    "MAX_EMBEDDING_ABS",
     "RetrieveResponse",
     "RetrievedAdapter",
     "RevokeRequest",
@@ -121,20 +124,29 @@ class UploadReceipt(_Api):
     manifest_sha256: str
 
 
+#: Softmax temperatures accepted anywhere (node API and CLI, ``POST /v1/retrieve``): distances
+#: between unit vectors lie in [0, 2], so T in [1e-3, 1e3] keeps every weight finite.
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 1e3
+#: Largest |value| of a query embedding component (embeddings are normalised anyway; this keeps
+#: the square sum finite in float32).
+MAX_EMBEDDING_ABS = 1e6
+
+
 class RetrieveRequest(_Api):
     """Server-side retrieval for thin clients (a node retrieves locally and never sends this)."""
 
     embedding: list[float] = Field(min_length=2, max_length=4096, description="the query image's embedding")
     base_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$", description="only adapters of this base model")
     top_k: int = Field(default=5, ge=1, le=100)
-    temperature: float = Field(default=0.05, gt=0, le=1e6)
+    temperature: float = Field(default=0.05, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
     distance: Literal["euclidean", "cosine"] = "euclidean"
 
     @field_validator("embedding")
     @classmethod
     def _finite_nonzero(cls, v: list[float]) -> list[float]:
-        if not all(math.isfinite(x) for x in v):
-            raise ValueError("embedding holds NaN or Infinity")
+        if not all(math.isfinite(x) and abs(x) <= MAX_EMBEDDING_ABS for x in v):
+            raise ValueError(f"embedding values must be finite numbers within +-{MAX_EMBEDDING_ABS:g}")
         if not any(v):
             raise ValueError("embedding is all zeros")
         return v

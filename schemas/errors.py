@@ -14,7 +14,8 @@ client can tell refusals apart without parsing prose::
     │   ├── FileSetError            a file is missing or one too many
     │   ├── HashMismatchError       a file's sha256 or size differs from the manifest
     │   └── TensorFormatError       not safetensors, bad header, bad shapes, non-finite values
-    ├── IncompatibleAdapterError    adapter does not fit the base model (fingerprint, shapes)
+    ├── IncompatibleAdapterError    adapter does not fit its base card (shapes, rank, alpha, effect, space)
+    │   └── UnknownBaseError        unknown_base: no base card for the fingerprint it names
     ├── ConflictError               stale/replayed version, name owned by another publisher
     ├── NotFoundError               no such adapter, version, file or key
     │   └── GoneError               revoked: the version or its publisher key was withdrawn
@@ -38,6 +39,7 @@ __all__ = [
     "HashMismatchError",
     "TensorFormatError",
     "IncompatibleAdapterError",
+    "UnknownBaseError",
     "ConflictError",
     "NotFoundError",
     "GoneError",
@@ -98,6 +100,10 @@ class TensorFormatError(VerificationError):
 
 class IncompatibleAdapterError(SemlaError):
     code = "incompatible_adapter"
+
+
+class UnknownBaseError(IncompatibleAdapterError):
+    code = "unknown_base"
 
 
 class ConflictError(SemlaError):

@@ -5,8 +5,9 @@ Verification itself is :func:`semla.registry.bundle.check_bundle`; this module a
 registry's own rules (who owns a name, versions only go up) and the storage order that keeps
 a refused upload from leaving anything behind:
 
-1. verify the bundle against the active publisher keys, then the registry's sample floor
-   (``too_few_samples``; nothing written yet);
+1. verify the bundle against the active publisher keys, then against the card of the base it
+   names (``unknown_base``, or a misfit such as ``shape_mismatch`` or ``effect_too_large``), then
+   the registry's sample floor (``too_few_samples``; nothing written yet);
 2. under the publish lock (a thread lock here, a PostgreSQL advisory lock across replicas),
    check the name/version rule and the publisher's privacy budget (``privacy_budget``);
 3. write the four files as blobs (durable), then insert the rows and commit;
@@ -25,8 +26,10 @@ whose data the publishing key's ledger does not describe.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections import Counter
 from datetime import timedelta
 from collections.abc import Mapping
 from typing import Any
@@ -39,9 +42,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from semla.registry import keys as _keys
+from semla.registry.basecheck import card_for, verify_against_card
 from semla.registry.bundle import check_bundle, sha256_bytes
 from semla.registry.retrieval import CentroidTable, retrieve_numpy
 from semla.schemas import (
+    ADAPTER_WEIGHTS_FILE,
     BUNDLE_FILES,
     MANIFEST_FILE,
     AdapterSummary,
@@ -67,6 +72,7 @@ from semla.schemas import (
     strict_json_loads,
 )
 from semla.registry.privacy import check_min_samples
+from semla.schemas.basecard import BaseCard
 from semla.schemas.errors import (
     ConflictError,
     GoneError,
@@ -77,9 +83,12 @@ from semla.schemas.errors import (
     SignatureError,
     UnknownKeyError,
 )
+from semla.server.bases import BaseCardStore
 from semla.server.blobs import BlobStore
 from semla.server.db import Adapter, AdapterFile, Publisher, iso_utc, utcnow
 from semla.server.settings import DEFAULT_EPSILON_BUDGET, DEFAULT_MIN_SAMPLES
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["RegistryService"]
 
@@ -131,6 +140,25 @@ def _summary(row: Adapter) -> AdapterSummary:
     )
 
 
+def _retrievable(summaries: list[AdapterSummary], card: BaseCard | None) -> list[AdapterSummary]:
+    """The adapters whose centroids retrieval can use: finite, non-zero, of the card's dimension
+    (without a card: the most common one). Uploads are checked against the card, so this only
+    leaves out rows stored before that check, or under another card; each is logged."""
+    dims = Counter(len(c) for a in summaries for c in a.centroids)
+    if not dims:
+        return []
+    dim = card.embedding.dim if card is not None else dims.most_common(1)[0][0]
+    usable = []
+    for a in summaries:
+        vectors = np.asarray(a.centroids, dtype=np.float64) if all(len(c) == dim for c in a.centroids) else None
+        if vectors is None or not np.isfinite(vectors).all() or not (np.linalg.norm(vectors, axis=1) > 0.5).all():
+            logger.warning("retrieval leaves out %s v%d: its centroids are not %d-dimensional unit vectors",
+                           a.name, a.version, dim)
+            continue
+        usable.append(a)
+    return usable
+
+
 class RegistryService:
     """The registry's operations over one database and one blob store.
 
@@ -143,8 +171,10 @@ class RegistryService:
         self, sessions: sessionmaker[Session], blobs: BlobStore, registry_key: Ed25519PrivateKey | None = None,
         index_ttl_seconds: int = 86400, uploads_per_minute: int = 0, root_rotations: list[RootRotation] | None = None,
         min_samples: int = DEFAULT_MIN_SAMPLES, epsilon_budget: float | None = DEFAULT_EPSILON_BUDGET,
+        base_cards: BaseCardStore | None = None,
     ) -> None:
         self._sessions = sessions
+        self.base_cards = base_cards if base_cards is not None else BaseCardStore(None)
         self._min_samples = min_samples
         self._epsilon_budget = epsilon_budget
         self._blobs = blobs
@@ -212,6 +242,9 @@ class RegistryService:
 
         Raises:
             VerificationError: any subclass from ``check_bundle`` (nothing is stored).
+            UnknownBaseError: ``unknown_base``, the registry has no card of the adapter's base.
+            IncompatibleAdapterError: the adapter does not fit its base card (shapes, rank, alpha,
+                embedding space, values, effect; see :mod:`semla.registry.basecheck`).
             TooFewSamplesError: the centroid summarises fewer samples than the registry's floor.
             ConflictError: ``name_taken`` or ``stale_version`` (nothing is stored).
             PrivacyBudgetError: the manifest's DP ε would take its publisher above the budget.
@@ -223,6 +256,8 @@ class RegistryService:
             raise report.error
         manifest = report.manifest
         assert manifest is not None
+        card = card_for(manifest.base_model.fingerprint, self.base_cards.cards())
+        verify_against_card(card, manifest, files[ADAPTER_WEIGHTS_FILE])
         check_min_samples(manifest.sample_count, self._min_samples,
                           what=f"the centroid of {manifest.name} v{manifest.version}")
         self._take_upload_token(manifest.publisher)
@@ -605,7 +640,9 @@ class RegistryService:
         if len(body.embedding) != dim:
             raise InvalidInputError(f"embedding has {len(body.embedding)} dimensions; "
                                     f"the centroids of this base have {dim}")
-        query = np.asarray([body.embedding], dtype=np.float32)
+        query = np.asarray([body.embedding], dtype=np.float64)
+        query /= np.abs(query).max()  # scaled, then normalised in float64: no overflow in float32
+        query = (query / np.linalg.norm(query)).astype(np.float32)
         options = {"top_k": body.top_k, "temperature": body.temperature, "distance": body.distance}
         idx, dist, weights = index.search(query, **options) if index is not None else retrieve_numpy(query, table, **options)
         return RetrieveResponse(results=[
@@ -623,7 +660,8 @@ class RegistryService:
         cached = self._tables.get(fingerprint)
         if cached is not None and cached[0] == generation:
             return cached[1:]
-        summaries = [a for a in self.list_adapters() if a.base_fingerprint == fingerprint]
+        summaries = _retrievable([a for a in self.list_adapters() if a.base_fingerprint == fingerprint],
+                                 self.base_cards.cards().get(fingerprint))
         if not summaries:
             raise NotFoundError(f"no adapter for base model {fingerprint[:12]}")
         table = CentroidTable.from_lists([a.centroids for a in summaries])

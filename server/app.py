@@ -46,6 +46,7 @@ from semla.schemas import (
 )
 from semla.schemas.errors import FileSetError
 from semla.server._service import RegistryService
+from semla.server.bases import BaseCardStore
 from semla.server.blobs import BlobStore
 from semla.server.rootkey import load_rotations
 from semla.server.db import check_schema, make_engine, make_sessionmaker
@@ -175,7 +176,8 @@ def list_keys(service: ServiceDep) -> list[KeyPublic]:
     summary="Publish a signed adapter bundle",
     description=(
         "Verifies the bundle (file set, manifest schema, signature by an active registered key, "
-        "file hashes, adapter config, safetensors header), the version rule (name unused or "
+        "file hashes, adapter config, safetensors header), that it fits the card of the base it names "
+        "(unknown_base; shapes, rank, alpha, embedding space, values and per-layer effect bounds), the version rule (name unused or "
         "owned by the signer, version strictly greater than the last), the registry's minimum "
         "sample count (SEMLA_MIN_SAMPLES) and the publisher's DP budget (SEMLA_EPSILON_BUDGET, "
         "charged with the manifest's privacy.epsilon). A refused upload leaves nothing behind."
@@ -191,7 +193,8 @@ def list_keys(service: ServiceDep) -> list[KeyPublic]:
         422: {
             **ERROR_RESPONSES,
             "description": "missing_file, extra_file, manifest_invalid, hash_mismatch, tensor_format, "
-            "too_few_samples, ...",
+            "too_few_samples, unknown_base, base_mismatch, embedding_mismatch, centroid_dim, rank_too_large, "
+            "alpha_too_large, unknown_target, empty_tensor, shape_mismatch, value_too_large, effect_too_large, ...",
         },
     },
 )
@@ -397,6 +400,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         index_ttl_seconds=settings.index_ttl_seconds, uploads_per_minute=settings.uploads_per_minute,
         root_rotations=load_rotations(settings.resolved_registry_key_file),
         min_samples=settings.min_samples, epsilon_budget=settings.epsilon_budget,
+        base_cards=BaseCardStore(settings.base_cards_dir),
     )
     install_error_handlers(app, service="registry")
     app.include_router(router)

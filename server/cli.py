@@ -1,4 +1,5 @@
-"""``semla-server``: run the registry with uvicorn; ``semla-server db upgrade``: migrate its database.
+"""``semla-server``: run the registry with uvicorn; ``semla-server db upgrade``: migrate its database;
+``semla-server bases add CARD.json`` / ``bases list``: the base models it accepts adapters for.
 
 Every flag defaults to its ``SEMLA_*`` environment variable (via :class:`ServerSettings`); a
 flag given on the command line wins. Bad settings, an unreachable database or a database
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
@@ -83,6 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rotate.add_argument("--data-dir", dest="data_dir", metavar="PATH", default=argparse.SUPPRESS,
                         help=_FLAGS["data_dir"][2])
+    bases = commands.add_parser(
+        "bases", help="the base models adapters may be published for (base cards)",
+        description="Every upload is checked against the card of the base model it names; an adapter for a "
+        "base without a card is refused (unknown_base). Cards of the bundled bases ship with the package; "
+        "compute others with `semla-node base-card --base ARCH --pretrained ... --out CARD.json` on a "
+        "machine with torch. Added cards are kept in DATA_DIR/bases and apply to the next upload.",
+    )
+    bases_commands = bases.add_subparsers(dest="bases_command", metavar="ACTION", required=True)
+    bases_add = bases_commands.add_parser("add", help="install a base card (JSON from semla-node base-card)",
+                                          description="Validate a base card and install it (replacing an "
+                                          "earlier card of the same fingerprint).")
+    bases_add.add_argument("card", type=Path, metavar="CARD.json", help="the card file")
+    bases_list = bases_commands.add_parser("list", help="list the known base cards",
+                                           description="One line per card: arch, fingerprint, embedding, "
+                                           "number of LoRA targets, bounds, bundled or added.")
+    for command in (bases_add, bases_list):
+        command.add_argument("--data-dir", dest="data_dir", metavar="PATH", default=argparse.SUPPRESS,
+                             help=_FLAGS["data_dir"][2])
     for command in (up, sweep):
         for dest in ("database_url", "data_dir"):
             flag, metavar, text = _FLAGS[dest]
@@ -130,6 +150,29 @@ def _db_upgrade(settings: ServerSettings) -> int:
     return 0
 
 
+def _bases(args: argparse.Namespace, settings: ServerSettings) -> int:
+    from semla.schemas.errors import SemlaError
+    from semla.server.bases import BaseCardStore
+
+    store = BaseCardStore(settings.base_cards_dir)
+    if args.bases_command == "add":
+        try:
+            card = store.add(args.card.read_bytes())
+        except OSError as exc:
+            return _fail(f"cannot read {args.card}: {exc.strerror or exc}")
+        except SemlaError as exc:
+            return _fail(f"{args.card}: {exc.message}")
+        print(f"added base card {card.arch} {card.fingerprint[:16]} ({len(card.targets)} LoRA targets, "
+              f"embedding {card.embedding.name} dim {card.embedding.dim})")
+        return 0
+    for card, source in store.listing():
+        b = card.bounds
+        print(f"{card.arch}\t{card.fingerprint}\t{card.embedding.name}\tdim={card.embedding.dim}\t"
+              f"targets={len(card.targets)}\tmax_rank={b.max_rank}\tmax_alpha={b.max_alpha:g}\t"
+              f"max_relative_effect={b.max_relative_effect:g}\tmax_abs_value={b.max_abs_value:g}\t{source}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``semla-server``; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -146,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"cannot create data directory {settings.data_dir}: {exc.strerror}")
     if args.command == "db":
         return _db_upgrade(settings)
+    if args.command == "bases":
+        return _bases(args, settings)
     if args.command == "rotate-registry-key":
         from semla.server.rootkey import rotate_registry_key
 

@@ -89,6 +89,11 @@ class ServerSettings(BaseSettings):
         return value
 
     @property
+    def base_cards_dir(self) -> Path:
+        """Where ``semla-server bases add`` keeps the base cards it adds (beside the blobs)."""
+        return self.data_dir / "bases"
+
+    @property
     def resolved_registry_key_file(self) -> Path:
         return self.registry_key_file or self.data_dir / "registry.key"
 

@@ -26,6 +26,7 @@ from safetensors.numpy import save as save_safetensors
 from semla.registry import keys
 from semla.registry.bundle import read_bundle, sha256_bytes, sign_bundle, write_bundle
 from semla.schemas import ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, SIGNATURE_FILE, SIGNING_CONTEXT, canonical_json
+from semla.schemas.basecard import BaseCard, CardBounds, EmbeddingSpec, TargetLayer
 
 __all__ = [
     "MODULES",
@@ -40,6 +41,8 @@ __all__ = [
     "edit_manifest",
     "replace_file",
     "resign",
+    "base_card",
+    "install_base_card",
 ]
 
 #: LoRA targets: module name -> (in_features, out_features).
@@ -50,6 +53,10 @@ MODULES: dict[str, tuple[int, int]] = {
 }
 #: A stand-in base-model fingerprint (64 hex).
 FINGERPRINT = "ab" * 32
+#: Centroid space and dimension of the stand-in base.
+EMBEDDING, DIM = "semla-tiny", 8
+#: ||W||_F of every stand-in target layer (the factory's adapters reach ~0.3 of it).
+WEIGHT_NORM = 4.0
 
 
 def lora_weights(modules: Mapping[str, tuple[int, int]] = MODULES, *, rank: int = 4, seed: int = 0) -> bytes:
@@ -88,7 +95,7 @@ def manifest_fields(
     domain: str = "urban street scenes",
     sample_count: int = 64,
     k: int = 1,
-    dim: int = 8,
+    dim: int = DIM,
     seed: int = 0,
     **overrides: Any,
 ) -> dict[str, Any]:
@@ -103,7 +110,7 @@ def manifest_fields(
         "alpha": alpha,
         "vocabulary": ["road", "car", "building", "sky"],
         "domain": domain,
-        "centroids": {"embedding_model": "semla-tiny", "vectors": unit_vectors(k, dim, seed=seed)},
+        "centroids": {"embedding_model": EMBEDDING, "vectors": unit_vectors(k, dim, seed=seed)},
         "sample_count": sample_count,
         "privacy": {"mechanism": "none", "min_samples": 50},
         "training": {"steps": 10, "lr": 1e-3, "batch_size": 4, "seed": seed},
@@ -111,6 +118,20 @@ def manifest_fields(
     }
     fields.update(overrides)
     return fields
+
+
+def base_card(**bounds: Any) -> BaseCard:
+    """The card of the stand-in base the factory's bundles name (``bounds`` override the defaults)."""
+    targets = {m: TargetLayer(in_features=i, out_features=o, weight_norm=WEIGHT_NORM) for m, (i, o) in MODULES.items()}
+    return BaseCard(arch="semla-tiny", fingerprint=FINGERPRINT, embedding=EmbeddingSpec(name=EMBEDDING, dim=DIM),
+                    targets=targets, bounds=CardBounds(**bounds))
+
+
+def install_base_card(data_dir: Path, **bounds: Any) -> BaseCard:
+    """Add the stand-in base's card to a registry data directory (``semla-server bases add``)."""
+    from semla.server.bases import BaseCardStore
+
+    return BaseCardStore(Path(data_dir) / "bases").add(base_card(**bounds).to_json())
 
 
 def make_bundle(out: Path, key: Any, *, rank: int = 4, alpha: float = 8.0, seed: int = 0, **fields: Any) -> Path:

@@ -176,6 +176,7 @@ def test_the_registry_switches_to_the_index_above_the_threshold(tmp_path, monkey
     from semla.server import ann as ann_module
 
     monkeypatch.setattr(ann_module, "ANN_THRESHOLD", 2)
+    bundle_factory.install_base_card(tmp_path / "d")
     app = create_app(ServerSettings(data_dir=tmp_path / "d", admin_token="t"))
     with TestClient(app) as client:
         key = keys.generate_key()

@@ -78,6 +78,7 @@ def files(tmp_path, key) -> dict[str, bytes]:
 
 # -- what leaves is what is listed ----------------------------------------------------------------
 def test_publish_sends_exactly_the_bytes_the_audit_lists(tmp_path, trained_bundle, key):
+    bundle_factory.install_base_card(tmp_path / "registry")
     app = create_app(ServerSettings(data_dir=tmp_path / "registry", admin_token=ADMIN))
     bundle = shutil.copytree(trained_bundle, tmp_path / "fog")
     sign_bundle(bundle, key)

@@ -61,6 +61,7 @@ def test_sigkill_during_concurrent_uploads(tmp_path, database):
         for c in range(CLIENTS) for v in range(1, PER_CLIENT + 1)
     }
     data_dir, port = tmp_path / "registry", free_port()
+    bundle_factory.install_base_card(data_dir)
     url = f"http://127.0.0.1:{port}"
     proc = start(data_dir, port, database)
     httpx.post(url + "/v1/keys", json={"public_key": keys.public_bytes(key).hex()},

@@ -77,6 +77,7 @@ def seeded_registry(tmp: Path) -> FastAPI:
 
     Seeded through the app itself, so the fuzzed state is one a real client could build.
     """
+    bundle_factory.install_base_card(tmp / "data")
     app = create_app(ServerSettings(data_dir=tmp / "data", admin_token=ADMIN))
     key = keys.generate_key()
     client = TestClient(app)

@@ -36,6 +36,7 @@ class Replaying(RegistryClient):
 @pytest.fixture
 def registry(tmp_path, trained_bundle):
     data_dir = tmp_path / "registry"
+    bundle_factory.install_base_card(data_dir)
     app = create_app(ServerSettings(data_dir=data_dir, admin_token=TOKEN))
     http = TestClient(app, base_url="http://registry.test")
     client = RegistryClient("http://registry.test", client=http)

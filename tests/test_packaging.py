@@ -65,6 +65,7 @@ def test_wheel_holds_every_subpackage_and_the_weights(tmp_path):
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for required in ("semla/registry/node.py", "semla/client/cli.py", "semla/server/app.py", "semla/schemas/manifest.py",
-                     "semla/registry/weights/semla-tiny.safetensors", "semla/registry/model_configs/semla-tiny.json"):
+                     "semla/registry/weights/semla-tiny.safetensors", "semla/registry/model_configs/semla-tiny.json",
+                     "semla/registry/base_cards/semla-tiny.json"):
         assert required in names
     assert not any(n.split("/")[0] in FOLDERS for n in names), "a bare top-level package leaked into the wheel"

@@ -103,6 +103,7 @@ def test_upload_list_fetch_and_refusals_on_postgres(pg_url, tmp_path):
     upgrade(pg_url)
     data_dir = tmp_path / "data"
     settings = ServerSettings(data_dir=data_dir, database_url=pg_url, admin_token=ADMIN)
+    bundle_factory.install_base_card(data_dir)
     with TestClient(create_app(settings)) as client:
         assert client.app.state.engine.dialect.name == "postgresql"
         owner, stranger = keys.generate_key(), keys.generate_key()

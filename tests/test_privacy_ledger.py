@@ -212,6 +212,7 @@ def test_migration_0004_keeps_existing_adapters_at_zero_spend(tmp_path):
 # -- PostgreSQL: two app instances, one database --------------------------------------------------
 def test_two_replicas_on_postgres_never_overspend(pg_url, tmp_path):
     upgrade(pg_url)
+    bundle_factory.install_base_card(tmp_path / "shared")
     settings = ServerSettings(data_dir=tmp_path / "shared", database_url=pg_url, admin_token="pg-admin-token",
                               epsilon_budget=10.0, uploads_per_minute=0)
     with TestClient(create_app(settings)) as a, TestClient(create_app(settings)) as b:

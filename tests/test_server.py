@@ -40,6 +40,7 @@ BIN_DIR = Path(sys.executable).parent
 # -- helpers --------------------------------------------------------------------------------------
 def make_client(data_dir: Path, **settings) -> TestClient:
     settings.setdefault("admin_token", ADMIN)
+    bundle_factory.install_base_card(data_dir)
     app = create_app(ServerSettings(data_dir=data_dir, **settings))
     return TestClient(app)
 
@@ -63,11 +64,13 @@ def assert_error(resp: httpx.Response, status: int, code: str) -> None:
 
 
 def snapshot(client: TestClient, data_dir: Path) -> dict:
-    """Row counts per table and every file under data_dir except the SQLite database and the registry key."""
+    """Row counts per table and every file under data_dir except the SQLite database, the registry key
+    and the base cards (configuration)."""
     with client.app.state.engine.connect() as conn:
         rows = {t.__tablename__: conn.scalar(select(func.count()).select_from(t)) for t in (Publisher, Adapter, AdapterFile)}
     on_disk = sorted(
         str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.is_file() and not p.name.startswith(("registry.db", "registry.key"))
+        and p.relative_to(data_dir).parts[0] != "bases"
     )
     return {"rows": rows, "files": on_disk}
 
@@ -430,6 +433,7 @@ def test_traversal_ish_paths_are_refused(path, client, published):
 
 
 def test_missing_blob_is_a_logged_500(tmp_path, data_dir, caplog):
+    bundle_factory.install_base_card(data_dir)
     with TestClient(create_app(ServerSettings(data_dir=data_dir, admin_token=ADMIN)), raise_server_exceptions=False) as client:
         key = keys.generate_key()
         register(client, key)

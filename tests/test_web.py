@@ -40,6 +40,7 @@ def upload(client: TestClient, files: dict[str, bytes]) -> httpx.Response:
 
 def build_registry(data_dir: Path, bundles_dir: Path, adapters: dict[str, str]):
     """A registry app with the web routes and ``adapters`` published by one key; returns (app, key id)."""
+    bundle_factory.install_base_card(data_dir)
     app = create_app(ServerSettings(data_dir=data_dir, admin_token=ADMIN))
     add_web_routes(app)
     client = TestClient(app)
