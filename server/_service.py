@@ -464,7 +464,8 @@ class RegistryService:
         """
         for key_id in rotated:
             try:
-                _keys.verify(bytes.fromhex(session.get(Publisher, key_id).public_key), signature, payload, what="")
+                _keys.verify(bytes.fromhex(session.get(Publisher, key_id).public_key), signature, payload,
+                             what="the revoke request")
             except SignatureError:
                 continue
             raise UnknownKeyError(f"key {key_id} was rotated away; its publisher now signs with {current}",
