@@ -499,7 +499,8 @@ class RegistryService:
         """
         for key_id in rotated:
             try:
-                _keys.verify(bytes.fromhex(session.get(Publisher, key_id).public_key), signature, payload, what="")
+                _keys.verify(bytes.fromhex(session.get(Publisher, key_id).public_key), signature, payload,
+                             what="the revoke request")
             except SignatureError:
                 continue
             raise UnknownKeyError(f"key {key_id} was rotated away; its publisher now signs with {current}",
@@ -686,8 +687,11 @@ class RegistryService:
             raise NotFoundError(f"no adapter named {name!r}")
         return out
 
-    def file_path(self, name: str, version: int, filename: str) -> Path:
+    def file_path(self, name: str, version: int, filename: str, *, include_revoked: bool = False) -> Path:
         """Path of the stored blob for one bundle file (looked up by sha from the database).
+
+        Revoked versions are not served (``GoneError``) unless ``include_revoked`` (the
+        registry's own pages show what was revoked and why).
 
         Raises:
             NotFoundError: unknown file name, adapter or version.
@@ -706,14 +710,14 @@ class RegistryService:
         if found is None:
             raise NotFoundError(f"no adapter {name!r} version {version}")
         digest, revoked_at, key_active = found
-        if revoked_at is not None:
+        if revoked_at is not None and not include_revoked:
             raise GoneError(f"{name} version {version} was revoked by its publisher")
-        if not key_active:
+        if not key_active and not include_revoked:
             raise GoneError(f"the publisher key of {name} version {version} was revoked")
         if not self._blobs.exists(digest):
             raise RuntimeError(f"blob {digest} of {name} v{version}/{filename} is missing from the store")
         return self._blobs.path(digest)
 
-    def file_bytes(self, name: str, version: int, filename: str) -> bytes:
+    def file_bytes(self, name: str, version: int, filename: str, *, include_revoked: bool = False) -> bytes:
         """Like :meth:`file_path`, returning the bytes."""
-        return self.file_path(name, version, filename).read_bytes()
+        return self.file_path(name, version, filename, include_revoked=include_revoked).read_bytes()

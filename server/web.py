@@ -115,7 +115,8 @@ class _Manifests:
         if hit is not None:
             return hit
         try:
-            manifest = Manifest.parse(service.file_bytes(summary.name, summary.version, MANIFEST_FILE))
+            manifest = Manifest.parse(service.file_bytes(summary.name, summary.version, MANIFEST_FILE,
+                                                         include_revoked=True))
         except (SemlaError, RuntimeError, OSError):
             return None
         with self._lock:
@@ -355,7 +356,7 @@ def _library(request: Request, q: str | None) -> HTMLResponse:
 def _signature_status(service: Any, summary: AdapterSummary, keys: list[KeyPublic]) -> tuple[bool, str]:
     """Re-verify the stored bundle against the active publisher keys: (ok, escaped HTML)."""
     try:
-        files = {f: service.file_bytes(summary.name, summary.version, f) for f in BUNDLE_FILES}
+        files = {f: service.file_bytes(summary.name, summary.version, f, include_revoked=True) for f in BUNDLE_FILES}
     except (SemlaError, RuntimeError, OSError) as exc:
         return False, f"<span class=\"bad\">storage_error</span>: {esc(exc)}"
     trusted = {k.key_id: bytes.fromhex(k.public_key) for k in keys if k.active}
@@ -450,7 +451,7 @@ def _adapter(request: Request, name: str) -> HTMLResponse:
                 size, digest, where = entry.size, entry.sha256, "listed in manifest"
             else:
                 try:
-                    data = service.file_bytes(newest.name, newest.version, fname)
+                    data = service.file_bytes(newest.name, newest.version, fname, include_revoked=True)
                 except (SemlaError, RuntimeError, OSError):
                     file_rows.append(f"<tr><td>{esc(fname)}</td><td colspan=\"3\" class=\"bad\">missing</td></tr>")
                     continue
