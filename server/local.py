@@ -18,7 +18,7 @@ __all__ = ["free_port", "local_registry", "serve_in_thread", "wait_healthy"]
 
 
 
-def wait_healthy(url: str, proc: subprocess.Popen | None = None, *, timeout: float = 30.0,
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, *, timeout: float = 120.0,
                  log: Path | None = None) -> None:
     """Poll ``url/healthz`` until it answers 200.
 
@@ -40,7 +40,7 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, *, timeout: flo
 
 
 @contextlib.contextmanager
-def local_registry(data_dir: Path, admin_token: str, *, log: Path | None = None, timeout: float = 30.0,
+def local_registry(data_dir: Path, admin_token: str, *, log: Path | None = None, timeout: float = 120.0,
                    exe: Path | None = None) -> Iterator[str]:
     """Start ``semla-server`` on a free 127.0.0.1 port, yield its URL, stop it afterwards.
 
