@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import peft
 import pytest
@@ -175,3 +179,22 @@ def test_fused_lora_is_the_exact_weighted_sum_for_mixed_ranks_and_modules():
 def test_bad_weights_are_refused_clearly(text, fragment):
     with pytest.raises(InvalidInputError, match=fragment):
         parse_weights(text)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["fuse", "--out", "{tmp}/f", "--registry", "http://127.0.0.1:9"], "give IMAGE"),
+    (["fuse", "{tmp}/a.png", "--weights", "fog=1", "--out", "{tmp}/f", "--registry", "http://127.0.0.1:9"], "not both"),
+    (["fuse", "{tmp}/missing.png", "--out", "{tmp}/f", "--registry", "http://127.0.0.1:9"], "does not exist"),
+    (["pull", "fog", "--out", "{tmp}/full", "--registry", "http://127.0.0.1:9"], "not empty"),
+    (["pull", "fog", "--out", "{tmp}/p", "--registry", "http://127.0.0.1:9", "--cache-dir", "{tmp}/c"], "cannot reach"),
+])
+def test_cli_errors_are_one_line_and_write_nothing(tmp_path, args, fragment):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("x")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = [a.format(tmp=tmp_path) for a in args]
+    done = subprocess.run([str(Path(sys.executable).parent / "semla-node"), *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "c") == before
