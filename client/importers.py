@@ -321,7 +321,7 @@ def import_dataset(
 
     Args:
         fmt: a registered format (see :func:`list_importers`).
-        limit: import only the first N pairs (in sorted path order); every pair is still checked.
+        limit: import only the first N pairs (in sorted path order); every image's pairing is still checked.
         max_side: shrink images (bilinear) and masks (nearest) whose longer side exceeds this.
         domain: written to ``domain.json``, which ``train`` publishes as the adapter's domain.
 

@@ -180,21 +180,19 @@ def fused_lora(adapters: Sequence["LoraAdapter"], weights: Sequence[float]) -> d
     return out
 
 
-def _adapter_config(modules: list[str], ranks: dict[str, int]) -> dict[str, Any]:
+def _adapter_config(base: Any, modules: list[str], ranks: dict[str, int]) -> dict[str, Any]:
     """peft ``LoraConfig`` JSON with scale ``lora_alpha / r`` = 1 for every module."""
     import re
 
     import peft
 
-    from semla.registry.train import _json_safe
+    from semla.registry.train import adapter_config_json
 
     r = max(ranks.values())
     odd = {re.escape(m): ranks[m] for m in modules if ranks[m] != r}
     config = peft.LoraConfig(r=r, lora_alpha=r, target_modules=modules, lora_dropout=0.0, bias="none",
                              rank_pattern=odd, alpha_pattern=dict(odd))
-    out = _json_safe(config.to_dict())
-    out["target_modules"] = list(modules)  # peft keeps them as an unordered set
-    return out
+    return {**adapter_config_json(base, config), "target_modules": list(modules)}  # only the fused modules
 
 
 def _utc_now() -> str:
@@ -242,7 +240,7 @@ def fuse_adapters(
         state[f"base_model.model.{m}.lora_A.weight"] = A
         state[f"base_model.model.{m}.lora_B.weight"] = B
     weight_bytes = save_safetensors(state, metadata={"format": "pt"})
-    config_bytes = json.dumps(_adapter_config(modules, ranks), indent=2, sort_keys=True).encode() + b"\n"
+    config_bytes = json.dumps(_adapter_config(node.base, modules, ranks), indent=2, sort_keys=True).encode() + b"\n"
     manifest = {
         "derived": True,
         "kind": EXPORT_KIND,

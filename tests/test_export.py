@@ -198,3 +198,28 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, args, fragment):
     lines = done.stderr.strip().splitlines()
     assert done.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], done.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "c") == before
+
+
+def test_modules_of_different_total_rank_keep_scale_one_in_plain_peft(tiny_base, tmp_path):
+    from safetensors.torch import save_file
+
+    from semla.registry.export import _adapter_config
+    from semla.registry.model import lora_target_modules
+
+    base = copy.deepcopy(tiny_base)
+    targets = lora_target_modules(base.clip)[:2]
+    gen = torch.Generator().manual_seed(1)
+    tensors, ranks = {}, {}
+    for module, rank in zip(targets, (3, 5)):
+        lin = base.clip.get_submodule(module)
+        tensors[module] = (torch.randn(rank, lin.in_features, generator=gen),
+                           torch.randn(lin.out_features, rank, generator=gen) * 0.01)
+        ranks[module] = rank
+    state = {f"base_model.model.{m}.lora_{ab}.weight": t for m, (A, B) in tensors.items() for ab, t in (("A", A), ("B", B))}
+    tmp_path.joinpath("adapter_config.json").write_text(json.dumps(_adapter_config(base, targets, ranks)))
+    save_file(state, str(tmp_path / "adapter_model.safetensors"))
+
+    before = {m: base.clip.get_submodule(m).weight.detach().clone() for m in targets}
+    merged = peft.PeftModel.from_pretrained(base.clip, str(tmp_path)).merge_and_unload()
+    for m, (A, B) in tensors.items():
+        assert torch.allclose(merged.get_submodule(m).weight, before[m] + B @ A, atol=1e-6)
