@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from semla.client import audit, federate
+from semla.client import audit, federate, importers
 from semla.client.audit import EXIT_FLAGGED
 from semla.registry._cli import EXIT_OK, run
 from semla.registry.config import TrainConfig
@@ -23,6 +23,7 @@ Typical flow:
   semla-client keygen --out owner.key
   semla-client register --registry URL --key owner.key --token ADMIN_TOKEN
   semla-client synth --domain fog --n 60 --seed 1 --out ./private
+      (or your own data: semla-client import cityscapes ROOT --split train --out ./private)
   semla-client train --data ./private --out ./fog-bundle --name fog [--dp-epsilon 4]
   semla-client audit ./fog-bundle          # every byte a publish would send; flags what should not
   semla-client publish ./fog-bundle --registry URL --key owner.key
@@ -232,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-key", type=Path, required=True, help="the new private key (make it with keygen)")
     p.set_defaults(func=_rotate_key)
 
+    importers.add_parser(sub)
     audit.add_parser(sub)
     federate.add_parser(sub)
     return parser

@@ -11,6 +11,8 @@ from semla.registry._cli import EXIT_OK, add_node_arguments, add_retrieval_argum
 from semla.registry.basecard import add_parser as add_base_card_parser
 from semla.registry.explain import add_parser as add_explain_parser
 from semla.registry.explain import overlay, palette  # re-exported: the colours of a mask live with the pictures
+from semla.registry.export import add_parser as add_fuse_parser
+from semla.registry.pull import add_parser as add_pull_parser
 from semla.registry.serve import add_parser as add_serve_parser
 from semla.registry.retrieval import DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 
@@ -25,6 +27,10 @@ segments with the class names you give.
 Example:
   semla-node segment street.png --registry http://127.0.0.1:8080 \\
       --classes sky,road,sidewalk,building,vegetation,car,person,pole --out ./masks --json
+
+For your own stack (plain peft):
+  semla-node pull fog --registry URL --out ./fog            # one adapter, verified
+  semla-node fuse street*.png --registry URL --out ./fused  # the fused adapter for these images
 """
 
 
@@ -67,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_explain_parser(sub)
     add_base_card_parser(sub)
+    add_pull_parser(sub)
+    add_fuse_parser(sub)
     return parser
 
 

@@ -440,6 +440,16 @@ class Node:
         return load_adapter(key, files[ADAPTER_WEIGHTS_FILE], manifest, self.base.ref.fingerprint,
                             self.engine.targets, device="cpu")
 
+    def verified_files(self, summary: AdapterSummary) -> dict[str, bytes]:
+        """Download one listed adapter's bundle and verify it exactly as before use; its files.
+
+        Raises:
+            VerificationError, IncompatibleAdapterError: as for any adapter the node loads.
+        """
+        files = self._fetch(summary)
+        self._verify_and_load(summary, files)
+        return files
+
     def adapter(self, summary: AdapterSummary) -> LoraAdapter:
         """The verified adapter for a library entry, resident on the node's device."""
         return self.cache.get_many([summary])[0]

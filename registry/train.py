@@ -91,8 +91,14 @@ def batches(n: int, batch_size: int, steps: int, seed: int):
 
 
 def segmentation_loss(model: DenseClip, pixels: torch.Tensor, masks: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """Pixel cross-entropy of the dense head's upsampled logits against class-index masks."""
+    """Pixel cross-entropy of the dense head's upsampled logits against class-index masks.
+
+    Pixels marked ``IGNORE_INDEX`` (255) count for nothing; a batch with no labelled pixel at all
+    (imported data can have such images) gives a zero loss, not the NaN of an empty mean.
+    """
     logits = model(pixels, text, size=masks.shape[-2:])
+    if not bool((masks != IGNORE_INDEX).any()):
+        return logits.sum() * 0.0
     return F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
 
 
