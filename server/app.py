@@ -42,6 +42,7 @@ from semla.server._service import RegistryService
 from semla.server.blobs import BlobStore
 from semla.server.rootkey import load_rotations
 from semla.server.db import check_schema, make_engine, make_sessionmaker
+from semla.server.metrics import install_metrics
 from semla.server.settings import ServerSettings
 from semla.server.web import add_web_routes
 
@@ -376,6 +377,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         min_samples=settings.min_samples, epsilon_budget=settings.epsilon_budget,
     )
     install_error_handlers(app, service="registry")
+    if settings.metrics:
+        install_metrics(app, engine, settings.epsilon_budget)
     app.include_router(router)
     add_web_routes(app)
     return app

@@ -34,6 +34,9 @@ _FLAGS = {
                     "(env SEMLA_ADMIN_TOKEN; unset disables them). Prefer the env var: flags show up in ps"),
     "database_url": ("--database-url", "URL", "SQLAlchemy database URL, e.g. postgresql+psycopg://user@host/db "
                      "(env SEMLA_DATABASE_URL, default sqlite:///DATA_DIR/registry.db)"),
+    "log_format": ("--log-format", "{text,json}", "text: uvicorn's log lines; json: one JSON object per line "
+                   "(time, level, logger, message; access lines add client, method, path, status) "
+                   "(env SEMLA_LOG_FORMAT, default text)"),
 }
 
 
@@ -46,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"SEMLA_MIN_SAMPLES, the fewest samples behind a centroid (default {DEFAULT_MIN_SAMPLES}); "
         f"SEMLA_EPSILON_BUDGET, the DP epsilon each publisher may spend on centroids (default "
         f"{DEFAULT_EPSILON_BUDGET:g}; empty or 'none' for no limit). "
-        "Access log on stdout, server log on stderr.",
+        "SEMLA_METRICS=false turns off /metrics (Prometheus). Access log on stdout, server log on stderr.",
     )
     for dest, (flag, metavar, text) in _FLAGS.items():
         parser.add_argument(flag, dest=dest, metavar=metavar, default=None, help=text)
@@ -174,7 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn
 
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=True)
+    from semla.registry._logging import uvicorn_log_config
+
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=True,
+                log_config=uvicorn_log_config(settings.log_format))
     return 0
 
 

@@ -7,6 +7,7 @@ Nothing is read or created at import: build a :class:`ServerSettings` and hand i
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,6 +41,8 @@ class ServerSettings(BaseSettings):
             refused (``privacy_budget``). ``SEMLA_EPSILON_BUDGET`` empty, ``none`` or ``inf``
             means no limit (spend is still recorded and shown); ``0`` refuses every DP upload.
             Uploads without DP carry no ε and are not charged.
+        metrics: Serve ``/metrics`` (Prometheus) and count requests.
+        log_format: ``text`` or ``json`` logs of ``semla-server`` (``SEMLA_LOG_FORMAT``).
     """
 
     model_config = SettingsConfigDict(env_prefix="SEMLA_", extra="forbid", frozen=True)
@@ -59,6 +62,10 @@ class ServerSettings(BaseSettings):
     index_ttl_seconds: int = Field(default=86400, ge=60)
     min_samples: int = Field(default=DEFAULT_MIN_SAMPLES, ge=1)
     epsilon_budget: float | None = Field(default=DEFAULT_EPSILON_BUDGET, ge=0)
+    #: Serve Prometheus metrics at ``/metrics`` and count requests (``SEMLA_METRICS=false`` turns both off).
+    metrics: bool = True
+    #: ``text`` (uvicorn's lines) or ``json`` (one object per line); read by ``semla-server``.
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("epsilon_budget", mode="before")
     @classmethod
@@ -68,6 +75,11 @@ class ServerSettings(BaseSettings):
         if isinstance(value, float) and value == float("inf"):
             return None
         return value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @property
     def resolved_registry_key_file(self) -> Path:
