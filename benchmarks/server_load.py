@@ -9,6 +9,13 @@ listing and of the signed index (N entries each). Results: benchmarks/results/se
 
     python benchmarks/server_load.py                 # 100k adapters, SQLite and PostgreSQL
     python benchmarks/server_load.py --n 5000 --backends sqlite   # quick
+    python benchmarks/server_load.py --metrics-overhead --n 5000  # cost of /metrics (SQLite)
+
+``--metrics-overhead`` starts two servers on the same filled SQLite registry, one with
+``SEMLA_METRICS=false``, and drives ``GET /healthz`` and ``GET /v1/adapters?name=`` through three
+arms in interleaved rounds: no metrics; metrics on, never scraped; metrics on and scraped every
+``--scrape-interval`` seconds. It records req/s per round and arm, the medians and the overhead in
+percent under the key ``registry`` of benchmarks/results/metrics_overhead.json (other keys kept).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import bundle_factory  # noqa: E402
+from _overhead import ARMS, arm_order, overhead_summary, record_overhead, scraper  # noqa: E402
 
 from semla.registry import keys  # noqa: E402
 from semla.registry.bundle import sha256_bytes  # noqa: E402
@@ -130,19 +138,26 @@ def drive(fn, clients: int, requests: int) -> dict:
             "p99_ms": round(float(np.percentile(latencies, 99)), 2)}
 
 
+def start_server(data_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    args = [SERVER, "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port), "--admin-token", TOKEN]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "SEMLA_UPLOADS_PER_MINUTE": "0", **env})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc, timeout=300)
+    except BaseException:
+        proc.terminate()
+        raise
+    return proc, base
+
+
 def run_backend(name: str, url: str | None, n: int, clients: int, requests: int) -> dict:
     data_dir = Path(tempfile.mkdtemp(prefix=f"semla-load-{name}-"))
     db_url = url or f"sqlite:///{data_dir / 'registry.db'}"
     fill_s = fill(db_url, data_dir, n)
-    port = free_port()
-    env = {**os.environ, "SEMLA_UPLOADS_PER_MINUTE": "0"}
-    args = [SERVER, "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port), "--admin-token", TOKEN]
-    if url:
-        args += ["--database-url", url]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_server(data_dir, {"SEMLA_DATABASE_URL": url} if url else {})
     try:
-        wait_healthy(base, proc)
         rng = np.random.default_rng(1)
         names = [f"adapter-{int(i):06d}" for i in rng.integers(0, n, 10_000)]
         query = rng.standard_normal(64)
@@ -166,14 +181,83 @@ def run_backend(name: str, url: str | None, n: int, clients: int, requests: int)
         proc.wait(timeout=30)
 
 
+def metrics_overhead(n: int, clients: int, requests: int, rounds: int, interval: float) -> dict:
+    """Interleaved rounds of the same load: no metrics / metrics on / metrics on and scraped."""
+    data_dir = Path(tempfile.mkdtemp(prefix="semla-load-metrics-"))
+    fill(f"sqlite:///{data_dir / 'registry.db'}", data_dir, n)
+    names = iter([f"adapter-{int(i):06d}" for i in np.random.default_rng(1).integers(0, n, 10 * rounds * requests)])
+    endpoints = {"healthz": lambda base: lambda h: h.get(base + "/healthz"),
+                 "get_one_adapter": lambda base: lambda h: h.get(base + "/v1/adapters", params={"name": next(names)})}
+    rates = {ep: {arm: [] for arm in ARMS} for ep in endpoints}
+    scrape_ms: list[float] = []
+    off_proc, off = start_server(data_dir, {"SEMLA_METRICS": "false"})  # creates the registry key first
+    try:
+        on_proc, on = start_server(data_dir, {})
+        try:
+            for base in (off, on):
+                for make in endpoints.values():
+                    drive(make(base), clients, clients * 4)  # warm connections and caches
+            for r in range(rounds):
+                for ep, make in endpoints.items():
+                    for arm in arm_order(r):
+                        base = off if arm == "no_metrics" else on
+                        if arm == "metrics_scraped":
+                            with scraper(on, interval) as times:
+                                rates[ep][arm].append(drive(make(base), clients, requests)["req_per_s"])
+                            scrape_ms += times
+                        else:
+                            rates[ep][arm].append(drive(make(base), clients, requests)["req_per_s"])
+                print(f"round {r + 1}/{rounds}: " + "; ".join(
+                    f"{ep} " + " ".join(f"{a} {v[-1]:.0f}" for a, v in arms.items()) for ep, arms in rates.items()),
+                    flush=True)
+            sample = httpx.get(on + "/metrics").text
+        finally:
+            on_proc.terminate()
+            on_proc.wait(timeout=30)
+    finally:
+        off_proc.terminate()
+        off_proc.wait(timeout=30)
+    return {
+        "what": "req/s of the registry (semla-server, SQLite, uvicorn, one process each) under the same load in "
+                "three arms: no_metrics = a server started with SEMLA_METRICS=false; metrics = one with metrics on, "
+                "not scraped; metrics_scraped = the same server while a client thread GETs /metrics every "
+                f"{interval:g} s. Both servers share one filled data dir and run side by side (one idle while the "
+                "other is driven); rounds interleave the arms (order reversed every other round) and the medians "
+                "over rounds are compared, so background load on the shared machine hits every arm alike.",
+        "config": {"adapters": n, "clients": clients, "requests_per_round": requests, "rounds": rounds,
+                   "scrape_interval_s": interval, "backend": "sqlite"},
+        "req_per_s": rates,
+        "summary": {ep: overhead_summary(arms, "no_metrics") for ep, arms in rates.items()},
+        "scrapes": {"count": len(scrape_ms), "bytes": len(sample.encode()),
+                    "median_ms": round(float(np.median(scrape_ms)), 2) if scrape_ms else None},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=800)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "server.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result JSON (default benchmarks/results/server.json; with --metrics-overhead "
+                        "benchmarks/results/metrics_overhead.json, key registry)")
+    parser.add_argument("--metrics-overhead", action="store_true", help="measure what /metrics costs (see above)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --metrics-overhead (default 5)")
+    parser.add_argument("--scrape-interval", type=float, default=0.5,
+                        help="seconds between scrapes in --metrics-overhead (default 0.5)")
     args = parser.parse_args(argv)
+    command = ("python benchmarks/server_load.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(),
+               "note": "servers and load clients share the same 2 cores"}
+    if args.metrics_overhead:
+        t0 = time.perf_counter()
+        result = metrics_overhead(args.n, args.clients, args.requests, args.rounds, args.scrape_interval)
+        result.update(command=command, machine=machine, seconds=round(time.perf_counter() - t0, 1))
+        for ep, summary in result["summary"].items():
+            print(f"{ep}: median req/s {summary['median_per_s']}; overhead % {summary['overhead_pct']}", flush=True)
+        print(f"wrote {record_overhead(args.out, 'registry', result)} (key registry)")
+        return 0
     results = []
     for backend in args.backends.split(","):
         if backend == "sqlite":
@@ -185,11 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(run_backend("postgresql", cluster.create_database("load"), args.n, args.clients,
                                            args.requests))
         print(json.dumps(results[-1], indent=1), flush=True)
-    doc = {"command": ("python benchmarks/server_load.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                       "note": "server and load clients share the same 2 cores"},
-           "results": results}
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    doc = {"command": command, "machine": machine, "results": results}
+    (args.out or ROOT / "benchmarks" / "results" / "server.json").write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 
 

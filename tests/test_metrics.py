@@ -299,3 +299,14 @@ def test_server_flag_refuses_an_unknown_log_format(tmp_path):
     proc = subprocess.run([str(BIN_DIR / "semla-server"), "--data-dir", str(tmp_path / "d"), "--log-format", "xml"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--log-format" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_node_serve_flags_for_logs_and_metrics():
+    from test_node_serve import _parser
+
+    args = _parser().parse_args(["serve", "--registry", "http://127.0.0.1:9"])
+    assert args.log_format is None and args.metrics is True
+    args = _parser().parse_args(["serve", "--registry", "http://127.0.0.1:9", "--log-format", "json", "--no-metrics"])
+    assert args.log_format == "json" and args.metrics is False
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["serve", "--registry", "http://127.0.0.1:9", "--log-format", "xml"])
