@@ -42,7 +42,7 @@ import torch
 import uvicorn
 from PIL import Image
 
-from _overhead import ARMS, arm_order, overhead_summary, record_overhead, scraper
+from _overhead import record_overhead, run_arms, summarize
 from semla.server.local import free_port, wait_healthy  # noqa: E402
 from semla.registry import keys, synth
 from semla.registry.http import RegistryClient
@@ -156,8 +156,8 @@ def drive(url: str, images: list[tuple[str, bytes]], clients: int, per_request: 
 
 @contextlib.contextmanager
 def serve_node(registry: str, workdir: Path, max_batch: int, max_wait_ms: float, *extra: str,
-               tag: str = "") -> Iterator[str]:
-    """``semla-node serve`` on a free port in a subprocess (its own cache dir); yields its URL."""
+               tag: str = "") -> Iterator[tuple[str, int]]:
+    """``semla-node serve`` on a free port in a subprocess (its own cache dir); yields (URL, pid)."""
     port = free_port()
     name = f"{max_batch}{tag}"
     argv = ["serve", "--registry", registry, "--port", str(port), "--device", "cpu", "--max-batch", str(max_batch),
@@ -168,7 +168,7 @@ def serve_node(registry: str, workdir: Path, max_batch: int, max_wait_ms: float,
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, proc, timeout=600, log=log)  # importing torch on a busy machine takes minutes
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -177,40 +177,33 @@ def serve_node(registry: str, workdir: Path, max_batch: int, max_wait_ms: float,
 def metrics_overhead(registry: str, args: argparse.Namespace, images: list[tuple[str, bytes]],
                      warmup: list[tuple[str, bytes]], clients: int, max_batch: int) -> dict:
     """Interleaved rounds of the same load: no metrics / metrics on / metrics on and scraped."""
-    rates: dict[str, list[float]] = {arm: [] for arm in ARMS}
-    scrape_ms: list[float] = []
+    def one_round(url: str) -> tuple[float, int]:
+        row = drive(url, images, clients, args.per_request)
+        return row["images_per_s"], row["images"]
+
     with serve_node(registry, args.workdir, max_batch, args.max_wait_ms, "--no-metrics", tag="-off") as off, \
             serve_node(registry, args.workdir, max_batch, args.max_wait_ms, tag="-on") as on:
-        for url in (off, on):
+        for url, _ in (off, on):
             drive(url, warmup * 4, len(warmup), 1)
-        for r in range(args.rounds):
-            for arm in arm_order(r):
-                if arm == "metrics_scraped":
-                    with scraper(on, args.scrape_interval) as times:
-                        row = drive(on, images, clients, args.per_request)
-                    scrape_ms += times
-                else:
-                    row = drive(off if arm == "no_metrics" else on, images, clients, args.per_request)
-                rates[arm].append(row["images_per_s"])
-            print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{a} {v[-1]:.1f}" for a, v in rates.items()),
-                  flush=True)
-        sample = httpx.get(on + "/metrics").text
-    summary = overhead_summary(rates, "no_metrics")
-    print(f"median img/s {summary['median_per_s']}; overhead % {summary['overhead_pct']}", flush=True)
+        measured = run_arms({"no_metrics": off, "metrics": on, "metrics_scraped": on}, one_round,
+                            rounds=args.rounds, interval=args.scrape_interval)
+        sample = httpx.get(on[0] + "/metrics").text
+    summary = summarize(measured)
+    summary["scrapes"]["bytes"] = len(sample.encode())
+    print(f"images/s {summary['throughput']}; server CPU per image {summary['server_cpu']}", flush=True)
     return {
-        "what": "images/s of POST /v1/segment (semla-node serve, CPU) under the same load in three arms: "
-                "no_metrics = a service started with --no-metrics; metrics = one with metrics on, not scraped; "
-                "metrics_scraped = the same service while a client thread GETs /metrics every "
+        "what": "POST /v1/segment (semla-node serve, CPU, one image per request) under the same load in three "
+                "arms: no_metrics = a service started with --no-metrics; metrics = one with metrics on, not "
+                "scraped; metrics_scraped = the same service while a client thread GETs /metrics every "
                 f"{args.scrape_interval:g} s. Both services run side by side (one idle while the other is "
-                "driven); rounds interleave the arms (order reversed every other round) and the medians over "
-                "rounds are compared, so background load on the shared machine hits every arm alike.",
+                "driven); rounds interleave the arms (order reversed every other round) and medians over rounds "
+                "are compared. throughput = images/s (wall clock, sensitive to whatever else runs on the shared "
+                "cores); server_cpu = the service process's user+system CPU ms per image (psutil), far less "
+                "sensitive to other load. overhead_pct > 0 means the arm is worse than no_metrics.",
         "config": {"clients": clients, "images_per_round": len(images), "per_request": args.per_request,
                    "max_batch": max_batch, "max_wait_ms": args.max_wait_ms, "rounds": args.rounds,
                    "scrape_interval_s": args.scrape_interval, "adapters": list(DOMAINS)},
-        "images_per_s": rates,
         **summary,
-        "scrapes": {"count": len(scrape_ms), "bytes": len(sample.encode()),
-                    "median_ms": round(statistics.median(scrape_ms), 2) if scrape_ms else None},
     }
 
 
@@ -253,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.metrics_overhead:
             overhead = metrics_overhead(registry, args, images, warmup, clients, max(max_batches))
         for max_batch in [] if args.metrics_overhead else max_batches:
-            with serve_node(registry, args.workdir, max_batch, args.max_wait_ms) as url:
+            with serve_node(registry, args.workdir, max_batch, args.max_wait_ms) as (url, _):
                 drive(url, warmup * 4, len(warmup), 1)  # downloads + verifies the adapters, warms torch
                 row = {"max_batch": max_batch, "max_wait_ms": args.max_wait_ms, **drive(url, images, clients,
                                                                                        args.per_request)}

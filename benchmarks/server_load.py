@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import bundle_factory  # noqa: E402
-from _overhead import ARMS, arm_order, overhead_summary, record_overhead, scraper  # noqa: E402
+from _overhead import record_overhead, run_arms, summarize  # noqa: E402
 
 from semla.registry import keys  # noqa: E402
 from semla.registry.bundle import sha256_bytes  # noqa: E402
@@ -185,31 +185,26 @@ def metrics_overhead(n: int, clients: int, requests: int, rounds: int, interval:
     """Interleaved rounds of the same load: no metrics / metrics on / metrics on and scraped."""
     data_dir = Path(tempfile.mkdtemp(prefix="semla-load-metrics-"))
     fill(f"sqlite:///{data_dir / 'registry.db'}", data_dir, n)
-    names = iter([f"adapter-{int(i):06d}" for i in np.random.default_rng(1).integers(0, n, 10 * rounds * requests)])
+    names = iter([f"adapter-{int(i):06d}" for i in np.random.default_rng(1).integers(0, n, 20 * rounds * requests)])
     endpoints = {"healthz": lambda base: lambda h: h.get(base + "/healthz"),
                  "get_one_adapter": lambda base: lambda h: h.get(base + "/v1/adapters", params={"name": next(names)})}
-    rates = {ep: {arm: [] for arm in ARMS} for ep in endpoints}
-    scrape_ms: list[float] = []
     off_proc, off = start_server(data_dir, {"SEMLA_METRICS": "false"})  # creates the registry key first
+    results = {}
     try:
         on_proc, on = start_server(data_dir, {})
         try:
-            for base in (off, on):
-                for make in endpoints.values():
+            targets = {"no_metrics": (off, off_proc.pid), "metrics": (on, on_proc.pid),
+                       "metrics_scraped": (on, on_proc.pid)}
+            for ep, make in endpoints.items():
+                for base in (off, on):
                     drive(make(base), clients, clients * 4)  # warm connections and caches
-            for r in range(rounds):
-                for ep, make in endpoints.items():
-                    for arm in arm_order(r):
-                        base = off if arm == "no_metrics" else on
-                        if arm == "metrics_scraped":
-                            with scraper(on, interval) as times:
-                                rates[ep][arm].append(drive(make(base), clients, requests)["req_per_s"])
-                            scrape_ms += times
-                        else:
-                            rates[ep][arm].append(drive(make(base), clients, requests)["req_per_s"])
-                print(f"round {r + 1}/{rounds}: " + "; ".join(
-                    f"{ep} " + " ".join(f"{a} {v[-1]:.0f}" for a, v in arms.items()) for ep, arms in rates.items()),
-                    flush=True)
+
+                def one_round(base: str, make=make) -> tuple[float, int]:
+                    row = drive(make(base), clients, requests)
+                    return row["req_per_s"], row["requests"]
+
+                results[ep] = summarize(run_arms(targets, one_round, rounds=rounds, interval=interval,
+                                                 label=f"{ep} "))
             sample = httpx.get(on + "/metrics").text
         finally:
             on_proc.terminate()
@@ -218,18 +213,17 @@ def metrics_overhead(n: int, clients: int, requests: int, rounds: int, interval:
         off_proc.terminate()
         off_proc.wait(timeout=30)
     return {
-        "what": "req/s of the registry (semla-server, SQLite, uvicorn, one process each) under the same load in "
-                "three arms: no_metrics = a server started with SEMLA_METRICS=false; metrics = one with metrics on, "
-                "not scraped; metrics_scraped = the same server while a client thread GETs /metrics every "
-                f"{interval:g} s. Both servers share one filled data dir and run side by side (one idle while the "
-                "other is driven); rounds interleave the arms (order reversed every other round) and the medians "
-                "over rounds are compared, so background load on the shared machine hits every arm alike.",
+        "what": "the registry (semla-server, SQLite, one uvicorn process each) under the same load in three arms: "
+                "no_metrics = a server started with SEMLA_METRICS=false; metrics = one with metrics on, not "
+                "scraped; metrics_scraped = the same server while a client thread GETs /metrics every "
+                f"{interval:g} s. Both servers share one filled data dir and run side by side (one idle while "
+                "the other is driven); rounds interleave the arms (order reversed every other round) and medians "
+                "over rounds are compared. throughput = req/s (wall clock, sensitive to whatever else runs on "
+                "the shared cores); server_cpu = the server process's user+system CPU ms per request (psutil), "
+                "far less sensitive to other load. overhead_pct > 0 means the arm is worse than no_metrics.",
         "config": {"adapters": n, "clients": clients, "requests_per_round": requests, "rounds": rounds,
-                   "scrape_interval_s": interval, "backend": "sqlite"},
-        "req_per_s": rates,
-        "summary": {ep: overhead_summary(arms, "no_metrics") for ep, arms in rates.items()},
-        "scrapes": {"count": len(scrape_ms), "bytes": len(sample.encode()),
-                    "median_ms": round(float(np.median(scrape_ms)), 2) if scrape_ms else None},
+                   "scrape_interval_s": interval, "backend": "sqlite", "metrics_bytes": len(sample.encode())},
+        "endpoints": results,
     }
 
 
@@ -254,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         result = metrics_overhead(args.n, args.clients, args.requests, args.rounds, args.scrape_interval)
         result.update(command=command, machine=machine, seconds=round(time.perf_counter() - t0, 1))
-        for ep, summary in result["summary"].items():
-            print(f"{ep}: median req/s {summary['median_per_s']}; overhead % {summary['overhead_pct']}", flush=True)
+        for ep, summary in result["endpoints"].items():
+            print(f"{ep}: req/s {summary['throughput']}; server CPU per request {summary['server_cpu']}", flush=True)
         print(f"wrote {record_overhead(args.out, 'registry', result)} (key registry)")
         return 0
     results = []

@@ -194,11 +194,11 @@ _REFRESH = object()
 class _Worker:
     """The one thread that calls the node: batches, background refresh, health snapshots."""
 
-    def __init__(self, node: "Node", settings: ServeSettings,
-                 on_batch: Callable[[float, list[float]], None] | None = None) -> None:
+    def __init__(self, node: "Node", settings: ServeSettings) -> None:
         self.node = node
         self.settings = settings
-        self.on_batch = on_batch  # (compute seconds, each image's queue wait in seconds)
+        #: Called after each batch with (compute seconds, each image's queue wait in seconds).
+        self.on_batch: Callable[[float, list[float]], None] | None = None
         self.queue: queue.Queue = queue.Queue()
         self.thread: threading.Thread | None = None
         self.health: dict[str, Any] | None = None

@@ -5,13 +5,17 @@ Request counts and latency per route come from the shared middleware
 hook on the upload route's answers. What lives in the database (library size, index version,
 ε spent per publisher key) is read at scrape time by :class:`LibraryCollector` in two queries,
 so replicas sharing one database report the same numbers and nothing is kept up to date on
-the write path. The ε series are bounded: the :data:`MAX_KEY_SERIES` biggest spenders get
+the write path. Those numbers are reused for :data:`DB_READ_SECONDS` unless this replica
+changed something (any request other than GET/HEAD answered 2xx), so scrapes more frequent
+than that (several Prometheus servers, a tight interval) do not scan a large table each time. The ε series are bounded: the :data:`MAX_KEY_SERIES` biggest spenders get
 their own series, the rest are summed under ``key_id="_other"``.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +40,8 @@ UPLOAD_ROUTE = "/v1/adapters"
 #: Publisher keys with their own ``epsilon_spent`` series; the rest are summed under ``_other``.
 MAX_KEY_SERIES = 50
 OTHER_KEYS = "_other"
+#: Seconds the database part of a scrape is reused (another replica's change shows within this).
+DB_READ_SECONDS = 5.0
 
 
 def _gauge(name: str, text: str, labels: list[str] | None = None) -> GaugeMetricFamily:
@@ -48,6 +54,32 @@ class LibraryCollector(Collector):
     def __init__(self, engine: Engine, epsilon_budget: float | None) -> None:
         self.engine = engine
         self.epsilon_budget = epsilon_budget
+        self._lock = threading.Lock()
+        self._read: tuple[float, tuple, list] | None = None  # (monotonic time, counts, ε per key)
+
+    def invalidate(self) -> None:
+        """The database changed: the next scrape reads it again."""
+        self._read = None
+
+    def _query(self) -> tuple[tuple, list]:
+        with self._lock:  # concurrent scrapes share one read
+            read = self._read
+            if read is not None and time.monotonic() - read[0] < DB_READ_SECONDS:
+                return read[1], read[2]
+            with self.engine.connect() as conn:
+                counts = tuple(conn.execute(select(
+                    select(func.count(distinct(Adapter.name))).where(live_adapter()).scalar_subquery(),
+                    select(func.count()).select_from(Adapter).scalar_subquery(),
+                    index_version_expr(),
+                    select(func.coalesce(func.sum(Adapter.privacy_epsilon), 0.0)).scalar_subquery(),
+                )).one())
+                spent = func.sum(Adapter.privacy_epsilon)
+                top = [tuple(row) for row in conn.execute(
+                    select(Adapter.publisher_key_id, spent).where(Adapter.privacy_epsilon.is_not(None))
+                    .group_by(Adapter.publisher_key_id).order_by(spent.desc(), Adapter.publisher_key_id)
+                    .limit(MAX_KEY_SERIES))]
+            self._read = (time.monotonic(), counts, top)
+            return counts, top
 
     def _families(self) -> dict[str, GaugeMetricFamily]:
         return {
@@ -69,19 +101,7 @@ class LibraryCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         f = self._families()
         try:
-            with self.engine.connect() as conn:
-                adapters, versions, index, total = conn.execute(select(
-                    select(func.count(distinct(Adapter.name))).where(live_adapter()).scalar_subquery(),
-                    select(func.count()).select_from(Adapter).scalar_subquery(),
-                    index_version_expr(),
-                    select(func.coalesce(func.sum(Adapter.privacy_epsilon), 0.0)).scalar_subquery(),
-                )).one()
-                spent = func.sum(Adapter.privacy_epsilon)
-                top = conn.execute(select(Adapter.publisher_key_id, spent)
-                                   .where(Adapter.privacy_epsilon.is_not(None))
-                                   .group_by(Adapter.publisher_key_id)
-                                   .order_by(spent.desc(), Adapter.publisher_key_id)
-                                   .limit(MAX_KEY_SERIES)).all()
+            (adapters, versions, index, total), top = self._query()
         except SQLAlchemyError as exc:
             logger.warning("metrics: cannot read the database: %s", str(exc).splitlines()[0])
             f["up"].add_metric([], 0)
@@ -119,7 +139,11 @@ def install_metrics(app: FastAPI, engine: Engine, epsilon_budget: float | None) 
     refused = Counter("uploads_refused", "adapter uploads refused, by error code", ["code"],
                       namespace=NAMESPACE, registry=metrics.registry)
 
+    library = LibraryCollector(engine, epsilon_budget)
+
     def count_upload(scope: dict[str, Any], route: str, method: str, status: int) -> None:
+        if method not in ("GET", "HEAD") and status < 400:
+            library.invalidate()
         if route == UPLOAD_ROUTE and method == "POST":
             if status < 400:
                 accepted.inc()
@@ -127,5 +151,5 @@ def install_metrics(app: FastAPI, engine: Engine, epsilon_budget: float | None) 
                 refused.labels(error_code(scope, status)).inc()
 
     metrics.hooks.append(count_upload)
-    metrics.registry.register(LibraryCollector(engine, epsilon_budget))
+    metrics.registry.register(library)
     return metrics

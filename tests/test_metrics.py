@@ -120,6 +120,25 @@ def test_epsilon_series_are_bounded(tmp_path, monkeypatch):
     assert spent == {keys.key_id(big): pytest.approx(3.0), "_other": pytest.approx(0.5)}
 
 
+def test_database_gauges_are_reused_briefly_unless_this_replica_wrote(tmp_path, monkeypatch):
+    from semla.schemas import KeyCreate
+    from semla.server import metrics
+
+    monkeypatch.setattr(metrics, "DB_READ_SECONDS", 3600.0)
+    with make_client(tmp_path / "data") as client:
+        first = value(scrape(client), "semla_registry_index_version")
+        # a change this replica's HTTP API did not make (another replica's, say): not seen at once
+        client.app.state.service.register_key(KeyCreate(public_key=keys.public_bytes(keys.generate_key()).hex()))
+        assert value(scrape(client), "semla_registry_index_version") == first
+        monkeypatch.setattr(metrics, "DB_READ_SECONDS", 0.0)
+        second = value(scrape(client), "semla_registry_index_version")
+        assert second > first
+        monkeypatch.setattr(metrics, "DB_READ_SECONDS", 3600.0)
+        scrape(client)
+        register(client, keys.generate_key())  # through the API: the next scrape reads again
+        assert value(scrape(client), "semla_registry_index_version") > second
+
+
 def test_each_app_has_its_own_registry_and_metrics_can_be_turned_off(tmp_path):
     with make_client(tmp_path / "a") as one, make_client(tmp_path / "b") as two, \
             make_client(tmp_path / "c", metrics=False) as off:
