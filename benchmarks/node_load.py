@@ -9,11 +9,19 @@ and compute time per image.
 
     python benchmarks/node_load.py            # 16 clients, 200 images, max_batch 1, 4, 16
     python benchmarks/node_load.py --quick    # 8 clients, 48 images, max_batch 1, 8 (-> /tmp)
+    python benchmarks/node_load.py --metrics-overhead   # cost of /metrics (-> results/metrics_overhead.json)
+
+``--metrics-overhead`` starts two services side by side (one with ``--no-metrics``) and drives
+the same load in interleaved rounds through three arms: no metrics; metrics on, never scraped;
+metrics on and scraped every ``--scrape-interval`` seconds by a concurrent client. It records
+images/s per round and arm, the medians and the overhead in percent (key ``node`` of
+benchmarks/results/metrics_overhead.json; other keys of that file are kept).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -25,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -33,6 +42,7 @@ import torch
 import uvicorn
 from PIL import Image
 
+from _overhead import record_overhead, run_arms, summarize
 from semla.server.local import free_port, wait_healthy  # noqa: E402
 from semla.registry import keys, synth
 from semla.registry.http import RegistryClient
@@ -144,12 +154,65 @@ def drive(url: str, images: list[tuple[str, bytes]], clients: int, per_request: 
     }
 
 
+@contextlib.contextmanager
+def serve_node(registry: str, workdir: Path, max_batch: int, max_wait_ms: float, *extra: str,
+               tag: str = "") -> Iterator[tuple[str, int]]:
+    """``semla-node serve`` on a free port in a subprocess (its own cache dir); yields (URL, pid)."""
+    port = free_port()
+    name = f"{max_batch}{tag}"
+    argv = ["serve", "--registry", registry, "--port", str(port), "--device", "cpu", "--max-batch", str(max_batch),
+            "--max-wait-ms", f"{max_wait_ms:g}", "--refresh-seconds", "0", "--cache-dir",
+            str(workdir / f"cache-{name}"), *extra]
+    log = workdir / f"node-{name}.log"
+    proc = start_node(argv, log)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, timeout=600, log=log)  # importing torch on a busy machine takes minutes
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def metrics_overhead(registry: str, args: argparse.Namespace, images: list[tuple[str, bytes]],
+                     warmup: list[tuple[str, bytes]], clients: int, max_batch: int) -> dict:
+    """Interleaved rounds of the same load: no metrics / metrics on / metrics on and scraped."""
+    def one_round(url: str) -> tuple[float, int]:
+        row = drive(url, images, clients, args.per_request)
+        return row["images_per_s"], row["images"]
+
+    with serve_node(registry, args.workdir, max_batch, args.max_wait_ms, "--no-metrics", tag="-off") as off, \
+            serve_node(registry, args.workdir, max_batch, args.max_wait_ms, tag="-on") as on:
+        for url, _ in (off, on):
+            drive(url, warmup * 4, len(warmup), 1)
+        measured = run_arms({"no_metrics": off, "metrics": on, "metrics_scraped": on}, one_round,
+                            rounds=args.rounds, interval=args.scrape_interval)
+        sample = httpx.get(on[0] + "/metrics").text
+    summary = summarize(measured)
+    summary["scrapes"]["bytes"] = len(sample.encode())
+    print(f"images/s {summary['throughput']}; server CPU per image {summary['server_cpu']}", flush=True)
+    return {
+        "what": "POST /v1/segment (semla-node serve, CPU, one image per request) under the same load in three "
+                "arms: no_metrics = a service started with --no-metrics; metrics = one with metrics on, not "
+                "scraped; metrics_scraped = the same service while a client thread GETs /metrics every "
+                f"{args.scrape_interval:g} s. Both services run side by side (one idle while the other is "
+                "driven); rounds interleave the arms (order reversed every other round) and medians over rounds "
+                "are compared. throughput = images/s (wall clock, sensitive to whatever else runs on the shared "
+                "cores); server_cpu = the service process's user+system CPU ms per image (psutil), far less "
+                "sensitive to other load. overhead_pct > 0 means the arm is worse than no_metrics.",
+        "config": {"clients": clients, "images_per_round": len(images), "per_request": args.per_request,
+                   "max_batch": max_batch, "max_wait_ms": args.max_wait_ms, "rounds": args.rounds,
+                   "scrape_interval_s": args.scrape_interval, "adapters": list(DOMAINS)},
+        **summary,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small run (8 clients, 48 images, max_batch 1 and 8)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="result JSON (default benchmarks/results/node_load.json; "
-                        "with --quick /tmp/node_load_quick.json)")
+                        help="result JSON (default benchmarks/results/node_load.json; with --quick "
+                        "/tmp/node_load_quick.json; with --metrics-overhead benchmarks/results/metrics_overhead.json)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/semla-node-load"))
     parser.add_argument("--clients", type=int, default=None, help="concurrent client threads (default 16; quick 8)")
     parser.add_argument("--images", type=int, default=None, help="images per max_batch setting (default 200; quick 48)")
@@ -157,11 +220,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batches", default=None, help="comma-separated max_batch values (default 1,4,16)")
     parser.add_argument("--max-wait-ms", type=float, default=10.0, help="the service's max_wait_ms (default 10)")
     parser.add_argument("--steps", type=int, default=8, help="training steps per adapter (speed only; default 8)")
+    parser.add_argument("--metrics-overhead", action="store_true",
+                        help="measure what /metrics costs instead (at the largest --max-batches value; see above)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --metrics-overhead (default 5)")
+    parser.add_argument("--scrape-interval", type=float, default=0.5,
+                        help="seconds between scrapes in --metrics-overhead (default 0.5)")
     args = parser.parse_args(argv)
     clients = args.clients or (8 if args.quick else 16)
     n_images = args.images or (48 if args.quick else 200)
     max_batches = [int(b) for b in (args.max_batches or ("1,8" if args.quick else "1,4,16")).split(",")]
-    out = args.out or (Path("/tmp/node_load_quick.json") if args.quick else ROOT / "benchmarks/results/node_load.json")
+    out = args.out
+    if not args.metrics_overhead:
+        out = out or (Path("/tmp/node_load_quick.json") if args.quick else ROOT / "benchmarks/results/node_load.json")
 
     t0 = time.perf_counter()
     shutil.rmtree(args.workdir, ignore_errors=True)
@@ -173,23 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     warmup = [(f"warm-{d}.png", png(synth.render(d, 778, 0)[0])) for d in DOMAINS]
     table = []
     try:
-        for max_batch in max_batches:
-            port = free_port()
-            serve_argv = ["serve", "--registry", registry, "--port", str(port), "--device", "cpu",
-                          "--max-batch", str(max_batch), "--max-wait-ms", f"{args.max_wait_ms:g}",
-                          "--refresh-seconds", "0", "--cache-dir", str(args.workdir / f"cache-{max_batch}")]
-            log = args.workdir / f"node-{max_batch}.log"
-            proc = start_node(serve_argv, log)
-            try:
-                url = f"http://127.0.0.1:{port}"
-                wait_healthy(url, proc, timeout=120, log=log)
+        if args.metrics_overhead:
+            overhead = metrics_overhead(registry, args, images, warmup, clients, max(max_batches))
+        for max_batch in [] if args.metrics_overhead else max_batches:
+            with serve_node(registry, args.workdir, max_batch, args.max_wait_ms) as (url, _):
                 drive(url, warmup * 4, len(warmup), 1)  # downloads + verifies the adapters, warms torch
                 row = {"max_batch": max_batch, "max_wait_ms": args.max_wait_ms, **drive(url, images, clients,
                                                                                        args.per_request)}
                 row["service_batch_sizes_incl_warmup"] = httpx.get(url + "/healthz").json()["batch_sizes"]
-            finally:
-                proc.terminate()
-                proc.wait(timeout=30)
             lat = row["latency_ms"]
             print(f"max_batch {max_batch:>3}: {row['images_per_s']:7.1f} img/s  p50 {lat['p50']:7.1f} ms  "
                   f"p99 {lat['p99']:7.1f} ms  mean batch {row['mean_batch_size']}", flush=True)
@@ -198,16 +259,23 @@ def main(argv: list[str] | None = None) -> int:
         reg_server.should_exit = True
         reg_thread.join(timeout=20)
 
+    machine = {"device": "cpu", "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+               "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
+    command = " ".join(["python benchmarks/node_load.py", *(argv if argv is not None else sys.argv[1:])])
+    if args.metrics_overhead:
+        overhead.update(command=command, machine=machine, seconds=round(time.perf_counter() - t0, 1))
+        out = record_overhead(args.out, "node", overhead)
+        print(f"wrote {out} (key node)")
+        return 0
     result = {
-        "command": " ".join(["python benchmarks/node_load.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command,
         "what": "POST /v1/segment on loopback, one image (96x96 PNG) per request unless --per-request, 8 classes, "
                 "3 adapters (top-k 5 capped at 3, T 0.05); service = semla-node serve in a subprocess, "
                 "clients = threads in the benchmark process on the same machine",
         "config": {"clients": clients, "images": n_images, "per_request": args.per_request,
                    "max_wait_ms": args.max_wait_ms, "adapters": list(DOMAINS), "train_steps": args.steps,
                    "quick": args.quick},
-        "machine": {"device": "cpu", "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__},
+        "machine": machine,
         "table": table,
         "seconds": round(time.perf_counter() - t0, 1),
     }

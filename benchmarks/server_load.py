@@ -9,6 +9,13 @@ listing and of the signed index (N entries each). Results: benchmarks/results/se
 
     python benchmarks/server_load.py                 # 100k adapters, SQLite and PostgreSQL
     python benchmarks/server_load.py --n 5000 --backends sqlite   # quick
+    python benchmarks/server_load.py --metrics-overhead --n 5000  # cost of /metrics (SQLite)
+
+``--metrics-overhead`` starts two servers on the same filled SQLite registry, one with
+``SEMLA_METRICS=false``, and drives ``GET /healthz`` and ``GET /v1/adapters?name=`` through three
+arms in interleaved rounds: no metrics; metrics on, never scraped; metrics on and scraped every
+``--scrape-interval`` seconds. It records req/s per round and arm, the medians and the overhead in
+percent under the key ``registry`` of benchmarks/results/metrics_overhead.json (other keys kept).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import bundle_factory  # noqa: E402
+from _overhead import record_overhead, run_arms, summarize  # noqa: E402
 
 from semla.registry import keys  # noqa: E402
 from semla.registry.bundle import sha256_bytes  # noqa: E402
@@ -130,19 +138,26 @@ def drive(fn, clients: int, requests: int) -> dict:
             "p99_ms": round(float(np.percentile(latencies, 99)), 2)}
 
 
+def start_server(data_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    args = [SERVER, "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port), "--admin-token", TOKEN]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "SEMLA_UPLOADS_PER_MINUTE": "0", **env})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc, timeout=300)
+    except BaseException:
+        proc.terminate()
+        raise
+    return proc, base
+
+
 def run_backend(name: str, url: str | None, n: int, clients: int, requests: int) -> dict:
     data_dir = Path(tempfile.mkdtemp(prefix=f"semla-load-{name}-"))
     db_url = url or f"sqlite:///{data_dir / 'registry.db'}"
     fill_s = fill(db_url, data_dir, n)
-    port = free_port()
-    env = {**os.environ, "SEMLA_UPLOADS_PER_MINUTE": "0"}
-    args = [SERVER, "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port), "--admin-token", TOKEN]
-    if url:
-        args += ["--database-url", url]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_server(data_dir, {"SEMLA_DATABASE_URL": url} if url else {})
     try:
-        wait_healthy(base, proc)
         rng = np.random.default_rng(1)
         names = [f"adapter-{int(i):06d}" for i in rng.integers(0, n, 10_000)]
         query = rng.standard_normal(64)
@@ -166,14 +181,77 @@ def run_backend(name: str, url: str | None, n: int, clients: int, requests: int)
         proc.wait(timeout=30)
 
 
+def metrics_overhead(n: int, clients: int, requests: int, rounds: int, interval: float) -> dict:
+    """Interleaved rounds of the same load: no metrics / metrics on / metrics on and scraped."""
+    data_dir = Path(tempfile.mkdtemp(prefix="semla-load-metrics-"))
+    fill(f"sqlite:///{data_dir / 'registry.db'}", data_dir, n)
+    names = iter([f"adapter-{int(i):06d}" for i in np.random.default_rng(1).integers(0, n, 20 * rounds * requests)])
+    endpoints = {"healthz": lambda base: lambda h: h.get(base + "/healthz"),
+                 "get_one_adapter": lambda base: lambda h: h.get(base + "/v1/adapters", params={"name": next(names)})}
+    off_proc, off = start_server(data_dir, {"SEMLA_METRICS": "false"})  # creates the registry key first
+    results = {}
+    try:
+        on_proc, on = start_server(data_dir, {})
+        try:
+            targets = {"no_metrics": (off, off_proc.pid), "metrics": (on, on_proc.pid),
+                       "metrics_scraped": (on, on_proc.pid)}
+            for ep, make in endpoints.items():
+                for base in (off, on):
+                    drive(make(base), clients, clients * 4)  # warm connections and caches
+
+                def one_round(base: str, make=make) -> tuple[float, int]:
+                    row = drive(make(base), clients, requests)
+                    return row["req_per_s"], row["requests"]
+
+                results[ep] = summarize(run_arms(targets, one_round, rounds=rounds, interval=interval,
+                                                 label=f"{ep} "))
+            sample = httpx.get(on + "/metrics").text
+        finally:
+            on_proc.terminate()
+            on_proc.wait(timeout=30)
+    finally:
+        off_proc.terminate()
+        off_proc.wait(timeout=30)
+    return {
+        "what": "the registry (semla-server, SQLite, one uvicorn process each) under the same load in three arms: "
+                "no_metrics = a server started with SEMLA_METRICS=false; metrics = one with metrics on, not "
+                "scraped; metrics_scraped = the same server while a client thread GETs /metrics every "
+                f"{interval:g} s. Both servers share one filled data dir and run side by side (one idle while "
+                "the other is driven); rounds interleave the arms (order reversed every other round) and medians "
+                "over rounds are compared. throughput = req/s (wall clock, sensitive to whatever else runs on "
+                "the shared cores); server_cpu = the server process's user+system CPU ms per request (psutil), "
+                "far less sensitive to other load. overhead_pct > 0 means the arm is worse than no_metrics.",
+        "config": {"adapters": n, "clients": clients, "requests_per_round": requests, "rounds": rounds,
+                   "scrape_interval_s": interval, "backend": "sqlite", "metrics_bytes": len(sample.encode())},
+        "endpoints": results,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=800)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "server.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result JSON (default benchmarks/results/server.json; with --metrics-overhead "
+                        "benchmarks/results/metrics_overhead.json, key registry)")
+    parser.add_argument("--metrics-overhead", action="store_true", help="measure what /metrics costs (see above)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --metrics-overhead (default 5)")
+    parser.add_argument("--scrape-interval", type=float, default=0.5,
+                        help="seconds between scrapes in --metrics-overhead (default 0.5)")
     args = parser.parse_args(argv)
+    command = ("python benchmarks/server_load.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(),
+               "note": "servers and load clients share the same 2 cores"}
+    if args.metrics_overhead:
+        t0 = time.perf_counter()
+        result = metrics_overhead(args.n, args.clients, args.requests, args.rounds, args.scrape_interval)
+        result.update(command=command, machine=machine, seconds=round(time.perf_counter() - t0, 1))
+        for ep, summary in result["endpoints"].items():
+            print(f"{ep}: req/s {summary['throughput']}; server CPU per request {summary['server_cpu']}", flush=True)
+        print(f"wrote {record_overhead(args.out, 'registry', result)} (key registry)")
+        return 0
     results = []
     for backend in args.backends.split(","):
         if backend == "sqlite":
@@ -185,11 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(run_backend("postgresql", cluster.create_database("load"), args.n, args.clients,
                                            args.requests))
         print(json.dumps(results[-1], indent=1), flush=True)
-    doc = {"command": ("python benchmarks/server_load.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                       "note": "server and load clients share the same 2 cores"},
-           "results": results}
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    doc = {"command": command, "machine": machine, "results": results}
+    (args.out or ROOT / "benchmarks" / "results" / "server.json").write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 
 

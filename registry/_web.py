@@ -37,6 +37,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from semla.registry._metrics import ERROR_CODE_STATE
 from semla.schemas import ErrorBody, ErrorResponse, JsonLimits, check_json_limits
 from semla.schemas.errors import (
     ConflictError,
@@ -139,6 +140,13 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+def _noted(request: Request, status: int, code: str, message: str,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    """:func:`error_response`, with the code noted in the request state for the metrics."""
+    setattr(request.state, ERROR_CODE_STATE, code)
+    return error_response(status, code, message, headers=headers)
+
+
 #: Methods probed to rebuild ``Allow`` on a 405.
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
@@ -175,10 +183,10 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         allowed = _allowed_methods(request)
         if allowed:
             headers["Allow"] = ", ".join(allowed)
-    return error_response(exc.status_code, code, message, headers=headers or None)
+    return _noted(request, exc.status_code, code, message, headers=headers or None)
 
 
-async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     problems = []
     for err in exc.errors()[:3]:
@@ -186,7 +194,7 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
         problems.append(f"{where}: {err.get('msg', 'invalid')}")
     more = len(exc.errors()) - len(problems)
     message = "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
-    return error_response(422, "invalid_request", message or "invalid request")
+    return _noted(request, 422, "invalid_request", message or "invalid request")
 
 
 def install_error_handlers(
@@ -203,7 +211,7 @@ def install_error_handlers(
         assert isinstance(exc, SemlaError)
         code = status(exc)
         logger.info("%s %s refused: %s %s (%s)", request.method, request.url.path, code, exc.code, exc.message)
-        return error_response(code, exc.code, exc.message)
+        return _noted(request, code, exc.code, exc.message)
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)

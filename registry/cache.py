@@ -21,9 +21,13 @@ from semla.registry.fusion import LoraAdapter
 from semla.schemas import AdapterSummary
 from semla.schemas.errors import InvalidInputError
 
-__all__ = ["CacheLimits", "AdapterCache", "adapter_key"]
+__all__ = ["CacheLimits", "AdapterCache", "adapter_key", "STAT_KEYS"]
 
 GiB = 1024**3
+#: Every counter of :attr:`AdapterCache.stats`, present from the start (at zero), so a reader on
+#: another thread (the metrics scrape) iterates a dict whose size never changes.
+STAT_KEYS = ("device_hits", "device_misses", "device_evictions", "host_hits", "host_misses", "host_evictions",
+             "disk_hits", "disk_rejected", "disk_evictions", "downloads")
 
 
 def adapter_key(summary: AdapterSummary) -> str:
@@ -59,10 +63,7 @@ class _Tier:
         self.budget = budget
         self.entries: collections.OrderedDict[str, LoraAdapter] = collections.OrderedDict()
         self.sizes: dict[str, int] = {}
-
-    @property
-    def used(self) -> int:
-        return sum(self.sizes.values())
+        self.used = 0  # bytes, kept up to date by put/drop (read by the metrics scrape)
 
     def get(self, key: str) -> LoraAdapter | None:
         if key in self.entries:
@@ -73,6 +74,7 @@ class _Tier:
     def put(self, key: str, adapter: LoraAdapter, keep: set[str]) -> list[str]:
         """Insert, evicting LRU entries outside ``keep``; returns evicted keys."""
         size = _nbytes(adapter)
+        self.drop(key)
         evicted = []
         for old in list(self.entries):
             if self.used + size <= self.budget:
@@ -87,11 +89,12 @@ class _Tier:
             )
         self.entries[key] = adapter
         self.sizes[key] = size
+        self.used += size
         return evicted
 
     def drop(self, key: str) -> None:
         self.entries.pop(key, None)
-        self.sizes.pop(key, None)
+        self.used -= self.sizes.pop(key, 0)
 
 
 Fetch = Callable[[AdapterSummary], dict[str, bytes]]
@@ -127,7 +130,8 @@ class AdapterCache:
         self._fetch, self._load, self._store, self._read = fetch, load, store, read
         self.host = _Tier(limits.host_bytes)
         self.gpu = _Tier(limits.device_bytes) if device.type != "cpu" else None
-        self.stats = collections.Counter()
+        self.stats = collections.Counter(dict.fromkeys(STAT_KEYS, 0))
+        self.disk_bytes = self.disk_used()  # as of the last change this cache made on disk
 
     def _disk_path(self, summary: AdapterSummary) -> Path:
         return self.root / summary.name / f"{summary.version}-{summary.manifest_sha256[:16]}"
@@ -143,6 +147,7 @@ class AdapterCache:
         if adapter is not None:
             self.stats["host_hits"] += 1
             return adapter
+        self.stats["host_misses"] += 1
         path = self._disk_path(summary)
         adapter = None
         if path.is_dir():
@@ -174,6 +179,7 @@ class AdapterCache:
                 continue
             adapter = self.gpu.get(key)
             if adapter is None:
+                self.stats["device_misses"] += 1
                 adapter = _to(self._load_host(summary, keep), self.device)
                 self.stats["device_evictions"] += len(self.gpu.put(key, adapter, keep))
             else:
@@ -192,6 +198,7 @@ class AdapterCache:
             used -= sum(f.stat().st_size for f in path.iterdir() if f.is_file())
             shutil.rmtree(path, ignore_errors=True)
             self.stats["disk_evictions"] += 1
+        self.disk_bytes = used
 
     def retain(self, library: Iterable[AdapterSummary]) -> list[str]:
         """Drop every cached adapter that is no longer in ``library`` (e.g. revoked)."""
@@ -209,6 +216,7 @@ class AdapterCache:
                 if path.is_dir() and path not in valid_paths:
                     shutil.rmtree(path, ignore_errors=True)
                     dropped.add(f"{path.parent.name}@{path.name.split('-')[0]}")
+        self.disk_bytes = self.disk_used()
         return sorted(dropped)
 
     def usage(self) -> dict[str, int]:

@@ -13,6 +13,7 @@ Concatenating A and B over adapters makes adapters of different ranks fuse exact
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 from collections.abc import Hashable, Iterable, Sequence
@@ -24,11 +25,14 @@ from torch import nn
 from semla.schemas import Manifest
 from semla.schemas.errors import IncompatibleAdapterError
 
-__all__ = ["FusedLinear", "LoraAdapter", "FusionEngine", "load_adapter", "FUSION_MODES", "list_fusion_modes"]
+__all__ = ["FusedLinear", "LoraAdapter", "FusionEngine", "load_adapter", "FUSION_MODES", "FUSION_PATHS",
+           "list_fusion_modes"]
 
 FUSION_MODES = ("mixture", "merged")
 #: How the mixture path lays out the adapters of a batch (see FusionEngine.set_mixture).
 MIXTURE_LAYOUTS = ("auto", "concat", "gather")
+#: The paths counted in :attr:`FusionEngine.paths`: merged, or a mixture laid out as concat / gather.
+FUSION_PATHS = ("merged", "concat", "gather")
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
 
@@ -123,6 +127,8 @@ class FusionEngine:
         self._merged_key: Hashable | None = None
         self._stack_of: tuple[LoraAdapter, ...] = ()
         self._stack: dict[str, dict[str, torch.Tensor]] = {}
+        #: Batches fused per path (a mixture counts as gather when any layer gathered).
+        self.paths = collections.Counter(dict.fromkeys(FUSION_PATHS, 0))
 
     @property
     def targets(self) -> dict[str, nn.Linear]:
@@ -179,6 +185,7 @@ class FusionEngine:
             self._stack = {n: self._stacks(adapters, n) for n in self.layers if any(n in a.A for a in adapters)}
         k = int((weights != 0).sum(dim=1).max().clamp(min=1))
         vals, idx = weights.topk(k, dim=1)  # (B, k): each image's own adapters
+        gathered = False
         for name, layer in self.layers.items():
             st = self._stack.get(name)
             if st is None:
@@ -191,12 +198,14 @@ class FusionEngine:
                 layer.At, layer.Bt = st["At"], st["Bt"]
                 layer.mix = w[:, st["owner"]] * st["scale"]  # (B, R)
                 continue
+            gathered = True
             if "At_pad" not in st:
                 self._padded(adapters, name, st)
             b = weights.shape[0]
             layer.At = st["At_pad"][idx].permute(0, 2, 1, 3).reshape(b, st["At"].shape[0], k * r_max)
             layer.Bt = st["Bt_pad"][idx].reshape(b, k * r_max, st["Bt"].shape[1])
             layer.mix = (vals.to(w.dtype)[..., None] * st["scale_pad"][idx]).reshape(b, k * r_max)
+        self.paths["gather" if gathered else "concat"] += 1
 
     def clear(self) -> None:
         """Back to the plain base model (mixture off; merged weights are left to :meth:`unmerge`)."""
@@ -210,6 +219,7 @@ class FusionEngine:
         With a ``key``, a repeated call for the same key keeps the merged weights as they are
         (a stream of one domain merges once).
         """
+        self.paths["merged"] += 1
         if key is not None and key == self._merged_key:
             return
         self.unmerge()

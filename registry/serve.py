@@ -35,7 +35,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,10 @@ from starlette.concurrency import run_in_threadpool
 
 from semla.registry._cli import EXIT_OK, add_node_arguments, build_node
 from semla.registry._limits import MAX_CLASS_NAME_CHARS, MAX_CLASSES, MAX_UPSAMPLE_ELEMENTS
+from semla.registry._logging import LOG_FORMAT_ENV, LOG_FORMATS, resolve_log_format, uvicorn_log_config
+from semla.registry._metrics import install_http_metrics
+from semla.registry._node_metrics import NAMESPACE as NODE_METRICS
+from semla.registry._node_metrics import BatchMetrics, NodeCollector
 from semla.registry._web import (
     ERROR_RESPONSES,
     BodyGuard,
@@ -99,6 +103,7 @@ class ServeSettings:
         refresh_seconds: period of the background ``node.pull()``; 0 disables it.
         top_k, temperature, distance: retrieval defaults when a request gives none.
         body_limits: how fast a request body must arrive (slower ones get 408 and are cut off).
+        metrics: serve Prometheus metrics at ``/metrics`` (and count requests and batches).
     """
 
     max_batch: int = 16
@@ -111,6 +116,7 @@ class ServeSettings:
     temperature: float = DEFAULT_TEMPERATURE
     distance: str = DEFAULT_DISTANCE
     body_limits: BodyLimits = BodyLimits()
+    metrics: bool = True
 
     def __post_init__(self) -> None:
         problems = []
@@ -204,6 +210,8 @@ class _Worker:
     def __init__(self, node: "Node", settings: ServeSettings) -> None:
         self.node = node
         self.settings = settings
+        #: Called after each batch with (compute seconds, each image's queue wait in seconds).
+        self.on_batch: Callable[[float, list[float]], None] | None = None
         self.queue: queue.Queue = queue.Queue()
         self.thread: threading.Thread | None = None
         self.health: dict[str, Any] | None = None
@@ -321,6 +329,8 @@ class _Worker:
         self.batches += 1
         self.images += len(jobs)
         self.batch_sizes[len(jobs)] += 1
+        if self.on_batch is not None:
+            self.on_batch(compute_ms / 1000.0, [started - j.enqueued for j in jobs])
         for job, pred in zip(jobs, preds):
             job.future.set_result(_Done(pred, (started - job.enqueued) * 1000.0, compute_ms, len(jobs)))
 
@@ -578,6 +588,10 @@ def create_app(node: "Node", settings: ServeSettings = ServeSettings()) -> FastA
     app.state.settings = settings
     app.state.worker = worker
     install_error_handlers(app, service="node", status=_status)
+    if settings.metrics:
+        http = install_http_metrics(app, NODE_METRICS)
+        worker.on_batch = BatchMetrics(http).observe
+        http.registry.register(NodeCollector(worker))
 
     @app.post(
         "/v1/segment",
@@ -627,7 +641,7 @@ Serve the inference node over HTTP. Each POST /v1/segment carries images and a v
 requests arriving together are batched (up to --max-batch images, waiting at most
 --max-wait-ms), adapters are retrieved, verified and fused on this node, and the index is
 refreshed from the registry every --refresh-seconds (the node keeps serving its last index
-while the registry is unreachable). OpenAPI docs at /docs, health at /healthz.
+while the registry is unreachable). OpenAPI docs at /docs, health at /healthz, Prometheus metrics at /metrics.
 
 Example:
   semla-node serve --registry http://127.0.0.1:8080 --port 8090
@@ -640,11 +654,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                              max_upload_bytes=args.max_upload_bytes, max_images=args.max_images,
-                             refresh_seconds=args.refresh_seconds, top_k=args.top_k, temperature=args.temperature)
+                             refresh_seconds=args.refresh_seconds, top_k=args.top_k, temperature=args.temperature,
+                             metrics=args.metrics)
+    log_config = uvicorn_log_config(resolve_log_format(args.log_format))  # a bad value fails before the pull
     node = build_node(args, max_index_age=args.max_index_age)
     app = create_app(node, settings)
-    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    log_config["loggers"]["semla"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True, log_config=log_config)
     return EXIT_OK
 
@@ -673,5 +687,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"default adapters fused per image (default {defaults.top_k})")
     p.add_argument("--temperature", type=float, default=defaults.temperature,
                    help=f"default softmax temperature (default {defaults.temperature})")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default=None,
+                   help=f"text: uvicorn's log lines; json: one JSON object per line (env {LOG_FORMAT_ENV}, "
+                   "default text)")
+    p.add_argument("--no-metrics", dest="metrics", action="store_false",
+                   help="do not serve Prometheus metrics at /metrics (nor count requests and batches)")
     p.set_defaults(func=_serve)
     return p

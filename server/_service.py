@@ -90,12 +90,35 @@ from semla.server.settings import DEFAULT_EPSILON_BUDGET, DEFAULT_MIN_SAMPLES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RegistryService"]
+__all__ = ["RegistryService", "index_version_expr", "live_adapter"]
 
 #: pg_advisory_xact_lock key that serialises publishing across replicas ("SemLA" in ASCII).
 _PUBLISH_LOCK_KEY = 0x53656D4C41
 #: Rounding slack when a spend is compared with the budget (0.1 + 0.2 may reach a budget of 0.3).
 _BUDGET_SLACK = 1e-9
+
+
+def live_adapter() -> Any:
+    """Where-clause of an adapter version that may be served: not revoked, its key active."""
+    return Adapter.revoked_at.is_(None) & Adapter.publisher_key_id.in_(
+        select(Publisher.key_id).where(Publisher.active.is_(True))
+    )
+
+
+def index_version_expr() -> Any:
+    """The index version as one SQL expression (one round trip).
+
+    It strictly increases with every change: a sum of counters that never decrease (adapters
+    and keys are never deleted, revocations and rotations are permanent) and each change
+    raises one.
+    """
+    return (
+        select(func.coalesce(func.max(Adapter.id), 0)).scalar_subquery()
+        + select(func.count()).where(Adapter.revoked_at.is_not(None)).scalar_subquery()
+        + select(func.count()).select_from(Publisher).scalar_subquery()
+        + select(func.count()).where(Publisher.active.is_(False)).scalar_subquery()
+        + select(func.count()).where(Publisher.rotated_to.is_not(None)).scalar_subquery()
+    )
 
 
 def _key_public(row: Publisher, epsilon_spent: float = 0.0) -> KeyPublic:
@@ -427,14 +450,7 @@ class RegistryService:
         return IndexKey(key_id=_keys.key_id(raw), public_key=raw.hex())
 
     def _index_version(self, session: Session) -> int:
-        """Strictly increases with every change: a sum of counters that never decrease (adapters
-        and keys are never deleted, revocations and rotations are permanent) and each change
-        raises one."""
-        return int(session.scalar(select(func.coalesce(func.max(Adapter.id), 0)))
-                   + session.scalar(select(func.count()).where(Adapter.revoked_at.is_not(None)))
-                   + session.scalar(select(func.count()).select_from(Publisher))
-                   + session.scalar(select(func.count()).where(Publisher.active.is_(False)))
-                   + session.scalar(select(func.count()).where(Publisher.rotated_to.is_not(None))))
+        return int(session.scalar(select(index_version_expr())))
 
     def signed_index(self) -> SignedIndex:
         """The library as a snapshot signed by the registry key, valid for the index TTL.
@@ -614,10 +630,7 @@ class RegistryService:
         Revoked versions and the adapters of revoked (inactive) publisher keys are left out, so
         they vanish from every node's retrieval at its next pull.
         """
-        live = (Adapter.revoked_at.is_(None)) & Adapter.publisher_key_id.in_(
-            select(Publisher.key_id).where(Publisher.active.is_(True))
-        )
-        newest = select(Adapter.name, func.max(Adapter.version).label("version")).where(live)
+        newest = select(Adapter.name, func.max(Adapter.version).label("version")).where(live_adapter())
         if name is not None:  # filter before grouping: one name must not group the whole table
             newest = newest.where(Adapter.name == name)
         newest = newest.group_by(Adapter.name).subquery()

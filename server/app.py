@@ -50,6 +50,7 @@ from semla.server.bases import BaseCardStore
 from semla.server.blobs import BlobStore
 from semla.server.rootkey import load_rotations
 from semla.server.db import check_schema, make_engine, make_sessionmaker
+from semla.server.metrics import install_metrics
 from semla.server.settings import ServerSettings
 from semla.server.web import add_web_routes
 
@@ -403,6 +404,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         base_cards=BaseCardStore(settings.base_cards_dir),
     )
     install_error_handlers(app, service="registry")
+    if settings.metrics:
+        install_metrics(app, engine, settings.epsilon_budget)
     app.include_router(router)
     add_web_routes(app)
     return app

@@ -36,6 +36,9 @@ _FLAGS = {
                     "(env SEMLA_ADMIN_TOKEN; unset disables them). Prefer the env var: flags show up in ps"),
     "database_url": ("--database-url", "URL", "SQLAlchemy database URL, e.g. postgresql+psycopg://user@host/db "
                      "(env SEMLA_DATABASE_URL, default sqlite:///DATA_DIR/registry.db)"),
+    "log_format": ("--log-format", "{text,json}", "text: uvicorn's log lines; json: one JSON object per line "
+                   "(time, level, logger, message; access lines add client, method, path, status) "
+                   "(env SEMLA_LOG_FORMAT, default text)"),
 }
 
 
@@ -51,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "request body (default 1 MiB); SEMLA_BODY_IDLE_TIMEOUT_S, SEMLA_BODY_GRACE_S and SEMLA_BODY_MIN_RATE: a "
         "request body pausing longer than the first (default 10 s) or, after the grace (default 10 s), arriving "
         "slower than the rate (default 16384 bytes/s) is answered 408 and its connection closed. "
-        "Access log on stdout, server log on stderr.",
+        "SEMLA_METRICS=false turns off /metrics (Prometheus). Access log on stdout, server log on stderr.",
     )
     for dest, (flag, metavar, text) in _FLAGS.items():
         parser.add_argument(flag, dest=dest, metavar=metavar, default=None, help=text)
@@ -222,7 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn
 
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=True)
+    from semla.registry._logging import uvicorn_log_config
+
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=True,
+                log_config=uvicorn_log_config(settings.log_format))
     return 0
 
 

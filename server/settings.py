@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,6 +49,8 @@ class ServerSettings(BaseSettings):
         body_idle_timeout_s / body_min_rate / body_grace_s: a request body must keep arriving:
             no pause longer than ``body_idle_timeout_s``, and after ``body_grace_s`` at least
             ``body_min_rate`` bytes/s on average; else 408 ``body_timeout`` and the connection closes.
+        metrics: Serve ``/metrics`` (Prometheus) and count requests.
+        log_format: ``text`` or ``json`` logs of ``semla-server`` (``SEMLA_LOG_FORMAT``).
     """
 
     model_config = SettingsConfigDict(env_prefix="SEMLA_", extra="forbid", frozen=True)
@@ -78,6 +81,10 @@ class ServerSettings(BaseSettings):
                           json=dataclasses.replace(BodyLimits.json, max_bytes=self.max_json_bytes),
                           idle_timeout_s=self.body_idle_timeout_s, min_rate=self.body_min_rate,
                           grace_s=self.body_grace_s)
+    #: Serve Prometheus metrics at ``/metrics`` and count requests (``SEMLA_METRICS=false`` turns both off).
+    metrics: bool = True
+    #: ``text`` (uvicorn's lines) or ``json`` (one object per line); read by ``semla-server``.
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("epsilon_budget", mode="before")
     @classmethod
@@ -87,6 +94,11 @@ class ServerSettings(BaseSettings):
         if isinstance(value, float) and value == float("inf"):
             return None
         return value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @property
     def base_cards_dir(self) -> Path:
