@@ -2,10 +2,12 @@
 
 Retrieval runs here, on the node (the query embedding never leaves it). Only the adapters an
 image needs are downloaded, and each is verified end to end before use (publisher signature,
-every file hash, safetensors header, the listing's centroids against the signed manifest, the
-base fingerprint and embedding space), then kept in a three-tier verified cache
-(:mod:`semla.registry.cache`). When the registry is unreachable the node keeps serving from
+every file hash, safetensors header, the listing's centroids against the signed manifest, and
+the base card: fingerprint, embedding space, shapes and effect bounds), then kept in a
+three-tier verified cache (:mod:`semla.registry.cache`). When the registry is unreachable the node keeps serving from
 its cache and the last index it accepted, until that index is older than ``max_index_age``.
+An adapter the node cannot use is left out (``excluded`` in :meth:`Node.health`) and the image
+is retrieved again without it: one bad adapter never fails the others.
 
 Fusion picks its path per batch: when every image shares one weight vector (a pinned adapter,
 a batch of one domain) the fused weights are merged into the base for that batch; otherwise

@@ -14,7 +14,7 @@ Bounds (defaults, chosen far above what training produces; see the README):
 
 * ``max_rank`` 256 and ``max_alpha`` 1024: peft's usual ranks are 4..64 with alpha = r..2r;
 * ``max_relative_effect`` 1.0: per layer, ``||s B A||_F <= 1.0 * ||W||_F`` (s = alpha / r), a
-  change as large as the base layer itself (adapters trained by this project reach ~0.05);
+  change as large as the base layer itself;
 * ``max_abs_value`` 1e3: largest |value| in any A or B tensor (peft initialises A at
   ~1/sqrt(in) and B at 0; large factors overflow low-precision fusion even when B A is small).
 """

@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,7 +32,6 @@ from semla.schemas.basecard import BaseCard
 TOKEN = "hostile-admin-token"
 CLASSES = ["sky", "road", "sidewalk", "building", "vegetation", "car", "person", "pole"]
 TOP_K = 64  # every adapter of the base is retrieved (and so loaded) for every image
-SERVER = Path(sys.executable).with_name("semla-server")
 
 
 # -- bundles for semla-tiny -----------------------------------------------------------------------
@@ -295,6 +292,16 @@ def test_shipped_card_is_the_bundled_base_s_card(tiny_base):
     assert bundled_cards()[tiny_base.ref.fingerprint] == compute_base_card(tiny_base)
 
 
+def test_a_trained_adapter_fits_its_base_card(trained_bundle, tiny_base):
+    files = read_bundle(trained_bundle)
+    manifest = Manifest.parse(files["manifest.json"])
+    report = check_against_card(bundled_cards()[tiny_base.ref.fingerprint], manifest, files[ADAPTER_WEIGHTS_FILE])
+    assert report.ok, report.error
+    effects = report.effects.values()
+    assert set(report.effects) == set(manifest.target_modules)
+    assert 0 < max(effects) < 1 and min(effects) >= 0  # layers training never reaches keep B = 0
+
+
 def test_effect_from_the_factors_equals_the_dense_product(tmp_path):
     card = bundle_factory.base_card()
     files = bundle_factory.make_bundle_files(tmp_path, keys.generate_key(), rank=4, alpha=8.0)
@@ -330,11 +337,12 @@ def test_chunked_masks_equal_the_full_argmax(monkeypatch):
         np.testing.assert_array_equal(got, want)
 
 
-def test_bases_add_then_an_unknown_base_is_accepted(tmp_path):
+def test_bases_add_then_an_unknown_base_is_accepted(tmp_path, capsys):
     """An adapter of a base without a card is refused (unknown_base) until the admin adds the card."""
     from fastapi.testclient import TestClient
 
     from semla.server import ServerSettings, create_app
+    from semla.server.cli import main as server_cli
 
     data_dir, key = tmp_path / "reg", keys.generate_key()
     files = bundle_factory.make_bundle_files(tmp_path, key)
@@ -346,14 +354,15 @@ def test_bases_add_then_an_unknown_base_is_accepted(tmp_path):
         parts = {name: (name, data, "application/octet-stream") for name, data in files.items()}
         refused = client.post("/v1/adapters", files=parts)
         assert refused.status_code == 422 and refused.json()["error"]["code"] == "unknown_base", refused.text
-        bad = subprocess.run([str(SERVER), "bases", "add", str(tmp_path / "nope.json"), "--data-dir", str(data_dir)],
-                             capture_output=True, text=True, timeout=120)
-        assert bad.returncode == 2 and bad.stderr.startswith("semla-server: error:") and len(bad.stderr.splitlines()) == 1
-        added = subprocess.run([str(SERVER), "bases", "add", str(card_file), "--data-dir", str(data_dir)],
-                               capture_output=True, text=True, timeout=120)
-        assert added.returncode == 0 and bundle_factory.FINGERPRINT[:16] in added.stdout, added.stderr
-        listed = subprocess.run([str(SERVER), "bases", "list", "--data-dir", str(data_dir)],
-                                capture_output=True, text=True, timeout=120).stdout.splitlines()
+        capsys.readouterr()
+        for bad in (tmp_path / "nope.json", tmp_path / "reg" / "registry.key"):  # missing; not a card
+            assert server_cli(["bases", "add", str(bad), "--data-dir", str(data_dir)]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("semla-server: error:") and len(err.splitlines()) == 1, err
+        assert server_cli(["bases", "add", str(card_file), "--data-dir", str(data_dir)]) == 0
+        assert bundle_factory.FINGERPRINT[:16] in capsys.readouterr().out
+        assert server_cli(["bases", "list", "--data-dir", str(data_dir)]) == 0
+        listed = capsys.readouterr().out.splitlines()
         assert {line.split("\t")[1]: line.split("\t")[-1] for line in listed}[bundle_factory.FINGERPRINT] == "added"
         assert any(line.endswith("\tbundled") for line in listed)  # semla-tiny ships with the package
         assert client.post("/v1/adapters", files=parts).status_code == 201  # no restart needed
