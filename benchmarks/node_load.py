@@ -188,7 +188,7 @@ def metrics_overhead(registry: str, args: argparse.Namespace, images: list[tuple
         measured = run_arms({"no_metrics": off, "metrics": on, "metrics_scraped": on}, one_round,
                             rounds=args.rounds, interval=args.scrape_interval)
         sample = httpx.get(on[0] + "/metrics").text
-    summary = summarize(measured)
+    summary = summarize(measured, len(images), args.scrape_interval)
     summary["scrapes"]["bytes"] = len(sample.encode())
     print(f"images/s {summary['throughput']}; server CPU per image {summary['server_cpu']}", flush=True)
     return {

@@ -203,8 +203,8 @@ def metrics_overhead(n: int, clients: int, requests: int, rounds: int, interval:
                     row = drive(make(base), clients, requests)
                     return row["req_per_s"], row["requests"]
 
-                results[ep] = summarize(run_arms(targets, one_round, rounds=rounds, interval=interval,
-                                                 label=f"{ep} "))
+                measured = run_arms(targets, one_round, rounds=rounds, interval=interval, label=f"{ep} ")
+                results[ep] = summarize(measured, requests // clients * clients, interval)
             sample = httpx.get(on + "/metrics").text
         finally:
             on_proc.terminate()
