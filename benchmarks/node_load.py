@@ -223,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-overhead", action="store_true",
                         help="measure what /metrics costs instead (at the largest --max-batches value; see above)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --metrics-overhead (default 5)")
-    parser.add_argument("--scrape-interval", type=float, default=0.5,
-                        help="seconds between scrapes in --metrics-overhead (default 0.5)")
+    parser.add_argument("--scrape-interval", type=float, default=1.0,
+                        help="seconds between scrapes in --metrics-overhead (default 1)")
     args = parser.parse_args(argv)
     clients = args.clients or (8 if args.quick else 16)
     n_images = args.images or (48 if args.quick else 200)

@@ -238,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                         "benchmarks/results/metrics_overhead.json, key registry)")
     parser.add_argument("--metrics-overhead", action="store_true", help="measure what /metrics costs (see above)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --metrics-overhead (default 5)")
-    parser.add_argument("--scrape-interval", type=float, default=0.5,
-                        help="seconds between scrapes in --metrics-overhead (default 0.5)")
+    parser.add_argument("--scrape-interval", type=float, default=1.0,
+                        help="seconds between scrapes in --metrics-overhead (default 1)")
     args = parser.parse_args(argv)
     command = ("python benchmarks/server_load.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(),
