@@ -101,10 +101,26 @@ def run_arms(targets: dict[str, tuple[str, int]], drive: Callable[[str], tuple[f
     return {"per_s": per_s, "server_cpu_ms_per_unit": cpu, "scrape_ms": scrape_ms}
 
 
-def summarize(measured: dict) -> dict:
+def scrape_cost(cpu_ms_per_unit: dict[str, list[float]], units_per_round: int, scrapes: int,
+                interval: float) -> dict:
+    """Server CPU per scrape, estimated from the rounds: the scraped arm's extra CPU over the
+    unscraped one (same process), summed over rounds, divided by the scrapes. Its share of one
+    core at the scrape interval is what scraping costs a saturated single-process server, whatever
+    its throughput (wall-clock overhead per request instead grows as the machine gets busier,
+    since the same scrapes are spread over fewer requests)."""
+    extra_ms = sum((x - y) * units_per_round
+                   for x, y in zip(cpu_ms_per_unit["metrics_scraped"], cpu_ms_per_unit["metrics"]))
+    per_scrape = extra_ms / scrapes if scrapes else float("nan")
+    return {"server_cpu_ms_per_scrape": round(per_scrape, 2),
+            "pct_of_one_core_at_interval": round(100.0 * per_scrape / (1000.0 * interval), 3),
+            "pct_of_one_core_every_15_s": round(100.0 * per_scrape / 15000.0, 4)}
+
+
+def summarize(measured: dict, units_per_round: int, interval: float) -> dict:
     """Medians and overheads (against ``no_metrics``) of what :func:`run_arms` measured."""
     scrapes = measured["scrape_ms"]
     return {
+        "scrape_cost": scrape_cost(measured["server_cpu_ms_per_unit"], units_per_round, len(scrapes), interval),
         "throughput": overhead_summary(measured["per_s"], "no_metrics", higher_is_better=True),
         "server_cpu": overhead_summary(measured["server_cpu_ms_per_unit"], "no_metrics", higher_is_better=False),
         "per_round": {"per_s": measured["per_s"], "server_cpu_ms_per_unit": {

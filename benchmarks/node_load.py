@@ -188,7 +188,7 @@ def metrics_overhead(registry: str, args: argparse.Namespace, images: list[tuple
         measured = run_arms({"no_metrics": off, "metrics": on, "metrics_scraped": on}, one_round,
                             rounds=args.rounds, interval=args.scrape_interval)
         sample = httpx.get(on[0] + "/metrics").text
-    summary = summarize(measured)
+    summary = summarize(measured, len(images), args.scrape_interval)
     summary["scrapes"]["bytes"] = len(sample.encode())
     print(f"images/s {summary['throughput']}; server CPU per image {summary['server_cpu']}", flush=True)
     return {
@@ -223,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-overhead", action="store_true",
                         help="measure what /metrics costs instead (at the largest --max-batches value; see above)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --metrics-overhead (default 5)")
-    parser.add_argument("--scrape-interval", type=float, default=0.5,
-                        help="seconds between scrapes in --metrics-overhead (default 0.5)")
+    parser.add_argument("--scrape-interval", type=float, default=1.0,
+                        help="seconds between scrapes in --metrics-overhead (default 1)")
     args = parser.parse_args(argv)
     clients = args.clients or (8 if args.quick else 16)
     n_images = args.images or (48 if args.quick else 200)

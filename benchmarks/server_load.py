@@ -203,8 +203,8 @@ def metrics_overhead(n: int, clients: int, requests: int, rounds: int, interval:
                     row = drive(make(base), clients, requests)
                     return row["req_per_s"], row["requests"]
 
-                results[ep] = summarize(run_arms(targets, one_round, rounds=rounds, interval=interval,
-                                                 label=f"{ep} "))
+                measured = run_arms(targets, one_round, rounds=rounds, interval=interval, label=f"{ep} ")
+                results[ep] = summarize(measured, requests // clients * clients, interval)
             sample = httpx.get(on + "/metrics").text
         finally:
             on_proc.terminate()
@@ -238,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                         "benchmarks/results/metrics_overhead.json, key registry)")
     parser.add_argument("--metrics-overhead", action="store_true", help="measure what /metrics costs (see above)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --metrics-overhead (default 5)")
-    parser.add_argument("--scrape-interval", type=float, default=0.5,
-                        help="seconds between scrapes in --metrics-overhead (default 0.5)")
+    parser.add_argument("--scrape-interval", type=float, default=1.0,
+                        help="seconds between scrapes in --metrics-overhead (default 1)")
     args = parser.parse_args(argv)
     command = ("python benchmarks/server_load.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(),

@@ -329,10 +329,13 @@ class _Worker:
         self.batches += 1
         self.images += len(jobs)
         self.batch_sizes[len(jobs)] += 1
-        if self.on_batch is not None:
-            self.on_batch(compute_ms / 1000.0, [started - j.enqueued for j in jobs])
         for job, pred in zip(jobs, preds):
             job.future.set_result(_Done(pred, (started - job.enqueued) * 1000.0, compute_ms, len(jobs)))
+        if self.on_batch is not None:
+            try:
+                self.on_batch(compute_ms / 1000.0, [started - j.enqueued for j in jobs])
+            except Exception:  # noqa: BLE001 - metrics must never stop the worker
+                logger.exception("batch metrics failed")
 
     def _fail(self, jobs: list[_Job], exc: Exception) -> None:
         self.failed_batches += 1
@@ -641,7 +644,8 @@ Serve the inference node over HTTP. Each POST /v1/segment carries images and a v
 requests arriving together are batched (up to --max-batch images, waiting at most
 --max-wait-ms), adapters are retrieved, verified and fused on this node, and the index is
 refreshed from the registry every --refresh-seconds (the node keeps serving its last index
-while the registry is unreachable). OpenAPI docs at /docs, health at /healthz, Prometheus metrics at /metrics.
+while the registry is unreachable). OpenAPI docs at /docs, health at /healthz, Prometheus
+metrics at /metrics (--log-format json for one JSON object per log line).
 
 Example:
   semla-node serve --registry http://127.0.0.1:8080 --port 8090
