@@ -48,6 +48,7 @@ FP = bundle_factory.FINGERPRINT
 def registry(tmp_path):
     """A registry with one publisher key and ``city-streets`` v1 published: (client, key, data dir)."""
     data_dir = tmp_path / "data"
+    bundle_factory.install_base_card(data_dir)
     with TestClient(create_app(ServerSettings(data_dir=data_dir, admin_token=ADMIN))) as client:
         key = keys.generate_key()
         register(client, key)
