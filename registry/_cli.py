@@ -64,21 +64,13 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_retrieval_arguments(p: argparse.ArgumentParser, *, top_k: int, temperature: float) -> None:
     """--top-k, --temperature, --distance."""
-    default_temperature = temperature
-    from semla.registry.retrieval import DEFAULT_DISTANCE, DISTANCES, TEMPERATURE_RANGE, temperature_ok
+    from semla.registry.retrieval import DEFAULT_DISTANCE, DISTANCES, TEMPERATURE_RANGE
 
-    def temperature(text: str) -> float:
-        value = float(text)  # ValueError: argparse says "invalid temperature value"
-        if not temperature_ok(value):
-            raise argparse.ArgumentTypeError(f"{text} is outside {TEMPERATURE_RANGE}")
-        return value
-
-    temperature.__name__ = "temperature"
     p.add_argument("--top-k", type=int, default=top_k,
                    help=f"adapters fused per image, capped at the library size (default {top_k})")
-    p.add_argument("--temperature", type=temperature, default=default_temperature,
+    p.add_argument("--temperature", type=float, default=temperature,
                    help=f"softmax temperature T of w = softmax(-d/T), within {TEMPERATURE_RANGE} "
-                        f"(default {default_temperature})")
+                        f"(default {temperature})")
     p.add_argument("--distance", choices=DISTANCES, default=DEFAULT_DISTANCE, help="centroid distance")
 
 
@@ -98,12 +90,15 @@ def build_node(args: argparse.Namespace, **kwargs: Any) -> Any:
     """A pulled :class:`~semla.registry.node.Node` from the arguments of :func:`add_node_arguments`.
 
     Raises:
-        InvalidInputError: ``--top-k`` < 1 or ``--temperature`` <= 0 (checked before the model loads).
+        InvalidInputError: ``--top-k`` < 1 or ``--temperature`` outside its range (checked before the
+            model loads).
     """
+    from semla.registry.retrieval import TEMPERATURE_RANGE, temperature_ok
+
     if getattr(args, "top_k", 1) < 1:
         raise InvalidInputError(f"--top-k must be >= 1, got {args.top_k}")
-    if not getattr(args, "temperature", 1.0) > 0:
-        raise InvalidInputError(f"--temperature must be > 0, got {args.temperature}")
+    if not temperature_ok(getattr(args, "temperature", 1.0)):
+        raise InvalidInputError(f"--temperature {args.temperature} is outside {TEMPERATURE_RANGE}")
     from semla.registry.model import load_base
     from semla.registry.device import resolve_device
     from semla.registry.node import Node
