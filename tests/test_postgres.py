@@ -216,13 +216,14 @@ def _start_replica(url: str, data_dir: Path, log: Path) -> tuple[subprocess.Pope
     return proc, f"http://127.0.0.1:{port}"
 
 
-def _wait_healthy(proc: subprocess.Popen, base: str, log: Path, timeout: float = 30) -> None:
+def _wait_healthy(proc: subprocess.Popen, base: str, log: Path, timeout: float = 120) -> None:
     wait_healthy(base, proc, timeout=timeout, log=log)
 
 
 def test_two_replicas_share_one_database_and_one_blob_store(pg_url, tmp_path):
     upgrade(pg_url)
     shared = tmp_path / "shared"
+    bundle_factory.install_base_card(shared)
     replicas = [_start_replica(pg_url, shared, tmp_path / f"replica{i}.log") for i in range(2)]
     try:
         for i, (proc, base) in enumerate(replicas):
