@@ -93,7 +93,11 @@ def test_full_loop_on_loopback(tmp_path, registry):
     cli("semla-client", "keygen", "--out", str(new_key))
     assert "rotated" in cli("semla-client", "rotate-key", "--registry", registry, "--key", str(key),
                             "--new-key", str(new_key)).stdout
-    assert "revoked fog v1" in cli("semla-client", "revoke", "fog", "1", "--registry", registry, "--key", str(key)).stdout
+    # the rotated-away key can do nothing; its successor manages what the old key published
+    refused = cli("semla-client", "revoke", "fog", "1", "--registry", registry, "--key", str(key), check=False)
+    assert refused.returncode == 1 and "key_rotated" in refused.stderr
+    assert "revoked fog v1" in cli("semla-client", "revoke", "fog", "1", "--registry", registry,
+                                   "--key", str(new_key)).stdout
     assert httpx.get(registry + "/v1/adapters").json() == []
 
 
