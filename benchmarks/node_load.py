@@ -57,7 +57,7 @@ TOKEN = "bench-token"
 #: ``semla-node serve`` through the same parser and runner the CLI uses (works before it is wired in).
 _SERVE = (
     "import argparse, sys\n"
-    "from semla.registry._cli import run\n"
+    "from semla.registry.cli_common import run\n"
     "from semla.registry.serve import add_parser\n"
     "p = argparse.ArgumentParser(prog='semla-node')\n"
     "add_parser(p.add_subparsers(dest='command'))\n"

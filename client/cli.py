@@ -8,7 +8,7 @@ from pathlib import Path
 
 from semla.client import audit, federate, importers
 from semla.client.audit import EXIT_FLAGGED
-from semla.registry._cli import EXIT_OK, run
+from semla.registry.cli_common import EXIT_OK, run
 from semla.registry.config import TrainConfig
 from semla.registry.privacy import DEFAULT_MIN_SAMPLES
 from semla.schemas.errors import InvalidInputError

@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from semla.client import federated as fed
-from semla.registry._cli import EXIT_OK
-from semla.registry._net import free_port
+from semla.registry.cli_common import EXIT_OK
+from semla.registry.net import free_port
 from semla.schemas import Manifest
 from semla.schemas.errors import InvalidInputError, SemlaError
 

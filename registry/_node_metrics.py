@@ -2,7 +2,7 @@
 
 Three sources, each read where it is cheapest:
 
-* per request: the shared HTTP middleware (:mod:`semla.registry._metrics`);
+* per request: the shared HTTP middleware (:mod:`semla.registry.metrics`);
 * per batch, observed by the worker thread: batch size, the time each image waited in the
   queue, the compute time of the batch (histograms: a locked add each);
 * at scrape time, by :class:`NodeCollector`: counters and gauges the worker and the node
@@ -22,7 +22,7 @@ from prometheus_client import Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from semla.registry._metrics import LATENCY_BUCKETS, HttpMetrics
+from semla.registry.metrics import LATENCY_BUCKETS, HttpMetrics
 
 __all__ = ["NAMESPACE", "BatchMetrics", "NodeCollector"]
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from semla.registry._cli import EXIT_OK
-from semla.registry._fs import write_durable
+from semla.registry.cli_common import EXIT_OK
+from semla.registry.fs import write_durable
 from semla.registry.basecard import compute_base_card
 from semla.schemas.basecard import CardBounds
 from semla.schemas.errors import InvalidInputError

@@ -25,7 +25,7 @@ import numpy as np
 
 from semla.registry import keys as _keys
 from semla.registry.privacy import check_min_samples
-from semla.registry._fs import fsync_dir, write_durable
+from semla.registry.fs import fsync_dir, write_durable
 from semla.schemas import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from semla.registry._cli import EXIT_OK, add_node_arguments, add_retrieval_arguments, build_node, parse_classes, run
+from semla.registry.cli_common import EXIT_OK, add_node_arguments, add_retrieval_arguments, build_node, parse_classes, run
 from semla.registry.basecard_cmd import add_parser as add_base_card_parser
 from semla.registry.explain import add_parser as add_explain_parser
 from semla.registry.explain import overlay, palette  # re-exported: the colours of a mask live with the pictures

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from semla.registry._cli import EXIT_OK, add_node_arguments, add_retrieval_arguments, build_node, parse_classes
+from semla.registry.cli_common import EXIT_OK, add_node_arguments, add_retrieval_arguments, build_node, parse_classes
 from semla.registry.retrieval import (
     DEFAULT_DISTANCE,
     DEFAULT_TEMPERATURE,

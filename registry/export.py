@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from semla.registry._cli import EXIT_OK, add_node_arguments, add_retrieval_arguments, build_node
+from semla.registry.cli_common import EXIT_OK, add_node_arguments, add_retrieval_arguments, build_node
 from semla.registry._outdir import check_out_dir, write_out_dir
 from semla.registry.bundle import sha256_bytes
 from semla.registry.pull import find_adapter, parse_ref

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from semla.registry._cli import EXIT_OK, add_node_arguments, build_node
+from semla.registry.cli_common import EXIT_OK, add_node_arguments, build_node
 from semla.registry._outdir import check_out_dir, write_out_dir
 from semla.schemas import BUNDLE_FILES, AdapterSummary
 from semla.schemas.errors import InvalidInputError, NotFoundError

@@ -46,13 +46,13 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from semla.registry._cli import EXIT_OK, add_node_arguments, build_node
+from semla.registry.cli_common import EXIT_OK, add_node_arguments, build_node
 from semla.registry._limits import MAX_CLASS_NAME_CHARS, MAX_CLASSES, MAX_UPSAMPLE_ELEMENTS
-from semla.registry._logging import LOG_FORMAT_ENV, LOG_FORMATS, resolve_log_format, uvicorn_log_config
-from semla.registry._metrics import install_http_metrics
+from semla.registry.logs import LOG_FORMAT_ENV, LOG_FORMATS, resolve_log_format, uvicorn_log_config
+from semla.registry.metrics import install_http_metrics
 from semla.registry._node_metrics import NAMESPACE as NODE_METRICS
 from semla.registry._node_metrics import BatchMetrics, NodeCollector
-from semla.registry._web import (
+from semla.registry.asgi import (
     ERROR_RESPONSES,
     BodyGuard,
     BodyLimits,

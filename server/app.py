@@ -2,7 +2,7 @@
 
 Nothing is created at import: the engine, sessions, blob store and service are built inside
 :func:`create_app` and kept on ``app.state``. Routes are thin: parse the request, call one
-:class:`~semla.server._service.RegistryService` method, format the answer. Every error is
+:class:`~semla.server.service.RegistryService` method, format the answer. Every error is
 ``{"error": {"code": ..., "message": ...}}`` (see :mod:`semla.server._errors`).
 """
 
@@ -20,7 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from semla.registry.keys import load_or_create_key
-from semla.registry._web import (
+from semla.registry.asgi import (
     ERROR_RESPONSES,
     BodyGuard,
     Part,
@@ -45,7 +45,7 @@ from semla.schemas import (
     UploadReceipt,
 )
 from semla.schemas.errors import FileSetError
-from semla.server._service import RegistryService
+from semla.server.service import RegistryService
 from semla.server.bases import BaseCardStore
 from semla.server.blobs import BlobStore
 from semla.server.rootkey import load_rotations

@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from semla.registry._fs import fsync_dir, write_durable
+from semla.registry.fs import fsync_dir, write_durable
 from semla.registry.basecheck import bundled_cards
 from semla.schemas.basecard import MAX_CARD_BYTES, BaseCard
 from semla.schemas.errors import InvalidInputError

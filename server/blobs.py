@@ -16,7 +16,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from semla.registry._fs import fsync_dir
+from semla.registry.fs import fsync_dir
 from semla.registry.bundle import sha256_bytes
 from semla.schemas.errors import InvalidInputError
 

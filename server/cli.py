@@ -225,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn
 
-    from semla.registry._logging import uvicorn_log_config
+    from semla.registry.logs import uvicorn_log_config
 
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=True,
                 log_config=uvicorn_log_config(settings.log_format))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from semla.registry._net import free_port
+from semla.registry.net import free_port
 
 __all__ = ["free_port", "local_registry", "serve_in_thread", "wait_healthy"]
 

@@ -1,7 +1,7 @@
 """The registry's Prometheus metrics: ``GET /metrics`` (see the README, "Operating it").
 
 Request counts and latency per route come from the shared middleware
-(:mod:`semla.registry._metrics`); uploads accepted and refused (by error code) are counted by a
+(:mod:`semla.registry.metrics`); uploads accepted and refused (by error code) are counted by a
 hook on the upload route's answers. What lives in the database (library size, index version,
 ε spent per publisher key) is read at scrape time by :class:`LibraryCollector` in two queries,
 so replicas sharing one database report the same numbers and nothing is kept up to date on
@@ -27,8 +27,8 @@ from sqlalchemy import distinct, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from semla.registry._metrics import HttpMetrics, error_code, install_http_metrics
-from semla.server._service import index_version_expr, live_adapter
+from semla.registry.metrics import HttpMetrics, error_code, install_http_metrics
+from semla.server.service import index_version_expr, live_adapter
 from semla.server.db import Adapter
 
 __all__ = ["install_metrics", "LibraryCollector", "MAX_KEY_SERIES", "UPLOAD_ROUTE", "NAMESPACE"]

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from semla.registry import keys as _keys
-from semla.registry._fs import fsync_dir, write_durable
+from semla.registry.fs import fsync_dir, write_durable
 from semla.schemas import RootRotation, canonical_json, root_rotation_payload
 
 __all__ = ["load_rotations", "rotate_registry_key", "rotations_path"]

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from semla.registry._web import BodyLimits
+from semla.registry.asgi import BodyLimits
 from semla.registry.privacy import DEFAULT_MIN_SAMPLES  # re-exported: one sample floor for owners and registry
 
 __all__ = ["ServerSettings", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MIN_SAMPLES", "DEFAULT_EPSILON_BUDGET"]

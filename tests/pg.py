@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from semla.registry._net import free_port
+from semla.registry.net import free_port
 
 __all__ = ["Cluster", "cluster", "find_bindir", "unavailable_reason"]
 

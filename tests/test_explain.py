@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from semla.registry import keys, synth
-from semla.registry._cli import run
+from semla.registry.cli_common import run
 from semla.registry.explain import add_parser, explain, render, to_json
 from semla.registry.node import Node, Retrieval
 from semla.schemas.errors import InvalidInputError

@@ -260,7 +260,7 @@ def test_retrieval_weights_are_finite_at_the_temperature_bounds(stack):
 def test_node_under_attack_answers_honest_domains_unchanged(stack, monkeypatch):
     """The registry's card check is bypassed, so every hostile adapter is stored and listed; the
     node's own check leaves each out (with its reason in /healthz) and answers as before."""
-    import semla.server._service as service
+    import semla.server.service as service
 
     monkeypatch.setattr(service, "card_for", lambda fingerprint, cards: None)
     monkeypatch.setattr(service, "verify_against_card", lambda card, manifest, weights: {})

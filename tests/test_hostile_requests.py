@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from semla.registry import keys
-from semla.registry._web import DOCS_ASSETS_URL, BodyLimits
+from semla.registry.asgi import DOCS_ASSETS_URL, BodyLimits
 from semla.registry.http import RegistryClient
 from semla.schemas import (
     ADAPTER_CONFIG_FILE,

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_server import assert_error, make_client, register, upload
 
 from semla.registry import keys
-from semla.registry._logging import JsonFormatter, resolve_log_format, uvicorn_log_config
+from semla.registry.logs import JsonFormatter, resolve_log_format, uvicorn_log_config
 from semla.schemas.errors import InvalidInputError
 
 BIN_DIR = Path(sys.executable).parent

@@ -262,7 +262,7 @@ def test_serve_help_and_defaults(capsys):
     [(["--device", "tpu"], 2, "device"), (["--max-batch", "0"], 2, "max_batch"), ([], 1, "unreachable")],
 )
 def test_serve_refuses_with_one_line(tmp_path, capsys, extra, code, fragment):
-    from semla.registry._cli import run
+    from semla.registry.cli_common import run
 
     argv = ["serve", "--registry", "http://127.0.0.1:9", "--cache-dir", str(tmp_path / "cache"), *extra]
     assert run(_parser(), argv, lambda a: a.func(a)) == code

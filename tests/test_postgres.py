@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select, text
 
 from semla.registry import keys
-from semla.registry._net import free_port
+from semla.registry.net import free_port
 from semla.registry.bundle import verify_bundle
 from semla.schemas import BUNDLE_FILES, MANIFEST_FILE
 from semla.server import ServerSettings, create_app

@@ -37,7 +37,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from semla.registry._metrics import ERROR_CODE_STATE
+from semla.registry.metrics import ERROR_CODE_STATE
 from semla.schemas import ErrorBody, ErrorResponse, JsonLimits, check_json_limits
 from semla.schemas.errors import (
     ConflictError,

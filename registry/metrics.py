@@ -10,7 +10,7 @@ text format. Gauges that are cheap to read are computed at scrape time by a coll
 request path pays for two dictionary lookups and two locked increments, nothing more.
 
 The error code of a refused request (``{"error": {"code": ...}}``) is noted in the request
-state by the error handlers of :mod:`semla.registry._web`; :func:`error_code` reads it, so a
+state by the error handlers of :mod:`semla.registry.asgi`; :func:`error_code` reads it, so a
 hook can count refusals by code without parsing response bodies.
 """
 
