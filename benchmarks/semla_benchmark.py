@@ -62,6 +62,7 @@ from semla.registry.model import DenseClip, load_base  # noqa: E402
 from semla.registry.node import Node, Retrieval  # noqa: E402
 from semla.registry.privacy import dp_centroid  # noqa: E402
 from semla.registry.retrieval import CentroidTable, retrieve_torch  # noqa: E402
+from semla.schemas.errors import UnknownNameError  # noqa: E402
 from semla.registry.train import compute_centroids, embed_images  # noqa: E402
 from semla.server.local import local_registry  # noqa: E402
 
@@ -485,8 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     for d in domains:
         try:
             synth.get_domain(d)
-        except KeyError as exc:
-            parser.error(exc.args[0])  # lists the valid names
+        except UnknownNameError as exc:
+            parser.error(exc.message)  # lists the valid names
     if len(domains) < 2:
         parser.error("leave-one-out needs at least two domains")
     cfg = Config(domains=tuple(domains), **{**quick, **over})

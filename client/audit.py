@@ -48,14 +48,13 @@ import json
 import os
 import re
 import socket
-import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from semla.registry.bundle import lora_tensor_name, read_bundle, sha256_bytes
+from semla.registry.bundle import lora_tensor_name, read_bundle, read_safetensors_header, sha256_bytes
 from semla.registry.privacy import DEFAULT_MIN_SAMPLES
 from semla.schemas import (
     ADAPTER_CONFIG_FILE,
@@ -65,6 +64,7 @@ from semla.schemas import (
     SIGNATURE_FILE,
     Manifest,
 )
+from semla.schemas.errors import TensorFormatError
 
 __all__ = [
     "EXIT_FLAGGED",
@@ -374,14 +374,11 @@ def _safetensors(flags: _Flags, data: bytes, identity: Identity) -> tuple[list[A
     """Tensors and metadata of a safetensors header, leniently (the audit lists, never refuses)."""
     name = ADAPTER_WEIGHTS_FILE
     try:
-        (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (struct.error, UnicodeDecodeError, ValueError) as exc:
-        flags.add("unreadable", name, "", f"not a safetensors file ({exc}); its tensors cannot be listed")
+        header, metadata, _ = read_safetensors_header(data)
+    except TensorFormatError as exc:
+        flags.add("unreadable", name, "", f"{exc}; its tensors cannot be listed")
         return [], {}
-    metadata = header.pop("__metadata__", {}) or {}
+    metadata = metadata or {}
     if not isinstance(metadata, dict):
         metadata = {"(not an object)": metadata}
     for key in sorted(metadata):

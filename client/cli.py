@@ -59,12 +59,10 @@ def _synth(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.domain is None or args.out is None:
         raise InvalidInputError("synth needs --domain and --out (or --list)")
+    synth.get_domain(args.domain)
     try:
-        synth.get_domain(args.domain)
         out = synth.write_dataset(args.domain, args.n, args.seed, args.out, size=args.size, progress=True)
-    except KeyError as exc:
-        raise InvalidInputError(exc.args[0]) from None
-    except (ValueError, FileExistsError) as exc:
+    except FileExistsError as exc:
         raise InvalidInputError(str(exc)) from None
     print(f"wrote {args.n} {args.domain} images to {out}")
     return EXIT_OK

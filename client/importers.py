@@ -41,6 +41,7 @@ from PIL import Image, UnidentifiedImageError
 
 from semla.client._ade20k import ADE20K_CLASSES
 from semla.registry.data import IGNORE_INDEX, IMAGE_SUFFIXES
+from semla.registry.names import Registry
 from semla.schemas.errors import InvalidInputError
 
 __all__ = [
@@ -110,18 +111,16 @@ class Importer:
     scan: Callable[[Path, ImportOptions], Source]
 
 
-IMPORTERS: dict[str, Importer] = {}
+IMPORTERS: Registry[Importer] = Registry("dataset format")
 
 
 def register_importer(name: str, description: str, scan: Callable[[Path, ImportOptions], Source]) -> None:
     """Register a dataset format under ``name`` (``semla-client import NAME ...``)."""
-    if name in IMPORTERS:
-        raise ValueError(f"importer {name!r} is already registered")
-    IMPORTERS[name] = Importer(name, description, scan)
+    IMPORTERS.register(name, Importer(name, description, scan))
 
 
 def list_importers() -> list[str]:
-    return sorted(IMPORTERS)
+    return IMPORTERS.names()
 
 
 # -- scanning -------------------------------------------------------------------------------------
@@ -329,8 +328,7 @@ def import_dataset(
         InvalidInputError: unknown format, bad options, ``out`` not empty, or the first missing
             or mismatched file of the tree.
     """
-    if fmt not in IMPORTERS:
-        raise InvalidInputError(f"unknown dataset format {fmt!r}; valid: {', '.join(list_importers())}")
+    importer = IMPORTERS.lookup(fmt)
     if limit is not None and limit < 1:
         raise InvalidInputError("--limit must be >= 1")
     if max_side is not None and not 16 <= max_side <= 16384:
@@ -340,7 +338,7 @@ def import_dataset(
         raise InvalidInputError(f"dataset root {root} is not a directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidInputError(f"{out} exists and is not an empty directory; choose a new --out")
-    source = IMPORTERS[fmt].scan(root, options)
+    source = importer.scan(root, options)
     pairs = source.pairs[:limit] if limit is not None else source.pairs
     from tqdm.auto import tqdm
 

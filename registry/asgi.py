@@ -40,6 +40,7 @@ from starlette.routing import Match
 from semla.registry.metrics import ERROR_CODE_STATE
 from semla.schemas import ErrorBody, ErrorResponse, JsonLimits, check_json_limits
 from semla.schemas.errors import (
+    BodyTimeout,
     ConflictError,
     FileSetError,
     GoneError,
@@ -51,16 +52,21 @@ from semla.schemas.errors import (
     PrivacyBudgetError,
     RateLimitedError,
     RegistryError,
+    RequestTooLarge,
     SemlaError,
     SignatureError,
+    StorageError,
     TensorFormatError,
     TooFewSamplesError,
+    UnavailableError,
     UnknownKeyError,
+    UnprocessableError,
     VerificationError,
 )
 
 __all__ = [
     "ERROR_RESPONSES",
+    "HTTP_STATUS",
     "BodyGuard",
     "BodyLimits",
     "BodyTimeout",
@@ -76,20 +82,10 @@ __all__ = [
 logger = logging.getLogger("semla.http")
 
 
-class RequestTooLarge(InvalidInputError):
-    """The request body is larger than ``max_upload_bytes`` (declared or actually sent)."""
-
-    code = "too_large"
-
-
-class BodyTimeout(InvalidInputError):
-    """The request body arrived too slowly (answered 408; the connection is closed)."""
-
-    code = "body_timeout"
-
-
-#: HTTP status per error class; the most specific class in an error's MRO wins.
-_STATUS: dict[type[SemlaError], int] = {
+#: HTTP status per error class, for the registry and the node service alike; the most specific
+#: class in an error's MRO wins.
+HTTP_STATUS: dict[type[SemlaError], int] = {
+    UnprocessableError: 422,
     RequestTooLarge: 413,
     BodyTimeout: 408,
     ManifestError: 422,
@@ -108,6 +104,8 @@ _STATUS: dict[type[SemlaError], int] = {
     PrivacyBudgetError: 403,
     InvalidInputError: 400,
     RegistryError: 502,
+    UnavailableError: 503,
+    StorageError: 500,
     SemlaError: 400,
 }
 
@@ -130,8 +128,8 @@ ERROR_RESPONSES = {"model": ErrorResponse}
 
 def status_for(exc: SemlaError) -> int:
     for cls in type(exc).__mro__:
-        if cls in _STATUS:
-            return _STATUS[cls]
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]
     return 400  # pragma: no cover - SemlaError itself is in the table
 
 
@@ -197,20 +195,23 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return _noted(request, 422, "invalid_request", message or "invalid request")
 
 
-def install_error_handlers(
-    app: FastAPI, *, service: str, status: Callable[[SemlaError], int] = status_for
-) -> None:
+def install_error_handlers(app: FastAPI, *, service: str) -> None:
     """Register the handlers that give every error the ``ErrorResponse`` body.
+
+    A library error gets its status from :data:`HTTP_STATUS`; a 5xx among them (damaged storage)
+    is logged with its traceback, the rest as one line.
 
     Args:
         service: names the service in the 500 message ("logged on the <service>").
-        status: HTTP status of a library error (default :func:`status_for`).
     """
 
     async def semla_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, SemlaError)
-        code = status(exc)
-        logger.info("%s %s refused: %s %s (%s)", request.method, request.url.path, code, exc.code, exc.message)
+        code = status_for(exc)
+        if code >= 500 and code != 503:
+            logger.error("%s %s failed: %s", request.method, request.url.path, exc.code, exc_info=exc)
+        else:
+            logger.info("%s %s refused: %s %s (%s)", request.method, request.url.path, code, exc.code, exc.message)
         return _noted(request, code, exc.code, exc.message)
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

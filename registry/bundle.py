@@ -58,6 +58,7 @@ __all__ = [
     "write_bundle",
     "sign_bundle",
     "parse_safetensors_header",
+    "read_safetensors_header",
     "lora_tensor_layout",
     "lora_tensor_name",
     "sha256_bytes",
@@ -91,17 +92,17 @@ class LoraTensorInfo:
     dtype: str
 
 
-def parse_safetensors_header(data: bytes) -> dict[str, dict[str, Any]]:
-    """Parse and check a safetensors file's header without touching pickle or torch.
+def read_safetensors_header(data: bytes) -> tuple[dict[str, Any], Any, int]:
+    """Read a safetensors file's framing: length prefix and a bounded, strict JSON object.
 
-    Checks the declared header length, strict JSON, allowed dtypes, that byte offsets match
-    the shapes and tile the data section exactly, and that every value is finite.
+    Nothing about the tensors is checked here (:func:`parse_safetensors_header` does that); the
+    audit lists what it finds after this much.
 
     Returns:
-        tensor name → {"dtype", "shape", "data_offsets"}.
+        (tensor entries, the raw ``__metadata__`` value or ``{}``, the header's length in bytes).
 
     Raises:
-        TensorFormatError: anything about the file is not a clean safetensors file.
+        TensorFormatError: too short, a bad length, over the size limits, not strict JSON, or not an object.
     """
     what = ADAPTER_WEIGHTS_FILE
     if len(data) < 8:
@@ -120,6 +121,23 @@ def parse_safetensors_header(data: bytes) -> dict[str, dict[str, Any]]:
     if not isinstance(header, dict):
         raise TensorFormatError(f"{what} header is not a JSON object")
     meta = header.pop("__metadata__", {})
+    return header, meta, n
+
+
+def parse_safetensors_header(data: bytes) -> dict[str, dict[str, Any]]:
+    """Parse and check a safetensors file's header without touching pickle or torch.
+
+    Checks the declared header length, strict JSON, allowed dtypes, that byte offsets match
+    the shapes and tile the data section exactly, and that every value is finite.
+
+    Returns:
+        tensor name → {"dtype", "shape", "data_offsets"}.
+
+    Raises:
+        TensorFormatError: anything about the file is not a clean safetensors file.
+    """
+    what = ADAPTER_WEIGHTS_FILE
+    header, meta, n = read_safetensors_header(data)
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise TensorFormatError(f"{what} __metadata__ must map strings to strings")
     body = memoryview(data)[8 + n :]

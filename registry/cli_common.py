@@ -16,6 +16,8 @@ __all__ = [
     "EXIT_OK",
     "EXIT_FAILED",
     "EXIT_USAGE",
+    "EXIT_CODES",
+    "exit_code",
     "add_node_arguments",
     "add_retrieval_arguments",
     "build_node",
@@ -23,6 +25,17 @@ __all__ = [
 ]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+#: Exit code per error class, for every command line; the most specific class in the MRO wins.
+EXIT_CODES: dict[type[SemlaError], int] = {
+    InvalidInputError: EXIT_USAGE,
+    SemlaError: EXIT_FAILED,
+}
+
+
+def exit_code(exc: SemlaError) -> int:
+    """The exit code of a library error (:data:`EXIT_CODES`)."""
+    return next(EXIT_CODES[cls] for cls in type(exc).__mro__ if cls in EXIT_CODES)
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None, dispatch: Callable[[argparse.Namespace], int]) -> int:
@@ -40,7 +53,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None, dispatch: Calla
         return dispatch(args)
     except SemlaError as exc:
         print(f"error: {exc.message} [{exc.code}]", file=sys.stderr)
-        return EXIT_USAGE if isinstance(exc, InvalidInputError) else EXIT_FAILED
+        return exit_code(exc)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -15,29 +15,22 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import re
 from collections.abc import Hashable, Iterable, Sequence
 
 import torch
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
+from semla.registry.bundle import lora_tensor_name
 from semla.schemas import Manifest
-from semla.schemas.errors import IncompatibleAdapterError
+from semla.schemas.errors import IncompatibleAdapterError, InvalidInputError
 
-__all__ = ["FusedLinear", "LoraAdapter", "FusionEngine", "load_adapter", "FUSION_MODES", "FUSION_PATHS",
-           "list_fusion_modes"]
+__all__ = ["FusedLinear", "LoraAdapter", "FusionEngine", "load_adapter", "FUSION_PATHS"]
 
-FUSION_MODES = ("mixture", "merged")
 #: How the mixture path lays out the adapters of a batch (see FusionEngine.set_mixture).
 MIXTURE_LAYOUTS = ("auto", "concat", "gather")
 #: The paths counted in :attr:`FusionEngine.paths`: merged, or a mixture laid out as concat / gather.
 FUSION_PATHS = ("merged", "concat", "gather")
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
-
-
-def list_fusion_modes() -> list[str]:
-    return list(FUSION_MODES)
 
 
 class FusedLinear(nn.Module):
@@ -94,10 +87,11 @@ def load_adapter(
     A: dict[str, torch.Tensor] = {}
     B: dict[str, torch.Tensor] = {}
     for name, tensor in load_safetensors(weights).items():
-        match = _KEY.match(name)
-        if match is None or match["module"] not in targets:
+        parsed = lora_tensor_name(name)
+        if parsed is None or parsed[0] not in targets:
             raise IncompatibleAdapterError(f"adapter {key}: tensor {name!r} targets no LoRA-ready module of the base")
-        (A if match["ab"] == "A" else B)[match["module"]] = tensor.to(device=device, dtype=torch.float32)
+        module, ab = parsed
+        (A if ab == "A" else B)[module] = tensor.to(device=device, dtype=torch.float32)
     for module, a in A.items():
         lin = targets[module]
         b = B.get(module)
@@ -176,9 +170,9 @@ class FusionEngine:
         kept, so consecutive batches over the same adapters only recompute the scales.
         """
         if weights.ndim != 2 or weights.shape[1] != len(adapters):
-            raise ValueError(f"weights must be (batch, {len(adapters)}), got {tuple(weights.shape)}")
+            raise InvalidInputError(f"weights must be (batch, {len(adapters)}), got {tuple(weights.shape)}")
         if layout not in MIXTURE_LAYOUTS:
-            raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(MIXTURE_LAYOUTS)}")
+            raise InvalidInputError(f"unknown layout {layout!r}; valid: {', '.join(MIXTURE_LAYOUTS)}")
         same = len(adapters) == len(self._stack_of) and all(a is b for a, b in zip(adapters, self._stack_of))
         if not same:  # holding the adapters themselves (not ids) keeps this check sound
             self._stack_of = tuple(adapters)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semla.registry.names import Registry
 from semla.schemas import BaseModelRef, canonical_json
 from semla.schemas.errors import InvalidInputError
 
@@ -64,7 +65,7 @@ class SplitAttention(nn.Module):
     def __init__(self, dim: int, heads: int, batch_first: bool = True) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+            raise InvalidInputError(f"width {dim} is not divisible by {heads} heads")
         self.heads = heads
         self.batch_first = batch_first
         self.q_proj = nn.Linear(dim, dim)
@@ -75,7 +76,7 @@ class SplitAttention(nn.Module):
     @classmethod
     def from_mha(cls, mha: nn.MultiheadAttention) -> "SplitAttention":
         if mha.in_proj_weight is None or mha.bias_k is not None or not mha._qkv_same_embed_dim:
-            raise ValueError("only packed-qkv MultiheadAttention without bias_k/v is supported")
+            raise InvalidInputError("only packed-qkv MultiheadAttention without bias_k/v is supported")
         dim = mha.embed_dim
         new = cls(dim, mha.num_heads, batch_first=mha.batch_first).to(mha.in_proj_weight.dtype)
         with torch.no_grad():
@@ -251,18 +252,16 @@ RETRIEVAL_EMBEDDINGS: dict[str, Callable[[DenseClip, torch.Tensor], torch.Tensor
 
 # -- backbones ------------------------------------------------------------------------------------
 Builder = Callable[[str, "str | None"], tuple[nn.Module, str]]
-BACKBONES: dict[str, Builder] = {}
+BACKBONES: Registry[Builder] = Registry("backbone")
 
 
 def register_backbone(name: str, builder: Builder) -> None:
     """Register a builder ``(arch, pretrained) -> (open_clip CLIP, tag)`` under ``name``."""
-    if name in BACKBONES:
-        raise ValueError(f"backbone {name!r} is already registered")
-    BACKBONES[name] = builder
+    BACKBONES.register(name, builder)
 
 
 def list_backbones() -> list[str]:
-    return sorted(BACKBONES)
+    return BACKBONES.names()
 
 
 @contextlib.contextmanager
@@ -330,9 +329,7 @@ def load_base(arch: str = TINY, pretrained: str | None = None, device: str | tor
     Raises:
         InvalidInputError: unknown backbone, missing weights, or a download that cannot happen.
     """
-    if arch not in BACKBONES:
-        raise InvalidInputError(f"unknown backbone {arch!r}; valid: {', '.join(list_backbones())}")
-    clip, tag = BACKBONES[arch](arch, pretrained)
+    clip, tag = BACKBONES.lookup(arch)(arch, pretrained)
     model = DenseClip(clip, arch, tag, embedding="patch-mean" if arch == TINY else "clip-global").to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

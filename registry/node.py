@@ -74,6 +74,7 @@ from semla.schemas import (
 )
 from semla.schemas.basecard import BaseCard
 from semla.schemas.errors import (
+    IndexExpiredError,
     IncompatibleAdapterError,
     InvalidInputError,
     NotFoundError,
@@ -407,10 +408,10 @@ class Node:
             self.pull()  # online this refreshes the index; offline it reloads the saved one
         if self._expired():
             age = self.index_age()
-            raise RegistryError(
+            raise IndexExpiredError(
                 f"the last accepted index is {age:.0f} s old (limit {self.max_index_age:.0f} s, signed expiry "
                 f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.index_expires or 0))}) and no newer one "
-                "can be had; refusing to serve", code="index_expired")
+                "can be had; refusing to serve")
 
     # -- verification and loading -------------------------------------------------------------
     def _fetch(self, summary: AdapterSummary) -> dict[str, bytes]:

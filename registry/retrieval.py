@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from semla.schemas.api import MAX_TEMPERATURE, MIN_TEMPERATURE
+from semla.schemas.errors import InvalidInputError
 
 __all__ = [
     "DISTANCES",
@@ -53,11 +54,11 @@ TEMPERATURE_RANGE = f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]"
 
 def _check(distance: str, top_k: int, temperature: float) -> None:
     if distance not in DISTANCES:
-        raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
+        raise InvalidInputError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
     if top_k < 1:
-        raise ValueError("top_k must be >= 1")
+        raise InvalidInputError("top_k must be >= 1")
     if not temperature_ok(temperature):
-        raise ValueError(f"temperature must lie in {TEMPERATURE_RANGE}, got {temperature!r}")
+        raise InvalidInputError(f"temperature must lie in {TEMPERATURE_RANGE}, got {temperature!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +99,7 @@ class CentroidTable:
                 rows.append(np.asarray(c, dtype=np.float32))
                 owner.append(i)
         if not rows:
-            raise ValueError("the library is empty")
+            raise InvalidInputError("the library is empty")
         vectors = np.stack(rows)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         return cls(vectors, np.asarray(owner, dtype=np.int64), len(centroids_per_adapter))
@@ -132,7 +133,7 @@ def retrieve_numpy(
     q = np.asarray(queries, dtype=np.float64)
     peak = np.abs(q).max(axis=1, keepdims=True) if q.size else q
     if not (np.isfinite(q).all() and (peak > 0).all()):
-        raise ValueError("every query embedding must be finite and non-zero")
+        raise InvalidInputError("every query embedding must be finite and non-zero")
     q = q / peak  # scaled first: the square sum of large finite values stays finite
     q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
     sim = q @ table.vectors.T  # (Q, C)
@@ -170,7 +171,7 @@ def retrieve_torch(
     _check(distance, top_k, temperature)
     q = torch.as_tensor(queries, dtype=torch.float32, device=device)
     if not bool(torch.isfinite(q).all()):
-        raise ValueError("every query embedding must be finite")
+        raise InvalidInputError("every query embedding must be finite")
     q = torch.nn.functional.normalize(q / q.abs().amax(dim=1, keepdim=True).clamp(min=1e-30), dim=1)
     cents, owner = table.tensors(q.device)
     sim = q @ cents.T  # (Q, C)

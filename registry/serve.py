@@ -62,7 +62,6 @@ from semla.registry.asgi import (
     install_error_handlers,
     install_offline_docs,
     read_multipart,
-    status_for,
 )
 from semla.registry.retrieval import (
     DEFAULT_DISTANCE,
@@ -73,7 +72,7 @@ from semla.registry.retrieval import (
     temperature_ok,
 )
 from semla.schemas.api import MAX_TEMPERATURE, MIN_TEMPERATURE
-from semla.schemas.errors import InvalidInputError, RegistryError, SemlaError
+from semla.schemas.errors import InvalidInputError, ServiceBusyError, UnprocessableError
 
 if TYPE_CHECKING:
     from semla.registry.node import Node, Prediction
@@ -135,18 +134,6 @@ class ServeSettings:
             problems.append(f"distance must be one of {', '.join(DISTANCES)}")
         if problems:
             raise InvalidInputError("invalid serve settings: " + "; ".join(problems))
-
-
-class UnprocessableError(InvalidInputError):
-    """A well-formed request whose content is refused (answered 422 with its own code)."""
-
-    code = "invalid_request"
-
-
-class ServiceBusyError(SemlaError):
-    """The queue is full or the worker is not running (answered 503)."""
-
-    code = "busy"
 
 
 # -- mask encodings -------------------------------------------------------------------------------
@@ -542,14 +529,6 @@ _SEGMENT_BODY = {
 
 
 # -- app ------------------------------------------------------------------------------------------
-def _status(exc: SemlaError) -> int:
-    if isinstance(exc, UnprocessableError):
-        return 422
-    if isinstance(exc, ServiceBusyError) or (isinstance(exc, RegistryError) and exc.code == "index_expired"):
-        return 503
-    return status_for(exc)
-
-
 def create_app(node: "Node", settings: ServeSettings = ServeSettings()) -> FastAPI:
     """Build the node service around a pulled :class:`~semla.registry.node.Node`.
 
@@ -590,7 +569,7 @@ def create_app(node: "Node", settings: ServeSettings = ServeSettings()) -> FastA
     install_offline_docs(app)
     app.state.settings = settings
     app.state.worker = worker
-    install_error_handlers(app, service="node", status=_status)
+    install_error_handlers(app, service="node")
     if settings.metrics:
         http = install_http_metrics(app, NODE_METRICS)
         worker.on_batch = BatchMetrics(http).observe

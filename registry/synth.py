@@ -55,6 +55,8 @@ from semla.registry._synth_draw import (
 from semla.registry._synth_scenes import (
     FIELDS_CLASSES, HARBOUR_CLASSES, INDOOR_CLASSES, render_fields, render_harbour, render_indoor,
 )
+from semla.registry.names import Registry
+from semla.schemas.errors import InvalidInputError
 
 __all__ = [
     "Scene",
@@ -149,16 +151,9 @@ class Domain:
             object.__setattr__(self, "shifts", tuple(self.shifts))
 
 
-SCENES: dict[str, Scene] = {}
-SHIFTS: dict[str, Shift] = {}
-DOMAINS: dict[str, Domain] = {}
-
-
-def _check_new(registry: dict, kind: str, name: str) -> None:
-    if not name or not isinstance(name, str):
-        raise ValueError(f"{kind} name must be a non-empty string, got {name!r}")
-    if name in registry:
-        raise ValueError(f"{kind} {name!r} is already registered")
+SCENES: Registry[Scene] = Registry("scene")
+SHIFTS: Registry[Shift] = Registry("shift")
+DOMAINS: Registry[Domain] = Registry("domain")
 
 
 def register_scene(scene: Scene) -> Scene:
@@ -171,15 +166,13 @@ def register_scene(scene: Scene) -> Scene:
         The same scene (so the call can be used as an expression).
 
     Raises:
-        ValueError: If the name is taken, or the class list is empty or has duplicates
+        InvalidInputError: If the name is taken, or the class list is empty or has duplicates
             or more than 256 entries.
     """
-    _check_new(SCENES, "scene", scene.name)
     classes = tuple(scene.classes)
     if not classes or len(set(classes)) != len(classes) or len(classes) > 256:
-        raise ValueError(f"scene {scene.name!r}: classes must be 1-256 unique names")
-    SCENES[scene.name] = scene
-    return scene
+        raise InvalidInputError(f"scene {scene.name!r}: classes must be 1-256 unique names")
+    return SCENES.register(scene.name, scene)
 
 
 def register_shift(shift: Shift) -> Shift:
@@ -192,11 +185,9 @@ def register_shift(shift: Shift) -> Shift:
         The same shift.
 
     Raises:
-        ValueError: If the name is taken.
+        InvalidInputError: If the name is taken.
     """
-    _check_new(SHIFTS, "shift", shift.name)
-    SHIFTS[shift.name] = shift
-    return shift
+    return SHIFTS.register(shift.name, shift)
 
 
 def register_domain(domain: Domain) -> Domain:
@@ -209,66 +200,56 @@ def register_domain(domain: Domain) -> Domain:
         The same domain.
 
     Raises:
-        ValueError: If the name is taken or it refers to an unknown scene or shift.
+        InvalidInputError: If the name is taken or it refers to an unknown scene or shift.
     """
-    _check_new(DOMAINS, "domain", domain.name)
     if domain.scene not in SCENES:
-        raise ValueError(f"domain {domain.name!r}: unknown scene {domain.scene!r}")
+        raise InvalidInputError(f"domain {domain.name!r}: unknown scene {domain.scene!r}")
     missing = [s for s in domain.shifts if s not in SHIFTS]
     if missing:
-        raise ValueError(f"domain {domain.name!r}: unknown shift(s) {missing}")
-    DOMAINS[domain.name] = domain
-    return domain
+        raise InvalidInputError(f"domain {domain.name!r}: unknown shift(s) {missing}")
+    return DOMAINS.register(domain.name, domain)
 
 
 def list_scenes() -> list[str]:
     """Return the sorted names of registered scenes."""
-    return sorted(SCENES)
+    return SCENES.names()
 
 
 def list_shifts() -> list[str]:
     """Return the sorted names of registered shifts."""
-    return sorted(SHIFTS)
+    return SHIFTS.names()
 
 
 def list_domains() -> list[str]:
     """Return the sorted names of registered domains."""
-    return sorted(DOMAINS)
-
-
-def _lookup(registry: dict, kind: str, name: str):
-    try:
-        return registry[name]
-    except KeyError:
-        valid = ", ".join(sorted(registry)) or "(none)"
-        raise KeyError(f"unknown {kind} {name!r}; valid: {valid}") from None
+    return DOMAINS.names()
 
 
 def get_scene(name: str) -> Scene:
     """Return a registered scene.
 
     Raises:
-        KeyError: If unknown; the message lists the valid names.
+        UnknownNameError: If unknown; the message lists the valid names.
     """
-    return _lookup(SCENES, "scene", name)
+    return SCENES.lookup(name)
 
 
 def get_shift(name: str) -> Shift:
     """Return a registered shift.
 
     Raises:
-        KeyError: If unknown; the message lists the valid names.
+        UnknownNameError: If unknown; the message lists the valid names.
     """
-    return _lookup(SHIFTS, "shift", name)
+    return SHIFTS.lookup(name)
 
 
 def get_domain(name: str) -> Domain:
     """Return a registered domain.
 
     Raises:
-        KeyError: If unknown; the message lists the valid names.
+        UnknownNameError: If unknown; the message lists the valid names.
     """
-    return _lookup(DOMAINS, "domain", name)
+    return DOMAINS.lookup(name)
 
 
 # --------------------------------------------------------------------------------------
@@ -780,7 +761,7 @@ def split_seeds(domain: str) -> tuple[int, int]:
     test set never overlaps its training set.
 
     Raises:
-        KeyError: Unknown domain.
+        UnknownNameError: Unknown domain.
     """
     base = 2 * zlib.crc32(get_domain(domain).name.encode("utf-8"))
     return base, base + 1
@@ -793,9 +774,9 @@ def split_seeds(domain: str) -> tuple[int, int]:
 
 def _check_args(seed: int, index: int, size: int) -> None:
     if int(seed) < 0 or int(index) < 0:
-        raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
+        raise InvalidInputError(f"seed and index must be >= 0, got seed={seed}, index={index}")
     if int(size) < MIN_SIZE:
-        raise ValueError(f"size must be >= {MIN_SIZE}, got {size}")
+        raise InvalidInputError(f"size must be >= {MIN_SIZE}, got {size}")
 
 
 def _shift_rng(seed: int, index: int, shift: str) -> np.random.Generator:
@@ -820,7 +801,7 @@ def render(domain: str, seed: int, index: int, size: int = 96) -> tuple[np.ndarr
         mask values index the scene's ``classes``.
 
     Raises:
-        KeyError: Unknown domain.
+        UnknownNameError: Unknown domain.
         ValueError: Negative seed/index or too small size.
     """
     dom = get_domain(domain)
@@ -828,9 +809,9 @@ def render(domain: str, seed: int, index: int, size: int = 96) -> tuple[np.ndarr
     scene = get_scene(dom.scene)
     rgb, mask = scene.render(np.random.default_rng([int(seed), int(index), 0]), int(size))
     if mask.shape != (size, size) or rgb.shape != (size, size, 3):
-        raise RuntimeError(f"scene {scene.name!r} returned wrong shapes {rgb.shape}, {mask.shape}")
+        raise InvalidInputError(f"scene {scene.name!r} returned wrong shapes {rgb.shape}, {mask.shape}")
     if int(mask.max()) >= len(scene.classes):
-        raise RuntimeError(f"scene {scene.name!r} returned mask values >= {len(scene.classes)}")
+        raise InvalidInputError(f"scene {scene.name!r} returned mask values >= {len(scene.classes)}")
     for name in dom.shifts:
         rgb = get_shift(name).apply(rgb.astype(np.float32), _shift_rng(int(seed), int(index), name))
     return to_uint8(rgb), mask.astype(np.uint8)
@@ -876,13 +857,13 @@ def write_dataset(domain: str, n: int, seed: int, out: Path | str, size: int = 9
         The resolved ``out`` path.
 
     Raises:
-        KeyError: Unknown domain.
+        UnknownNameError: Unknown domain.
         ValueError: ``n < 1``, ``size < 16`` or negative seed.
         FileExistsError: ``out`` exists and is a file or a non-empty directory.
     """
     dom = get_domain(domain)
     if int(n) < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise InvalidInputError(f"n must be >= 1, got {n}")
     _check_args(seed, 0, size)
     out = Path(out).resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -943,7 +924,7 @@ def contact_sheet(domains: list[str], path: Path | str, n: int = 4, size: int = 
         The path written.
 
     Raises:
-        KeyError: Unknown domain.
+        UnknownNameError: Unknown domain.
     """
     palette = _class_colours()
     label_w, gap = 150, 4

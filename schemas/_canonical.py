@@ -10,18 +10,18 @@ from typing import Any
 
 import numpy as np
 
-from semla.schemas.errors import ManifestError
+from semla.schemas.errors import InvalidInputError, ManifestError
 
 __all__ = ["JsonLimits", "DEFAULT_JSON_LIMITS", "canonical_json", "check_json_limits", "strict_json_loads"]
 
 
 def _check_finite(obj: Any) -> None:
     if isinstance(obj, float) and not math.isfinite(obj):
-        raise ValueError("canonical JSON cannot hold NaN or Infinity")
+        raise InvalidInputError("canonical JSON cannot hold NaN or Infinity")
     if isinstance(obj, dict):
         for k, v in obj.items():
             if not isinstance(k, str):
-                raise ValueError(f"canonical JSON keys must be strings, got {type(k).__name__}")
+                raise InvalidInputError(f"canonical JSON keys must be strings, got {type(k).__name__}")
             _check_finite(v)
     elif isinstance(obj, (list, tuple)):
         for v in obj:

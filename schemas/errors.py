@@ -6,7 +6,11 @@ stable ``code`` that the registry returns in ``{"error": {"code": ..., "message"
 client can tell refusals apart without parsing prose::
 
     SemlaError
-    ├── InvalidInputError           bad argument, data directory or image (the caller's fault)
+    ├── InvalidInputError           bad argument, data directory or image (the caller's fault; also a ValueError)
+    │   ├── UnknownNameError        unknown_name: no scene, backbone, scheme… of that name
+    │   ├── UnprocessableError      a well-formed request whose content is refused (422)
+    │   ├── RequestTooLarge         too_large: a body or a part over its limit (413)
+    │   └── BodyTimeout             body_timeout: the body arrived too slowly (408)
     ├── VerificationError           a bundle or message failed verification (possible tampering)
     │   ├── ManifestError           manifest not valid JSON / wrong schema / unknown field
     │   ├── SignatureError          missing or invalid signature
@@ -23,7 +27,12 @@ client can tell refusals apart without parsing prose::
     ├── PrivacyError                a release would break a privacy rule (nothing is published)
     │   ├── TooFewSamplesError      too_few_samples: fewer samples than the minimum
     │   └── PrivacyBudgetError      privacy_budget: the publisher's ε budget would be overspent
-    └── RegistryError               the registry refused a request or could not be reached
+    ├── RegistryError               the registry refused a request or could not be reached
+    ├── UnavailableError            the service cannot answer now (503)
+    │   ├── ServiceBusyError        busy: the queue is full or the worker is not running
+    │   └── IndexExpiredError       index_expired: no fresh signed index can be had (freeze refused)
+    └── StorageError                the server's own storage is damaged (500, logged with its traceback)
+        └── SchemaError             schema_revision: the database is not at this code's schema revision
 """
 
 from __future__ import annotations
@@ -48,6 +57,15 @@ __all__ = [
     "TooFewSamplesError",
     "PrivacyBudgetError",
     "RegistryError",
+    "UnknownNameError",
+    "UnprocessableError",
+    "RequestTooLarge",
+    "BodyTimeout",
+    "UnavailableError",
+    "ServiceBusyError",
+    "IndexExpiredError",
+    "StorageError",
+    "SchemaError",
 ]
 
 
@@ -66,8 +84,35 @@ class SemlaError(Exception):
         return self.message
 
 
-class InvalidInputError(SemlaError):
+class InvalidInputError(SemlaError, ValueError):
+    """The caller's input is wrong. Also a ``ValueError``, so pydantic validators and callers
+    that catch ``ValueError`` see it as one."""
+
     code = "invalid_input"
+
+
+class UnknownNameError(InvalidInputError):
+    """A name that selects behaviour (scene, backbone, importer, scheme…) is not registered."""
+
+    code = "unknown_name"
+
+
+class UnprocessableError(InvalidInputError):
+    """A well-formed request whose content is refused (answered 422 with its own code)."""
+
+    code = "invalid_request"
+
+
+class RequestTooLarge(InvalidInputError):
+    """A request body, or one part of it, is larger than its limit (declared or actually sent)."""
+
+    code = "too_large"
+
+
+class BodyTimeout(InvalidInputError):
+    """The request body arrived too slowly (answered 408; the connection is closed)."""
+
+    code = "body_timeout"
 
 
 class VerificationError(SemlaError):
@@ -148,3 +193,33 @@ class RegistryError(SemlaError):
     def __init__(self, message: str, *, code: str | None = None, status: int | None = None) -> None:
         super().__init__(message, code=code)
         self.status = status
+
+
+class UnavailableError(SemlaError):
+    """The service cannot answer now; the same request may succeed later (503)."""
+
+    code = "unavailable"
+
+
+class ServiceBusyError(UnavailableError):
+    """The queue is full or the worker is not running."""
+
+    code = "busy"
+
+
+class IndexExpiredError(UnavailableError):
+    """No signed index fresher than the node's limit can be had: serving is refused (freeze)."""
+
+    code = "index_expired"
+
+
+class StorageError(SemlaError):
+    """The server's own storage is damaged or inconsistent: a fault of the operator, never the caller."""
+
+    code = "storage_error"
+
+
+class SchemaError(StorageError):
+    """The database's schema revision is not the one this code needs (message: one line)."""
+
+    code = "schema_revision"

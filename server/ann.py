@@ -26,6 +26,8 @@ from typing import Literal
 import faiss
 import numpy as np
 
+from semla.schemas.errors import InvalidInputError
+
 from semla.registry.retrieval import (
     DEFAULT_DISTANCE,
     DEFAULT_TEMPERATURE,
@@ -73,7 +75,7 @@ def choose(table: CentroidTable) -> Literal["brute", "ann"]:
 def _unit(queries: np.ndarray) -> np.ndarray:
     q = np.asarray(queries, dtype=np.float32)
     if q.ndim != 2:
-        raise ValueError("queries must be a (Q, D) array")
+        raise InvalidInputError("queries must be a (Q, D) array")
     return q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
@@ -110,7 +112,7 @@ class CentroidIndex:
         vectors = np.ascontiguousarray(table.vectors, dtype=np.float32)
         n, dim = vectors.shape
         if n == 0:
-            raise ValueError("the library is empty")
+            raise InvalidInputError("the library is empty")
         nlist = max(1, min(n, nlist if nlist is not None else n // IVF_CENTROIDS_PER_LIST))
         nprobe = max(1, min(nlist, nprobe if nprobe is not None else IVF_NPROBE))
         quantizer = faiss.IndexFlatIP(dim)
@@ -149,7 +151,7 @@ class CentroidIndex:
         table = self.table
         q = _unit(queries)
         if q.shape[1] != table.vectors.shape[1]:
-            raise ValueError(f"queries have dimension {q.shape[1]}, the centroids {table.vectors.shape[1]}")
+            raise InvalidInputError(f"queries have dimension {q.shape[1]}, the centroids {table.vectors.shape[1]}")
         k = min(top_k, table.n_adapters)
         n_fetch = min(len(table.vectors), k * self.max_per_adapter * OVERFETCH)
         params = faiss.SearchParametersIVF(nprobe=self.nprobe)

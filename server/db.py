@@ -37,6 +37,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker, Session
 
+from semla.schemas.errors import SchemaError
+
 if TYPE_CHECKING:
     from alembic.config import Config
     from sqlalchemy import Connection
@@ -171,10 +173,6 @@ def make_engine(url: str) -> Engine:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
-
-
-class SchemaError(RuntimeError):
-    """The database's schema revision is not the one this code needs (message: one line)."""
 
 
 def alembic_config(url: str | None = None) -> Config:

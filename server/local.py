@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from semla.schemas.errors import UnavailableError
+
 from semla.registry.net import free_port
 
 __all__ = ["free_port", "local_registry", "serve_in_thread", "wait_healthy"]
@@ -29,14 +31,14 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, *, timeout: flo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{url} exited with {proc.returncode}{tail()}")
+            raise UnavailableError(f"{url} exited with {proc.returncode}{tail()}")
         try:
             if httpx.get(url + "/healthz", timeout=1).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer /healthz within {timeout:g} s{tail()}")
+    raise UnavailableError(f"{url} did not answer /healthz within {timeout:g} s{tail()}")
 
 
 @contextlib.contextmanager
@@ -87,7 +89,7 @@ def serve_in_thread(app, *, lifespan: str = "on", timeout: float = 20.0) -> Iter
     deadline = time.monotonic() + timeout
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
+            raise UnavailableError("uvicorn did not start")
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:

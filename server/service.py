@@ -81,6 +81,7 @@ from semla.schemas.errors import (
     PrivacyBudgetError,
     RateLimitedError,
     SignatureError,
+    StorageError,
     UnknownKeyError,
 )
 from semla.server.bases import BaseCardStore
@@ -728,7 +729,7 @@ class RegistryService:
         if not key_active and not include_revoked:
             raise GoneError(f"the publisher key of {name} version {version} was revoked")
         if not self._blobs.exists(digest):
-            raise RuntimeError(f"blob {digest} of {name} v{version}/{filename} is missing from the store")
+            raise StorageError(f"blob {digest} of {name} v{version}/{filename} is missing from the store")
         return self._blobs.path(digest)
 
     def file_bytes(self, name: str, version: int, filename: str, *, include_revoked: bool = False) -> bytes:

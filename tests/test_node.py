@@ -16,7 +16,7 @@ from semla.registry.cache import CacheLimits
 from semla.registry.http import RegistryClient
 from semla.registry.node import Node, Retrieval
 from semla.schemas import ADAPTER_WEIGHTS_FILE
-from semla.schemas.errors import InvalidInputError, NotFoundError, RegistryError
+from semla.schemas.errors import IndexExpiredError, InvalidInputError, NotFoundError, RegistryError
 from semla.server import ServerSettings, create_app
 
 TOKEN = "node-test-token"
@@ -117,7 +117,7 @@ def test_offline_serving_from_the_last_index_until_it_expires(registry, tiny_bas
 
     offline.max_index_age = 0.0
     assert offline.health()["status"] == "expired"
-    with pytest.raises(RegistryError) as info:
+    with pytest.raises(IndexExpiredError) as info:
         offline.segment(images, CLASSES)
     assert info.value.code == "index_expired"
 

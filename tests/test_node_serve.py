@@ -210,11 +210,11 @@ class FakeNode:
 
     def segment(self, images, classes, *, top_k, temperature, distance, batch_size):
         from semla.registry.node import Contribution, Prediction
-        from semla.schemas.errors import RegistryError
+        from semla.schemas.errors import IndexExpiredError
 
         self.threads.add(threading.get_ident())
         if classes[0] == ["expired"]:
-            raise RegistryError("index too old", code="index_expired")
+            raise IndexExpiredError("index too old")
         return [Prediction(f"image-{i}", c, np.full(im.shape[:2], 1, np.uint8),
                            [Contribution("fog", 1, "k", 0.1, 1.0)]) for i, (im, c) in enumerate(zip(images, classes))]
 

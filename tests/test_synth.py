@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from semla.registry import synth
+from semla.schemas.errors import UnknownNameError
 
 REQUIRED_DOMAINS = {"clear", "fog", "night", "rain", "snow", "sepia"}
 SIZE = 64
@@ -47,13 +48,13 @@ def test_required_domains_and_street_classes():
 
 
 def test_get_domain_unknown_lists_valid_names():
-    with pytest.raises(KeyError) as info:
+    with pytest.raises(UnknownNameError) as info:
         synth.get_domain("no-such-domain")
     msg = str(info.value)
     assert "no-such-domain" in msg
     for name in REQUIRED_DOMAINS:
         assert name in msg
-    with pytest.raises(KeyError, match="valid"):
+    with pytest.raises(UnknownNameError, match="valid"):
         synth.render("no-such-domain", 0, 0, SIZE)
 
 
@@ -282,7 +283,7 @@ def test_split_seeds():
     train, test = synth.split_seeds("harbour_fog")
     assert synth.render("harbour_fog", train, 0, SIZE)[1].tobytes() != \
         synth.render("harbour_fog", test, 0, SIZE)[1].tobytes()
-    with pytest.raises(KeyError, match="valid"):
+    with pytest.raises(UnknownNameError, match="valid"):
         synth.split_seeds("no-such-domain")
 
 
@@ -375,7 +376,7 @@ def test_write_dataset_validates_arguments(tmp_path):
         synth.write_dataset("clear", 0, 0, tmp_path / "a", size=32)
     with pytest.raises(ValueError):
         synth.write_dataset("clear", 1, 0, tmp_path / "b", size=15)
-    with pytest.raises(KeyError):
+    with pytest.raises(UnknownNameError):
         synth.write_dataset("nope", 1, 0, tmp_path / "c", size=32)
     assert list(tmp_path.iterdir()) == []
 
