@@ -237,7 +237,7 @@ def to_json(explanation: Explanation, image_name: str, classes: Sequence[str]) -
         "changed_pixels": int(e.changed.sum()),
         "redundant_pixels": int(e.redundant.sum()),
         "contributions": [
-            {**dataclasses.asdict(c),
+            {**c.model_dump(),
              "attributed_share": round(s.attributed_share, 6),
              "mean_margin_drop": None if s.mean_margin_drop is None else round(s.mean_margin_drop, 6),
              "mean_margin_drop_all": round(s.mean_margin_drop_all, 6)}

@@ -67,6 +67,7 @@ from semla.schemas import (
     INDEX_CONTEXT,
     MANIFEST_FILE,
     AdapterSummary,
+    Contribution,
     IndexSigned,
     SignedIndex,
     canonical_json,
@@ -99,15 +100,6 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "semla" / "adapters"
 
 
-@dataclasses.dataclass(frozen=True)
-class Contribution:
-    name: str
-    version: int
-    publisher: str
-    distance: float
-    weight: float
-
-
 @dataclasses.dataclass
 class Prediction:
     """One image's segmentation and the adapters that made it.
@@ -127,7 +119,7 @@ class Prediction:
         return {
             "image": self.image,
             "classes": self.classes,
-            "contributions": [dataclasses.asdict(c) for c in self.contributions],
+            "contributions": [c.model_dump() for c in self.contributions],
         }
 
 

@@ -16,7 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from semla.schemas.api import MAX_TEMPERATURE, MIN_TEMPERATURE
+from semla.schemas.api import (
+    DEFAULT_DISTANCE,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DISTANCES,
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+)
 from semla.schemas.errors import InvalidInputError
 
 __all__ = [
@@ -32,11 +39,6 @@ __all__ = [
     "TEMPERATURE_RANGE",
 ]
 
-DEFAULT_TOP_K = 5
-DEFAULT_TEMPERATURE = 0.05
-DEFAULT_DISTANCE = "euclidean"
-#: Registered distance names (between unit vectors).
-DISTANCES = ("euclidean", "cosine")
 
 
 def list_distances() -> list[str]:

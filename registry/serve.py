@@ -71,7 +71,7 @@ from semla.registry.retrieval import (
     TEMPERATURE_RANGE,
     temperature_ok,
 )
-from semla.schemas.api import MAX_TEMPERATURE, MIN_TEMPERATURE
+from semla.schemas.api import MAX_TEMPERATURE, MIN_TEMPERATURE, Contribution
 from semla.schemas.errors import InvalidInputError, ServiceBusyError, UnprocessableError
 
 if TYPE_CHECKING:
@@ -455,14 +455,6 @@ def _decode_image(filename: str, data: bytes) -> np.ndarray:
 
 
 # -- response schema ------------------------------------------------------------------------------
-class ContributionOut(BaseModel):
-    name: str
-    version: int
-    publisher: str
-    distance: float
-    weight: float
-
-
 class Timings(BaseModel):
     queue: float
     compute: float
@@ -476,7 +468,7 @@ class SegmentResult(BaseModel):
     height: int
     mask_png: str | None = None
     rle: dict[str, list[list[int]]] | None = None
-    contributions: list[ContributionOut]
+    contributions: list[Contribution]
     timings_ms: Timings
 
 
@@ -492,7 +484,7 @@ def _result(filename: str, done: _Done, fmt: str) -> dict[str, Any]:
         out["mask_png"] = encode_png(pred.mask)
     else:
         out["rle"] = encode_rle(pred.mask, pred.classes)
-    out["contributions"] = [dataclasses.asdict(c) for c in pred.contributions]
+    out["contributions"] = [c.model_dump() for c in pred.contributions]
     out["timings_ms"] = {"queue": round(done.queue_ms, 3), "compute": round(done.compute_ms, 3),
                          "batch_size": done.batch_size}
     return out

@@ -34,6 +34,7 @@ from semla.schemas.manifest import (
 )
 from semla.schemas.api import (
     AdapterSummary,
+    Contribution,
     ErrorBody,
     ErrorResponse,
     KeyCreate,
@@ -89,6 +90,7 @@ __all__ = [
     "PrivacyLedger",
     "PrivacySpend",
     "RetrievedAdapter",
+    "Contribution",
     "RetrieveRequest",
     "RetrieveResponse",
     "RevokeRequest",

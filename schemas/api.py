@@ -23,6 +23,11 @@ __all__ = [
     "MAX_EMBEDDING_ABS",
     "RetrieveResponse",
     "RetrievedAdapter",
+    "Contribution",
+    "DEFAULT_TOP_K",
+    "DEFAULT_TEMPERATURE",
+    "DEFAULT_DISTANCE",
+    "DISTANCES",
     "RevokeRequest",
     "RotateRequest",
     "IndexKey",
@@ -124,6 +129,14 @@ class UploadReceipt(_Api):
     manifest_sha256: str
 
 
+#: Retrieval defaults, shared by the node, its service, the CLIs and ``POST /v1/retrieve``
+#: (the released SemLA configuration: top-5, T 0.05, Euclidean distance).
+DEFAULT_TOP_K = 5
+DEFAULT_TEMPERATURE = 0.05
+DEFAULT_DISTANCE = "euclidean"
+#: Registered distance names (between unit vectors).
+DISTANCES = ("euclidean", "cosine")
+
 #: Softmax temperatures accepted anywhere (node API and CLI, ``POST /v1/retrieve``): distances
 #: between unit vectors lie in [0, 2], so T in [1e-3, 1e3] keeps every weight finite.
 MIN_TEMPERATURE = 1e-3
@@ -138,9 +151,9 @@ class RetrieveRequest(_Api):
 
     embedding: list[float] = Field(min_length=2, max_length=4096, description="the query image's embedding")
     base_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$", description="only adapters of this base model")
-    top_k: int = Field(default=5, ge=1, le=100)
-    temperature: float = Field(default=0.05, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
-    distance: Literal["euclidean", "cosine"] = "euclidean"
+    top_k: int = Field(default=DEFAULT_TOP_K, ge=1, le=100)
+    temperature: float = Field(default=DEFAULT_TEMPERATURE, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
+    distance: Literal[DISTANCES] = DEFAULT_DISTANCE
 
     @field_validator("embedding")
     @classmethod
@@ -153,11 +166,17 @@ class RetrieveRequest(_Api):
 
 
 class RetrievedAdapter(_Api):
+    """One adapter's part in a retrieval: the row the registry, the node and its service all report."""
+
     name: str
     version: int
     publisher: str
     distance: float
     weight: float
+
+
+#: The same row, as the node calls it (an image's contributions).
+Contribution = RetrievedAdapter
 
 
 class RetrieveResponse(_Api):

@@ -216,7 +216,7 @@ class FakeNode:
         if classes[0] == ["expired"]:
             raise IndexExpiredError("index too old")
         return [Prediction(f"image-{i}", c, np.full(im.shape[:2], 1, np.uint8),
-                           [Contribution("fog", 1, "k", 0.1, 1.0)]) for i, (im, c) in enumerate(zip(images, classes))]
+                           [Contribution(name="fog", version=1, publisher="k", distance=0.1, weight=1.0)]) for i, (im, c) in enumerate(zip(images, classes))]
 
 
 def test_worker_owns_the_node_and_survives_failed_refreshes():
