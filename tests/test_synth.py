@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from semla.registry import synth
+from semla.registry.names import Registry
 from semla.schemas.errors import UnknownNameError
 
 REQUIRED_DOMAINS = {"clear", "fog", "night", "rain", "snow", "sepia"}
@@ -70,7 +71,9 @@ def test_duplicate_registration_raises():
 
 
 def test_register_domain_rejects_unknown_parts(monkeypatch):
-    monkeypatch.setattr(synth, "DOMAINS", dict(synth.DOMAINS))
+    fresh = Registry("domain")  # a refused registration must not leak; if it did, only into this copy
+    fresh.update(synth.DOMAINS)
+    monkeypatch.setattr(synth.registry, "DOMAINS", fresh)
     with pytest.raises(ValueError, match="scene"):
         synth.register_domain(synth.Domain("x1", "no-scene", ("none",), "bad"))
     with pytest.raises(ValueError, match="shift"):
@@ -391,7 +394,7 @@ def test_write_dataset_cleans_up_after_failure(tmp_path, monkeypatch):
             raise RuntimeError("boom")
         return real_render(domain, seed, index, size)
 
-    monkeypatch.setattr(synth, "render", flaky)
+    monkeypatch.setattr(synth.writer, "render", flaky)  # where write_dataset looks it up
     out = tmp_path / "ds"
     with pytest.raises(RuntimeError, match="boom"):
         synth.write_dataset("rain", 4, 0, out, size=16)

@@ -4,7 +4,7 @@ Each scene has its own layout and class list; the lists share names with the str
 where the same thing appears (``sky``, ``building``, ``vegetation``, ``road``, ``person``,
 ``pole``), so a model trained on several scenes learns one meaning per name. The renderers
 follow the street scene's contract: ``(rng, size) -> (rgb, mask)``, drawn at twice the size
-on a :class:`~semla.registry._synth_draw.Canvas` and box-filtered down.
+on a :class:`~semla.registry.synth.drawing.Canvas` and box-filtered down.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from semla.registry._synth_draw import (
+from semla.registry.synth.drawing import (
     BUILDING_COLOURS, FAR, NEAR, Camera, Canvas, bush, downsample, draw_windows, ground_quad, jitter,
     person, pole, sky_image, texture, tree,
 )
