@@ -64,7 +64,7 @@ def _gauge(name: str, text: str, labels: list[str] | None = None) -> GaugeMetric
 
 
 class NodeCollector(Collector):
-    """Scrape-time view of the worker (``_Worker`` of :mod:`semla.registry.serve`) and its node."""
+    """Scrape-time view of the worker (``Worker`` of :mod:`semla.registry.serve.worker`) and its node."""
 
     def __init__(self, worker: Any) -> None:
         self.worker = worker
