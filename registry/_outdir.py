@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
-from semla.registry.bundle import atomic_replace_dir
+from semla.registry.fs import atomic_replace_dir
 from semla.schemas.errors import InvalidInputError
 
 __all__ = ["check_out_dir", "write_out_dir"]

@@ -12,11 +12,8 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from semla.registry import keys as _keys
+from semla.registry.fs import atomic_replace_dir
 from semla.registry.privacy import check_min_samples
-from semla.registry.fs import fsync_dir, write_durable
 from semla.schemas import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
@@ -62,7 +59,6 @@ __all__ = [
     "lora_tensor_layout",
     "lora_tensor_name",
     "sha256_bytes",
-    "atomic_replace_dir",
 ]
 
 #: Largest bundle file accepted anywhere (weights of ViT-B-16 rank 64 are ~40 MB).
@@ -331,37 +327,6 @@ def read_bundle(path: Path) -> dict[str, bytes]:
             raise FileSetError(f"{entry.name} is larger than {MAX_FILE_BYTES} bytes", code="file_too_large")
         files[entry.name] = entry.read_bytes()
     return files
-
-
-def atomic_replace_dir(target: Path, files: Mapping[str, bytes], *, overwrite: bool = False) -> None:
-    """Write ``files`` into a fresh temp dir beside ``target`` and rename it into place.
-
-    Nothing half-written is ever visible at ``target``: on failure the temp dir is removed.
-
-    Raises:
-        InvalidInputError: ``target`` exists and ``overwrite`` is false.
-    """
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise InvalidInputError(f"{target} already exists")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        for name, data in files.items():
-            write_durable(tmp / name, data)
-        fsync_dir(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-        fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_bundle(

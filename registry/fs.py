@@ -1,11 +1,17 @@
-"""Durable writes: the file's bytes reach the disk before its name does (torch-free)."""
+"""Durable writes: the file's bytes reach the disk before its name does (torch-free), and whole
+directories replaced in one rename."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["atomic_write", "fsync_dir", "write_durable"]
+from semla.schemas.errors import InvalidInputError
+
+__all__ = ["atomic_replace_dir", "atomic_write", "fsync_dir", "write_durable"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -39,3 +45,34 @@ def atomic_write(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_replace_dir(target: Path, files: Mapping[str, bytes], *, overwrite: bool = False) -> None:
+    """Write ``files`` into a fresh temp dir beside ``target`` and rename it into place.
+
+    Nothing half-written is ever visible at ``target``: on failure the temp dir is removed.
+
+    Raises:
+        InvalidInputError: ``target`` exists and ``overwrite`` is false.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise InvalidInputError(f"{target} already exists")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        for name, data in files.items():
+            write_durable(tmp / name, data)
+        fsync_dir(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 from semla.registry.basecard import compute_base_card
 from semla.registry.basecheck import verify_against_card
-from semla.registry.bundle import atomic_replace_dir, read_bundle, verify_bundle
-from semla.registry.fs import atomic_write
+from semla.registry.bundle import read_bundle, verify_bundle
+from semla.registry.fs import atomic_replace_dir, atomic_write
 from semla.registry.keys import key_id
 from semla.registry.keys import verify as verify_signature
 from semla.registry.cache import AdapterCache, CacheLimits, adapter_key
