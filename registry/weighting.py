@@ -64,6 +64,7 @@ from typing import Any
 
 import numpy as np
 
+from semla.schemas.api import MAX_GUARD_Z
 from semla.schemas.errors import InvalidInputError
 
 __all__ = [
@@ -97,8 +98,6 @@ DISTANCE_TEMPERATURE = 0.05
 MIN_SPREAD = 1e-3
 #: ``paper`` clamps distances to at least this before 1/d (the released code divides by d).
 PAPER_MIN_DISTANCE = 1e-6
-#: guard_z is accepted in [0, MAX_GUARD_Z].
-MAX_GUARD_Z = 1e3
 #: At most this many centroids are used to measure the library's geometry for the v1 default.
 GEOMETRY_SAMPLE = 1024
 
