@@ -184,3 +184,98 @@ def test_weighting_imports_no_torch():
     code = "import sys, semla.registry.weighting, semla.registry.retrieval; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- the registry: manifests of schema 1 and 2, POST /v1/retrieve ---------------------------------
+def _v2(q50, q90, q99, count=64):
+    return {"schema_version": 2, "spread": {"q50": q50, "q90": q90, "q99": q99, "count": count}}
+
+
+@pytest.fixture()
+def registry(tmp_path):
+    import bundle_factory
+    from fastapi.testclient import TestClient
+
+    from semla.registry import keys
+    from semla.server import ServerSettings, create_app
+
+    bundle_factory.install_base_card(tmp_path / "data")
+    with TestClient(create_app(ServerSettings(data_dir=tmp_path / "data", admin_token="t"))) as client:
+        key = keys.generate_key()
+        r = client.post("/v1/keys", json={"public_key": keys.public_bytes(key).hex()},
+                        headers={"Authorization": "Bearer t"})
+        assert r.status_code == 201, r.text
+        yield client, key
+
+
+def _upload(client, files):
+    return client.post("/v1/adapters", files={n: (n, d, "application/octet-stream") for n, d in files.items()})
+
+
+def test_v1_and_v2_manifests_publish_and_list_their_spread(registry, tmp_path):
+    import json
+
+    import bundle_factory
+
+    from semla.schemas import MANIFEST_FILE, Manifest
+
+    client, key = registry
+    old = bundle_factory.make_bundle_files(tmp_path, key, name="old", seed=1)
+    new = bundle_factory.make_bundle_files(tmp_path, key, name="new", seed=2, **_v2(0.2, 0.3, 0.45))
+    assert b"spread" not in old[MANIFEST_FILE] and json.loads(old[MANIFEST_FILE])["schema_version"] == 1
+    assert Manifest.parse(new[MANIFEST_FILE]).spread.quantiles == (0.2, 0.3, 0.45)
+    for files in (old, new):
+        assert _upload(client, files).status_code == 201
+    listing = {a["name"]: a for a in client.get("/v1/adapters").json()}
+    assert "spread" not in listing["old"]  # the schema-1 listing keeps its exact shape
+    assert listing["new"]["spread"] == [0.2, 0.3, 0.45]
+
+
+def test_a_v2_manifest_without_spread_or_v1_with_one_is_refused(registry, tmp_path):
+    import bundle_factory
+
+    client, key = registry
+    ok = bundle_factory.make_bundle_files(tmp_path, key, name="x", **_v2(0.2, 0.3, 0.4))
+    for edit in ({"schema_version": 1}, {"spread": None}, {"spread": {"q50": 0.5, "q90": 0.3, "q99": 0.4, "count": 1}},
+                 {"schema_version": 3}, {"spread": {"q50": 0.1, "q90": 0.3, "q99": 2.5, "count": 1}}):
+        files = bundle_factory.edit_manifest(ok, lambda raw, edit=edit: raw.update(edit), resign_with=key)
+        r = _upload(client, files)
+        assert 400 <= r.status_code < 500, (edit, r.text)
+        assert r.json()["error"]["code"] == "manifest_invalid", r.text
+    assert _upload(client, ok).status_code == 201
+
+
+def test_retrieve_weighting_guard_and_base_weight(registry, tmp_path):
+    import bundle_factory
+
+    client, key = registry
+    for i in range(3):
+        assert _upload(client, bundle_factory.make_bundle_files(
+            tmp_path, key, name=f"a{i}", seed=i, **_v2(0.2, 0.25, 0.35))).status_code == 201
+    listing = client.get("/v1/adapters").json()
+    at = listing[0]["centroids"][0]
+    body = {"embedding": at, "base_fingerprint": bundle_factory.FINGERPRINT}
+    plain = client.post("/v1/retrieve", json=body).json()
+    assert plain["weighting"] == "calibrated" and plain["base_weight"] == 0.0
+    assert sum(x["weight"] for x in plain["results"]) == pytest.approx(1.0, abs=1e-6)
+
+    guarded = client.post("/v1/retrieve", json={**body, "guard": True}).json()
+    assert guarded["results"][0]["name"] == listing[0]["name"]
+    assert 0.0 < guarded["base_weight"] < 0.05  # at a centroid the base gets almost nothing
+    assert sum(x["weight"] for x in guarded["results"]) + guarded["base_weight"] == pytest.approx(1.0, abs=1e-6)
+
+    far = [-x for x in at]
+    away = client.post("/v1/retrieve", json={**body, "embedding": far, "guard": True}).json()
+    assert away["base_weight"] > 0.9  # nothing in the library covers it
+
+    for scheme in ("paper", "neg-distance"):
+        r = client.post("/v1/retrieve", json={**body, "weighting": scheme})
+        assert r.status_code == 200 and r.json()["weighting"] == scheme
+
+    r = client.post("/v1/retrieve", json={**body, "weighting": "softmax"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_weighting"
+    assert "calibrated" in r.json()["error"]["message"]
+    for bad in ({"guard_z": -1}, {"guard_z": 1e9}, {"guard": "maybe"}, {"weighting": ""}, {"weighting": "x" * 65},
+                {"temperature": 0}):
+        r = client.post("/v1/retrieve", json={**body, **bad})
+        assert r.status_code == 422, (bad, r.text)
