@@ -208,10 +208,10 @@ def install_error_handlers(app: FastAPI, *, service: str) -> None:
     async def semla_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, SemlaError)
         code = status_for(exc)
-        if code >= 500 and code != 503:
+        if code >= 500 and code != 503:  # the operator's fault: the log has the details, the caller a code
             logger.error("%s %s failed: %s", request.method, request.url.path, exc.code, exc_info=exc)
-        else:
-            logger.info("%s %s refused: %s %s (%s)", request.method, request.url.path, code, exc.code, exc.message)
+            return _noted(request, code, exc.code, f"internal server error (logged on the {service})")
+        logger.info("%s %s refused: %s %s (%s)", request.method, request.url.path, code, exc.code, exc.message)
         return _noted(request, code, exc.code, exc.message)
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

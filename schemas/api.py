@@ -21,12 +21,14 @@ __all__ = [
     "MIN_TEMPERATURE",
     "MAX_TEMPERATURE",
     "MAX_EMBEDDING_ABS",
+    "MAX_GUARD_Z",
     "RetrieveResponse",
     "RetrievedAdapter",
     "Contribution",
     "DEFAULT_TOP_K",
     "DEFAULT_TEMPERATURE",
     "DEFAULT_DISTANCE",
+    "DEFAULT_WEIGHTING",
     "DISTANCES",
     "RevokeRequest",
     "RotateRequest",
@@ -120,6 +122,17 @@ class AdapterSummary(_Api):
     centroids: list[list[float]]
     created_at: str
     revoked: bool = False
+    #: The signed manifest's spread quantiles [q50, q90, q99] (schema 2); absent for version-1
+    #: manifests (the key is left out entirely, so documents listing only version-1 adapters
+    #: keep their exact bytes). A node re-checks it against the signed manifest, like the centroids.
+    spread: list[float] | None = Field(default=None, min_length=3, max_length=3, exclude_if=lambda v: v is None)
+
+    @field_validator("spread")
+    @classmethod
+    def _spread_values(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not all(math.isfinite(x) and 0.0 <= x <= 2.0 for x in v):
+            raise ValueError("spread quantiles must be finite numbers in [0, 2]")
+        return v
 
 
 class UploadReceipt(_Api):
@@ -130,10 +143,13 @@ class UploadReceipt(_Api):
 
 
 #: Retrieval defaults, shared by the node, its service, the CLIs and ``POST /v1/retrieve``
-#: (the released SemLA configuration: top-5, T 0.05, Euclidean distance).
+#: (top-5 and Euclidean distance as in the released SemLA configuration).
 DEFAULT_TOP_K = 5
-DEFAULT_TEMPERATURE = 0.05
+#: None: each weighting scheme's own default temperature (``semla.registry.weighting``).
+DEFAULT_TEMPERATURE: float | None = None
 DEFAULT_DISTANCE = "euclidean"
+#: The weighting scheme used where none is named (``semla.registry.weighting`` holds them all).
+DEFAULT_WEIGHTING = "calibrated"
 #: Registered distance names (between unit vectors).
 DISTANCES = ("euclidean", "cosine")
 
@@ -141,6 +157,8 @@ DISTANCES = ("euclidean", "cosine")
 #: between unit vectors lie in [0, 2], so T in [1e-3, 1e3] keeps every weight finite.
 MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 1e3
+#: guard_z (the base's position in the ``calibrated`` weighting's spread units) lies in [0, MAX_GUARD_Z].
+MAX_GUARD_Z = 1e3
 #: Largest |value| of a query embedding component (embeddings are normalised anyway; this keeps
 #: the square sum finite in float32).
 MAX_EMBEDDING_ABS = 1e6
@@ -152,8 +170,17 @@ class RetrieveRequest(_Api):
     embedding: list[float] = Field(min_length=2, max_length=4096, description="the query image's embedding")
     base_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$", description="only adapters of this base model")
     top_k: int = Field(default=DEFAULT_TOP_K, ge=1, le=100)
-    temperature: float = Field(default=DEFAULT_TEMPERATURE, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
+    temperature: float | None = Field(default=DEFAULT_TEMPERATURE, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE,
+                                      description="the weighting's temperature; null: the scheme's default "
+                                                  "(calibrated 0.5 in spread units, neg-distance and paper 0.05)")
     distance: Literal[DISTANCES] = DEFAULT_DISTANCE
+    weighting: str = Field(default=DEFAULT_WEIGHTING, min_length=1, max_length=64,
+                           description="weighting scheme: calibrated (default), neg-distance or paper; "
+                                       "an unknown name is a 400 unknown_weighting")
+    guard: bool = Field(default=False, description="the base model (a zero adapter) takes part in the softmax; "
+                                                   "the adapters' weights then sum to 1 - base_weight")
+    guard_z: float | None = Field(default=None, ge=0, le=MAX_GUARD_Z,
+                                  description="the base's position in spread units; null: the library's default")
 
     @field_validator("embedding")
     @classmethod
@@ -180,9 +207,15 @@ Contribution = RetrievedAdapter
 
 
 class RetrieveResponse(_Api):
-    """Nearest adapters first; weights = softmax(-distance / T) over them, summing to 1."""
+    """Nearest adapters first, with their fusion weights under the requested weighting scheme.
+
+    The weights sum to ``1 - base_weight``: ``base_weight`` is 0 without the guard, and with it
+    the share of the base model (a zero adapter), so fusing exactly with these weights already
+    means fusing with the base."""
 
     results: list[RetrievedAdapter]
+    base_weight: float = 0.0
+    weighting: str = DEFAULT_WEIGHTING
 
 
 class RevokeRequest(_Api):

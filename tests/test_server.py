@@ -440,7 +440,7 @@ def test_missing_blob_is_a_logged_500(tmp_path, data_dir, caplog):
         files = bundle_factory.make_bundle_files(tmp_path, key)
         assert upload(client, files).status_code == 201
         client.app.state.blobs.delete(hashlib.sha256(files[SIGNATURE_FILE]).hexdigest())
-        assert_error(client.get(f"/v1/adapters/city-streets/1/files/{SIGNATURE_FILE}"), 500, "internal")
+        assert_error(client.get(f"/v1/adapters/city-streets/1/files/{SIGNATURE_FILE}"), 500, "storage_error")
     logged = [r for r in caplog.records if r.name == "semla.http" and r.levelname == "ERROR"]
     assert logged and "missing from the store" in str(logged[0].exc_info[1])
 

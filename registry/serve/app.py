@@ -105,7 +105,7 @@ def create_app(node: "Node", settings: ServeSettings = ServeSettings()) -> FastA
         if not form.images:
             raise UnprocessableError("send at least one file part named images", code="no_images")
         arrays = await run_in_threadpool(lambda: [decode_image(name, data) for name, data in form.images])
-        key = (params.top_k, params.temperature, params.distance)
+        key = params.options()
         jobs = [Job(a, params.classes, key, concurrent.futures.Future()) for a in arrays]
         worker.submit(jobs)
         done = await asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs))

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 
-from semla.registry.cli_common import EXIT_OK, add_node_arguments, build_node
+from semla.registry.cli_common import EXIT_OK, add_node_arguments, add_weighting_arguments, build_node
 from semla.registry.logs import LOG_FORMAT_ENV, LOG_FORMATS, resolve_log_format, uvicorn_log_config
 from semla.registry.serve.app import create_app
 from semla.registry.serve.settings import ServeSettings
@@ -33,7 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                              max_upload_bytes=args.max_upload_bytes, max_images=args.max_images,
                              refresh_seconds=args.refresh_seconds, top_k=args.top_k, temperature=args.temperature,
-                             metrics=args.metrics)
+                             weighting=args.weighting, guard=args.guard, guard_z=args.guard_z, metrics=args.metrics)
     log_config = uvicorn_log_config(resolve_log_format(args.log_format))  # a bad value fails before the pull
     node = build_node(args, max_index_age=args.max_index_age)
     app = create_app(node, settings)
@@ -64,7 +64,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=defaults.top_k,
                    help=f"default adapters fused per image (default {defaults.top_k})")
     p.add_argument("--temperature", type=float, default=defaults.temperature,
-                   help=f"default softmax temperature (default {defaults.temperature})")
+                   help="default softmax temperature of the weighting (default: the scheme's own)")
+    add_weighting_arguments(p)
     p.add_argument("--log-format", choices=LOG_FORMATS, default=None,
                    help=f"text: uvicorn's log lines; json: one JSON object per line (env {LOG_FORMAT_ENV}, "
                    "default text)")

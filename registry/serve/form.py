@@ -22,7 +22,9 @@ from semla.registry.retrieval import (
     temperature_ok,
 )
 from semla.schemas.errors import InvalidInputError, UnprocessableError
-from semla.registry.serve.settings import FORMATS, MAX_IMAGE_PIXELS, MAX_TOP_K, ServeSettings
+from semla.registry.serve.settings import FORMATS, MAX_IMAGE_PIXELS, MAX_TOP_K, ServeSettings, guard_z_ok
+from semla.registry.weighting import MAX_GUARD_Z, WEIGHTINGS, list_weightings
+from semla.schemas.api import DEFAULT_WEIGHTING
 
 
 # -- request parsing ------------------------------------------------------------------------------
@@ -32,7 +34,7 @@ class Form:
     fields: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-_FIELDS = ("classes", "top_k", "temperature", "distance", "format")
+_FIELDS = ("classes", "top_k", "temperature", "distance", "weighting", "guard", "guard_z", "format")
 
 
 def _form_part(max_images: int):
@@ -73,9 +75,20 @@ async def read_form(request: Request, settings: ServeSettings) -> Form:
 class Params:
     classes: list[str]
     top_k: int
-    temperature: float
+    temperature: float | None
     distance: str
     format: str
+    weighting: str = DEFAULT_WEIGHTING
+    guard: bool = False
+    guard_z: float | None = None
+
+    def options(self) -> tuple:
+        """The retrieval options as a hashable batching key (sorted (name, value) pairs)."""
+        return tuple(sorted({"top_k": self.top_k, "temperature": self.temperature, "distance": self.distance,
+                             "weighting": self.weighting, "guard": self.guard, "guard_z": self.guard_z}.items()))
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def parse_params(fields: dict[str, str], settings: ServeSettings) -> Params:
@@ -90,9 +103,11 @@ def parse_params(fields: dict[str, str], settings: ServeSettings) -> Params:
                                  "tokens)", code="bad_classes")
     try:
         top_k = int(fields.get("top_k") or settings.top_k)
-        temperature = float(fields.get("temperature") or settings.temperature)
+        temperature = float(fields["temperature"]) if fields.get("temperature") else settings.temperature
+        guard_z = float(fields["guard_z"]) if fields.get("guard_z") else settings.guard_z
     except ValueError:
-        raise UnprocessableError("top_k must be an integer and temperature a number", code="bad_parameter") from None
+        raise UnprocessableError("top_k must be an integer, temperature and guard_z numbers",
+                                 code="bad_parameter") from None
     if not 1 <= top_k <= MAX_TOP_K:
         raise UnprocessableError(f"top_k must be in [1, {MAX_TOP_K}], got {top_k}", code="bad_parameter")
     if not temperature_ok(temperature):
@@ -103,7 +118,17 @@ def parse_params(fields: dict[str, str], settings: ServeSettings) -> Params:
     fmt = fields.get("format") or "png"
     if fmt not in FORMATS:
         raise UnprocessableError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}", code="bad_parameter")
-    return Params(classes, top_k, temperature, distance, fmt)
+    weighting = fields.get("weighting") or settings.weighting
+    if weighting not in WEIGHTINGS:
+        raise UnprocessableError(f"unknown weighting {weighting[:64]!r}; valid: {', '.join(list_weightings())}",
+                                 code="unknown_weighting")
+    guard_text = (fields.get("guard") or "").strip().lower()
+    if guard_text and guard_text not in _TRUE + _FALSE:
+        raise UnprocessableError("guard must be true or false", code="bad_parameter")
+    guard = guard_text in _TRUE if guard_text else settings.guard
+    if guard_z is not None and not guard_z_ok(guard_z):
+        raise UnprocessableError(f"guard_z must lie in [0, {MAX_GUARD_Z:g}], got {guard_z}", code="bad_parameter")
+    return Params(classes, top_k, temperature, distance, fmt, weighting, guard, guard_z)
 
 
 def decode_image(filename: str, data: bytes) -> np.ndarray:

@@ -17,6 +17,8 @@ from semla.registry.retrieval import (
     temperature_ok,
 )
 from semla.schemas.errors import InvalidInputError
+from semla.registry.weighting import MAX_GUARD_Z, WEIGHTINGS, check_guard_z, list_weightings
+from semla.schemas.api import DEFAULT_WEIGHTING
 
 
 #: Largest decoded image accepted (pixels); larger ones are refused before decoding.
@@ -38,7 +40,8 @@ class ServeSettings:
         max_images: most images in one request.
         max_queue: most images waiting; beyond it requests get 503 ``busy``.
         refresh_seconds: period of the background ``node.pull()``; 0 disables it.
-        top_k, temperature, distance: retrieval defaults when a request gives none.
+        top_k, temperature, distance, weighting, guard, guard_z: retrieval defaults when a request
+            gives none (temperature None: the weighting scheme's own).
         body_limits: how fast a request body must arrive (slower ones get 408 and are cut off).
         metrics: serve Prometheus metrics at ``/metrics`` (and count requests and batches).
     """
@@ -50,8 +53,11 @@ class ServeSettings:
     max_queue: int = 1024
     refresh_seconds: float = 60.0
     top_k: int = DEFAULT_TOP_K
-    temperature: float = DEFAULT_TEMPERATURE
+    temperature: float | None = DEFAULT_TEMPERATURE
     distance: str = DEFAULT_DISTANCE
+    weighting: str = DEFAULT_WEIGHTING
+    guard: bool = False
+    guard_z: float | None = None
     body_limits: BodyLimits = BodyLimits()
     metrics: bool = True
 
@@ -70,5 +76,16 @@ class ServeSettings:
             problems.append(f"temperature must lie in {TEMPERATURE_RANGE}")
         if self.distance not in DISTANCES:
             problems.append(f"distance must be one of {', '.join(DISTANCES)}")
+        if self.weighting not in WEIGHTINGS:
+            problems.append(f"weighting must be one of {', '.join(list_weightings())}")
+        if self.guard_z is not None and not guard_z_ok(self.guard_z):
+            problems.append(f"guard_z must lie in [0, {MAX_GUARD_Z:g}]")
         if problems:
             raise InvalidInputError("invalid serve settings: " + "; ".join(problems))
+
+def guard_z_ok(value: float) -> bool:
+    try:
+        check_guard_z(value)
+    except InvalidInputError:
+        return False
+    return True

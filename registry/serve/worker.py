@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 class Job:
     image: np.ndarray
     classes: list[str]
-    key: tuple[int, float, str]  # (top_k, temperature, distance): one node.segment call per value
+    key: tuple  # the retrieval options as sorted (name, value) pairs: one node.segment call per value
     future: concurrent.futures.Future
     enqueued: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -147,20 +147,20 @@ class Worker:
         groups: dict[tuple, list[Job]] = {}
         for job in batch:
             groups.setdefault(job.key, []).append(job)
-        for (top_k, temperature, distance), jobs in groups.items():
+        for key, jobs in groups.items():
             jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
             if jobs:
-                self._segment(jobs, top_k, temperature, distance, isolate=True)
+                self._segment(jobs, dict(key), isolate=True)
 
-    def _segment(self, jobs: list[Job], top_k: int, temperature: float, distance: str, *, isolate: bool) -> None:
+    def _segment(self, jobs: list[Job], options: dict[str, Any], *, isolate: bool) -> None:
         started = time.monotonic()
         try:
-            preds = self.node.segment([j.image for j in jobs], [j.classes for j in jobs], top_k=top_k,
-                                      temperature=temperature, distance=distance, batch_size=len(jobs))
+            preds = self.node.segment([j.image for j in jobs], [j.classes for j in jobs], batch_size=len(jobs),
+                                      **options)
         except InvalidInputError as exc:
             if isolate and len(jobs) > 1:  # one image's problem must not fail its batch-mates
                 for job in jobs:
-                    self._segment([job], top_k, temperature, distance, isolate=False)
+                    self._segment([job], options, isolate=False)
                 return
             self._fail(jobs, exc)
             return
