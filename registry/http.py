@@ -43,6 +43,11 @@ class RegistryClient:
         self.url = url.rstrip("/")
         self._client = client or httpx.Client(timeout=timeout)
 
+    @property
+    def http(self) -> httpx.Client:
+        """The underlying httpx client (TUF downloads go through it)."""
+        return self._client
+
     def close(self) -> None:
         self._client.close()
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import calendar
 import dataclasses
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -37,21 +36,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 import torch.nn.functional as F
 
 from semla.registry.basecard import compute_base_card
 from semla.registry.basecheck import verify_against_card
 from semla.registry.bundle import read_bundle, verify_bundle
-from semla.registry.fs import atomic_replace_dir, atomic_write
-from semla.registry.keys import key_id
-from semla.registry.keys import verify as verify_signature
+from semla.registry.fs import atomic_replace_dir
 from semla.registry.cache import AdapterCache, CacheLimits, adapter_key
 from semla.registry._limits import MAX_UPSAMPLE_ELEMENTS, check_classes
 from semla.registry.data import read_image
 from semla.registry.device import resolve_device  # re-exported for callers of semla.registry.node
 from semla.registry.fusion import FusionEngine, LoraAdapter, load_adapter
 from semla.registry.http import RegistryClient
+from semla.registry.tufindex import TufIndex, directory_for
 from semla.registry.model import DenseClip, load_base, lora_target_modules
 from semla.registry.retrieval import (
     DEFAULT_DISTANCE,
@@ -67,14 +64,9 @@ from semla.registry.weighting import check_guard_z, check_weighting
 from semla.schemas import (
     ADAPTER_WEIGHTS_FILE,
     BUNDLE_FILES,
-    INDEX_CONTEXT,
     MANIFEST_FILE,
     AdapterSummary,
     Contribution,
-    IndexSigned,
-    SignedIndex,
-    canonical_json,
-    root_rotation_payload,
 )
 from semla.schemas.basecard import BaseCard
 from semla.schemas.errors import (
@@ -83,16 +75,12 @@ from semla.schemas.errors import (
     InvalidInputError,
     NotFoundError,
     RegistryError,
-    SignatureError,
     VerificationError,
 )
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Node", "Segmenter", "Prediction", "Contribution", "default_cache_dir", "resolve_device"]
-
-INDEX_FILE = "index.json"
-
 
 def _parse_utc(text: str) -> float:
     """``2026-01-01T00:00:00Z`` → seconds since the epoch."""
@@ -167,8 +155,10 @@ class Node:
         limits: byte budgets of the cache tiers.
         max_index_age: seconds the node keeps serving from its last index while the registry
             is unreachable; after that (or after the snapshot's signed expiry) it refuses.
-        registry_key: the registry's raw public key, given out of band; default: trusted on
-            first use and pinned in ``cache_dir``.
+        registry_key: the registry key a node pinned before TUF (given, or its pin file in
+            ``cache_dir``): the registry's first TUF root must carry its signature (migration).
+        root: a TUF root.json of the registry given out of band (default: the first root
+            signed by ``registry_key``, else trusted on first use); then ngclient keeps it current.
         card: the base card adapters are checked against before loading (default: computed from
             ``base``, with the default bounds).
     """
@@ -183,6 +173,7 @@ class Node:
         limits: CacheLimits = CacheLimits(),
         max_index_age: float = 86400.0,
         registry_key: bytes | None = None,
+        root: bytes | None = None,
         card: BaseCard | None = None,
     ) -> None:
         self.client = registry if isinstance(registry, RegistryClient) else RegistryClient(registry)
@@ -205,6 +196,8 @@ class Node:
         self.index_expires: float | None = None
         self.index_version: int | None = None
         self.registry_key = registry_key
+        self.root = root
+        self._index: TufIndex | None = None
         self.offline = False
         self._table: CentroidTable | None = None
         self._texts: dict[tuple[str, ...], torch.Tensor] = {}
@@ -214,45 +207,43 @@ class Node:
 
     # -- library ------------------------------------------------------------------------------
     def pull(self) -> list[AdapterSummary]:
-        """Fetch and verify the registry's signed index; keep the adapters made for this base.
+        """Update the library through the registry's TUF metadata; keep the adapters of this base.
 
-        The snapshot must be signed by the pinned registry key (given, or trusted on first use
-        and remembered in the cache dir), not older than the last one accepted (rollback) and
-        not expired (freeze). When the registry cannot be reached, the last accepted snapshot
-        on disk is used again (re-verified), until it expires.
+        ``tuf.ngclient`` verifies root, timestamp, snapshot, the top-level targets and every bin
+        it reads (thresholds, rollback, freeze, mix-and-match, lengths and hashes); only the bins
+        and centroid shards that changed since the last refresh are downloaded. The first root is
+        the one given (``root``), or the registry's ``1.root.json`` signed by the registry key this
+        node pinned before TUF (the migration), or trusted on first use. When the registry cannot
+        be reached, the last accepted library is served again until it expires.
 
         Raises:
-            VerificationError: bad signature, another registry key, rollback, expired snapshot.
-            RegistryError: unreachable and no usable snapshot on disk, or refused.
-            NotFoundError: the index holds no adapter for this node's base model.
+            VerificationError: metadata or a shard refused (``rollback``, ``index_expired``,
+                ``hash_mismatch``, ``too_long``, ``tuf_signature``, ...); nothing is replaced.
+            RegistryError: unreachable and no usable library on disk, or refused.
+            NotFoundError: the library holds no adapter for this node's base model.
         """
-        saved = self._load_index()
+        index = self._tuf_index()
         try:
-            doc = self.client.signed_index()
+            index.refresh()
             accepted_at = time.time()
             self.offline = False
         except RegistryError as exc:
             unreachable = exc.code == "unreachable" or (exc.status is not None and exc.status >= 500)
-            if not unreachable or saved is None:
-                if unreachable:
-                    raise RegistryError(f"{exc.message}; and no earlier index of this registry is cached",
-                                        code="unreachable") from None
+            if not unreachable:
                 raise
-            doc, accepted_at = saved
+            accepted_at = self.index_time if index.version is not None else index.load_saved()
+            if accepted_at is None:
+                raise RegistryError(f"{exc.message}; and no earlier index of this registry is cached",
+                                    code="unreachable") from None
             self.offline = True
             logger.warning("registry unreachable (%s); serving from the index accepted at %s", exc.message,
                            time.ctime(accepted_at))
-        signed = self._verify_index(doc)
-        if saved is not None and not self.offline:
-            last = SignedIndex.model_validate(saved[0]).signed.version
-            if signed.version < last:
-                raise VerificationError(f"index version {signed.version} is older than the accepted {last} "
-                                        "(rollback refused)", code="rollback")
         fingerprint = self.base.ref.fingerprint
-        listed = [a for a in signed.adapters if a.base_fingerprint == fingerprint]
+        everything = index.library()
+        listed = [a for a in everything if a.base_fingerprint == fingerprint]
         if not listed:
             raise NotFoundError(
-                f"the registry lists {len(signed.adapters)} adapter(s), none for base {self.base.ref.arch} "
+                f"the registry lists {len(everything)} adapter(s), none for base {self.base.ref.arch} "
                 f"({fingerprint[:12]})"
             )
         # Everything is computed first and swapped in together: a pull replaces the library, its
@@ -265,18 +256,24 @@ class Node:
                 logger.warning("leaving out %s: %s", adapter_key(a), why)
                 excluded[adapter_key(a)] = why
         library = [a for a in listed if adapter_key(a) not in excluded]
-        table = _table(library)
-        keys = {k.key_id: bytes.fromhex(k.public_key) for k in signed.keys}
-        self.library, self._table, self.trusted_keys, self.excluded = library, table, keys, excluded
-        self.index_time, self.index_expires = accepted_at, _parse_utc(signed.expires)
-        self.index_version = signed.version
+        if library != self.library or self._table is None:
+            table = _table(library)
+        else:
+            table = self._table  # nothing changed: the same table
+        self.library, self._table, self.trusted_keys, self.excluded = library, table, dict(index.keys), excluded
+        self.index_time, self.index_expires = accepted_at, index.expires
+        self.index_version = index.version
         if not self.offline:
-            doc_out = {"registry": self.client.url, "accepted_at": accepted_at, "index": doc}
-            atomic_replace_dir(self.cache_dir / "index", {INDEX_FILE: canonical_json(doc_out)}, overwrite=True)
             dropped = self.cache.retain(library)  # revoked adapters leave every tier
             if dropped:
                 logger.info("dropped %d adapter(s) no longer in the library: %s", len(dropped), ", ".join(dropped))
         return self.library
+
+    def _tuf_index(self) -> TufIndex:
+        if self._index is None:
+            self._index = TufIndex(self.client.http, self.client.url, directory_for(self.cache_dir, self.client.url),
+                                   root=self.root, legacy_key=self._legacy_key())
+        return self._index
 
     def _unusable_listing(self, summary: AdapterSummary) -> str | None:
         """Why a listed adapter's centroids cannot be retrieved by this node, or None."""
@@ -311,11 +308,11 @@ class Node:
         url_id = hashlib.sha256(self.client.url.encode()).hexdigest()[:16]  # one pin per registry URL
         return self.cache_dir / "registry-keys" / f"{url_id}.pub"
 
-    def _pinned_key(self) -> bytes:
-        """The registry key: given, or pinned on first use (kept beside the cached index).
+    def _legacy_key(self) -> bytes | None:
+        """The registry key pinned before TUF (given, or the pin file of an older release), or None.
 
-        Only a pin file that does not exist leads to trust on first use; one that cannot be
-        read or does not hold a key is an error (else whoever damaged it chooses the key).
+        A pin file that cannot be read or does not hold a key is an error (else whoever damaged
+        it would choose the root).
 
         Raises:
             VerificationError: ``pin_unreadable``: the pin file exists but is unreadable or corrupt.
@@ -326,76 +323,18 @@ class Node:
         try:
             text = path.read_text(encoding="ascii").strip()
         except FileNotFoundError:
-            key = self.client.registry_key()  # trust on first use
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, key.hex().encode() + b"\n")
-            self.registry_key = key
-            return key
+            return None
         except (OSError, UnicodeDecodeError) as exc:
             raise VerificationError(f"cannot read the pinned registry key {path}: {exc}; restore it or remove "
-                                    "it to trust the registry's key again", code="pin_unreadable") from None
+                                    "it to trust the registry's root again", code="pin_unreadable") from None
         try:
             key = bytes.fromhex(text)
         except ValueError:
             key = b""
         if len(key) != 32:
             raise VerificationError(f"the pinned registry key {path} is corrupt (not 32 bytes of hex); restore it "
-                                    "or remove it to trust the registry's key again", code="pin_unreadable")
-        self.registry_key = key
+                                    "or remove it to trust the registry's root again", code="pin_unreadable")
         return key
-
-    def _verify_index(self, doc: dict) -> IndexSigned:
-        try:
-            index = SignedIndex.model_validate(doc)
-        except ValidationError:
-            raise VerificationError("the registry's index is malformed", code="index_invalid") from None
-        key = self._follow_rotations(self._pinned_key(), index)
-        kid = key_id(key)
-        sig = next((s for s in index.signatures if s.keyid == kid), None)
-        if sig is None:
-            raise SignatureError(f"the index is not signed by the pinned registry key {kid}", code="registry_key")
-        try:
-            signature = bytes.fromhex(sig.sig)
-        except ValueError:
-            raise SignatureError("the index signature is not hex") from None
-        verify_signature(key, signature, INDEX_CONTEXT + canonical_json(index.signed.model_dump(mode="json")),
-                         what="the registry's index")
-        if _parse_utc(index.signed.expires) < time.time() and not self.offline:
-            raise VerificationError(f"the index expired at {index.signed.expires} (freeze refused)",
-                                    code="index_expired")
-        return index.signed
-
-    def _follow_rotations(self, key: bytes, index: SignedIndex) -> bytes:
-        """Walk the registry's key rotations from the pinned key, each step signed by the key
-        before it; pin the last key reached (unchanged when there is nothing to follow)."""
-        by_old = {r.old_key_id: r for r in index.root_rotations}
-        start = key
-        for _ in range(len(by_old)):
-            step = by_old.get(key_id(key))
-            if step is None or any(s.keyid == key_id(key) for s in index.signatures):
-                break
-            try:
-                signature = bytes.fromhex(step.signature)
-            except ValueError:
-                raise SignatureError("a registry key rotation signature is not hex") from None
-            verify_signature(key, signature, root_rotation_payload(step.old_key_id, step.new_public_key),
-                             what=f"the registry key rotation from {step.old_key_id}")
-            key = bytes.fromhex(step.new_public_key)
-        if key != start:
-            logger.warning("the registry key was rotated from %s to %s; following it", key_id(start), key_id(key))
-            self.registry_key = key
-            atomic_write(self._pin_path(), key.hex().encode() + b"\n")
-        return key
-
-    def _load_index(self) -> tuple[dict, float] | None:
-        """The last accepted snapshot of this registry on disk, or None."""
-        try:
-            doc = json.loads((self.cache_dir / "index" / INDEX_FILE).read_text())
-            if doc["registry"] != self.client.url:
-                return None
-            return doc["index"], float(doc["accepted_at"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
 
     def index_age(self) -> float | None:
         return None if self.index_time is None else time.time() - self.index_time

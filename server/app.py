@@ -52,6 +52,8 @@ from semla.server.rootkey import load_rotations
 from semla.server.db import check_schema, make_engine, make_sessionmaker
 from semla.server.metrics import install_metrics
 from semla.server.settings import ServerSettings
+from semla.server.tufroutes import router as tuf_router
+from semla.server.tufsync import TufSync, ensure_repository
 from semla.server.web import add_web_routes
 
 __all__ = ["create_app"]
@@ -396,16 +398,22 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.blobs = blobs
+    sessions = make_sessionmaker(engine)
     app.state.service = RegistryService(
-        make_sessionmaker(engine), blobs, registry_key=load_or_create_key(settings.resolved_registry_key_file),
+        sessions, blobs, registry_key=load_or_create_key(settings.resolved_registry_key_file),
         index_ttl_seconds=settings.index_ttl_seconds, uploads_per_minute=settings.uploads_per_minute,
         root_rotations=load_rotations(settings.resolved_registry_key_file),
         min_samples=settings.min_samples, epsilon_budget=settings.epsilon_budget,
         base_cards=BaseCardStore(settings.base_cards_dir),
     )
+    app.state.tuf_repo = ensure_repository(settings.data_dir / "tuf", sessions,
+                                           legacy_key_file=settings.resolved_registry_key_file,
+                                           timestamp_ttl=settings.index_ttl_seconds)
+    app.state.service.tuf = TufSync(app.state.tuf_repo)
     install_error_handlers(app, service="registry")
     if settings.metrics:
         install_metrics(app, engine, settings.epsilon_budget)
     app.include_router(router)
+    app.include_router(tuf_router)
     add_web_routes(app)
     return app

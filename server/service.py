@@ -212,6 +212,8 @@ class RegistryService:
         # Serialises "check version → write blobs → commit → clean up" inside one process,
         # so two uploads here never race; across replicas the UNIQUE constraint decides.
         self._publish_lock = threading.Lock()
+        #: Re-signs the TUF metadata after each change (:class:`semla.server.tufsync.TufSync`; set by create_app).
+        self.tuf: Any = None
         #: base fingerprint → (library version, centroid table, summaries, ANN index or None)
         self._tables: dict[str, tuple[int, CentroidTable, list[AdapterSummary], Any]] = {}
 
@@ -243,7 +245,9 @@ class RegistryService:
                 session.commit()
             except IntegrityError:
                 raise ConflictError(f"key {kid} is already registered", code="key_exists") from None
-            return _key_public(row)
+            public = _key_public(row)
+        self._tuf_changed(keys=True)
+        return public
 
     def list_keys(self) -> list[KeyPublic]:
         """Every publisher key, oldest first, with the ε its publisher has spent."""
@@ -316,6 +320,7 @@ class RegistryService:
         for name in BUNDLE_FILES:
             if not self._blobs.exists(digests[name]):
                 self._blobs.put(files[name])
+        self._tuf_changed([manifest.name])
         return UploadReceipt(
             name=manifest.name,
             version=manifest.version,
@@ -429,6 +434,21 @@ class RegistryService:
                                        f"{(1.0 - tokens) * 60.0 / rate:.0f} s")
             self._buckets[key_id] = (tokens - 1.0, now)
 
+    def _tuf_changed(self, names: list[str] | tuple[str, ...] = (), *, keys: bool = False,
+                     publisher: str | None = None) -> None:
+        """Re-sign the TUF metadata a committed change touched, under the publish locks. A failure
+        is logged, never answered: the change is committed, and ``semla-server tuf rebuild`` repairs."""
+        if self.tuf is None:
+            return
+        try:
+            with self._publish_lock, self._sessions() as session:
+                self._lock_publishing(session)
+                self.tuf.changed(session, names, keys=keys, publisher=publisher)
+                session.commit()  # ends the transaction: releases the advisory lock
+        except Exception:
+            logger.exception("signing the TUF metadata failed after a committed change (names %s); run "
+                             "`semla-server tuf rebuild`", ", ".join(names) or "-")
+
     @staticmethod
     def _lock_publishing(session: Session) -> None:
         """Serialise "reuse or write blobs → commit" and "discard unreferenced blobs" across
@@ -507,7 +527,9 @@ class RegistryService:
                 raise ConflictError(f"{name} version {version} is already revoked", code="already_revoked")
             row.revoked_at = utcnow()
             session.commit()
-            return _summary(row)
+            revoked = _summary(row)
+        self._tuf_changed([name])
+        return revoked
 
     @staticmethod
     def _explain_rotated_signer(session: Session, rotated: list[str], signature: bytes, payload: bytes,
@@ -554,6 +576,7 @@ class RegistryService:
             session.add(new)
             old.rotated_to = new_id
             session.commit()
+        self._tuf_changed(keys=True)
         return next(k for k in self.list_keys() if k.key_id == new_id)  # with the spend it carries
 
     def revoke_key(self, key_id: str) -> KeyPublic:
@@ -568,7 +591,9 @@ class RegistryService:
                 raise NotFoundError(f"no publisher key {key_id}")
             row.active = False
             session.commit()
-            return _key_public(row)
+            public = _key_public(row)
+        self._tuf_changed(keys=True, publisher=key_id)
+        return public
 
     def sweep_orphans(self, *, min_age_s: float = 3600.0) -> dict[str, int]:
         """Delete blobs no database row references, and temp files a crash left behind.

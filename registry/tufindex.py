@@ -1,0 +1,453 @@
+"""The library as TUF metadata (python-tuf): the layout both sides share, and the node's sync.
+
+The registry publishes standard TUF metadata (root, targets, snapshot, timestamp; consistent
+snapshots) under ``/tuf/metadata/`` and targets under ``/tuf/targets/``:
+
+- every file of a listed adapter version is the target ``adapters/NAME/VERSION/FILENAME``;
+- the top-level targets role delegates every target through succinct hashed bins (TAP 15),
+  ``bins-0000`` .. ``bins-1fff`` for 8192 bins, signed by one online key;
+- each non-empty bin also carries one *shard*: a safetensors file with the centroids and the
+  summary fields retrieval needs of the adapters whose ``manifest.json`` target lies in the bin.
+  A shard's target path is the first ``shards/J.safetensors`` (J = 0, 1, ...) that hashes into
+  its bin (:func:`shard_targets`), so a stock TUF client finds it like any other target;
+- ``keys/publishers.json``: the active publisher keys (nodes verify every bundle's manifest
+  signature against them, on top of TUF).
+
+A bin at version 1 is empty (the registry never writes content into a first version), so a node
+reads only the bins that changed since its last refresh: metadata, then shards. Rollback,
+freeze, mix-and-match, fast-forward and endless-data protection come from ``tuf.ngclient``.
+
+This module is torch-free (the registry server imports the layout and shard codec).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import ValidationError
+from securesystemslib.signer import SSlibKey
+from tuf.api import exceptions as tuf_errors
+from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
+
+from semla.registry.fs import atomic_write
+from semla.schemas import AdapterSummary, IndexKey
+from semla.schemas.errors import RegistryError, SignatureError, VerificationError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BIN_PREFIX",
+    "DEFAULT_BIN_BITS",
+    "KEYS_TARGET",
+    "MAX_SHARD_BYTES",
+    "TufIndex",
+    "BoundedFetcher",
+    "adapter_target",
+    "bin_for",
+    "decode_shard",
+    "encode_shard",
+    "encode_keys",
+    "decode_keys",
+    "shard_targets",
+    "updater_config",
+]
+
+BIN_PREFIX = "bins"
+#: 2**13 = 8192 bins: about 120 adapters a bin at a million adapters.
+DEFAULT_BIN_BITS = 13
+KEYS_TARGET = "keys/publishers.json"
+SHARD_FORMAT = "semla-shard-v1"
+#: Largest shard a node downloads (a bin's targets name its length; this bounds it again).
+MAX_SHARD_BYTES = 256 << 20
+#: Largest publisher key list (bytes).
+MAX_KEYS_BYTES = 64 << 20
+#: Most adapters one shard may list.
+MAX_SHARD_ADAPTERS = 1 << 20
+
+
+def updater_config() -> UpdaterConfig:
+    """Size caps for every metadata download (a hostile registry cannot send endless data)."""
+    return UpdaterConfig(max_root_rotations=64, max_delegations=8, root_max_length=512 << 10,
+                         timestamp_max_length=16 << 10, snapshot_max_length=16 << 20,
+                         targets_max_length=32 << 20)
+
+
+def adapter_target(name: str, version: int, filename: str) -> str:
+    return f"adapters/{name}/{version}/{filename}"
+
+
+def bin_for(path: str, bit_length: int, name_prefix: str = BIN_PREFIX) -> str:
+    """The bin a target path falls in: TAP 15's rule, as ``SuccinctRoles.get_role_for_target``
+    computes it (the leading ``bit_length`` bits of sha256(path)); tested equal to it."""
+    number = int.from_bytes(hashlib.sha256(path.encode("utf-8")).digest()[:4], "big") >> (32 - bit_length)
+    return f"{name_prefix}-{number:0{len(f'{2**bit_length - 1:x}')}x}"
+
+
+@functools.lru_cache(maxsize=4)
+def shard_targets(bit_length: int, name_prefix: str = BIN_PREFIX) -> dict[str, str]:
+    """bin name → the target path of its shard: the first ``shards/J.safetensors`` hashing into it."""
+    out: dict[str, str] = {}
+    j = 0
+    while len(out) < 2**bit_length:
+        path = f"shards/{j}.safetensors"
+        out.setdefault(bin_for(path, bit_length, name_prefix), path)
+        j += 1
+    return out
+
+
+# -- shards ------------------------------------------------------------------------------------
+_SUMMARY_FIELDS = ("name", "version", "publisher", "base_fingerprint", "domain", "sample_count",
+                   "manifest_sha256", "created_at", "spread")
+
+
+def encode_shard(summaries: Sequence[AdapterSummary]) -> bytes:
+    """safetensors bytes: per centroid dimension D, ``centroids.D`` (n, D) float32 and ``owner.D``
+    (n,) int64 (index into the adapter list); the header metadata holds the adapter list."""
+    from safetensors.numpy import save
+
+    summaries = sorted(summaries, key=lambda a: (a.name, a.version))
+    rows: dict[int, tuple[list, list]] = {}
+    for i, a in enumerate(summaries):
+        for vector in a.centroids:
+            vectors, owners = rows.setdefault(len(vector), ([], []))
+            vectors.append(vector)
+            owners.append(i)
+    tensors = {}
+    for dim, (vectors, owners) in sorted(rows.items()):
+        tensors[f"centroids.{dim}"] = np.asarray(vectors, dtype=np.float32).reshape(len(vectors), dim)
+        tensors[f"owner.{dim}"] = np.asarray(owners, dtype=np.int64)
+    listing = [[getattr(a, f) for f in _SUMMARY_FIELDS] for a in summaries]
+    return save(tensors, metadata={"format": SHARD_FORMAT, "fields": json.dumps(_SUMMARY_FIELDS),
+                                   "adapters": json.dumps(listing, separators=(",", ":"))})
+
+
+def decode_shard(data: bytes) -> list[AdapterSummary]:
+    """The adapters of one shard (centroids as float32 values).
+
+    Raises:
+        VerificationError: ``shard_invalid``: not a shard this node can read.
+    """
+    from safetensors.numpy import load
+
+    def bad(why: str) -> VerificationError:
+        return VerificationError(f"the shard is invalid: {why}", code="shard_invalid")
+
+    try:
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        meta = header.get("__metadata__") or {}
+        if meta.get("format") != SHARD_FORMAT or json.loads(meta["fields"]) != list(_SUMMARY_FIELDS):
+            raise bad("unknown format")
+        listing = json.loads(meta["adapters"])
+        tensors = load(data)
+    except VerificationError:
+        raise
+    except Exception as exc:  # safetensors raises its own errors for a malformed file
+        raise bad(str(exc)[:200]) from None
+    if not isinstance(listing, list) or len(listing) > MAX_SHARD_ADAPTERS:
+        raise bad("the adapter list is not a list or too long")
+    centroids: list[list[list[float]]] = [[] for _ in listing]
+    for key, vectors in tensors.items():
+        kind, _, dim = key.partition(".")
+        if kind == "owner":
+            continue
+        owners = tensors.get(f"owner.{dim}")
+        if kind != "centroids" or owners is None or vectors.ndim != 2 or owners.shape != (len(vectors),) \
+                or vectors.dtype != np.float32 or not np.isfinite(vectors).all():
+            raise bad(f"tensor {key!r}")
+        if len(owners) and (owners.min() < 0 or owners.max() >= len(listing)):
+            raise bad("a centroid names no adapter")
+        for row, owner in zip(vectors.tolist(), owners.tolist()):
+            centroids[owner].append(row)
+    try:
+        return [AdapterSummary(**dict(zip(_SUMMARY_FIELDS, item)), centroids=c) for item, c in zip(listing, centroids)]
+    except (ValidationError, TypeError) as exc:
+        raise bad(str(exc)[:200]) from None
+
+
+def encode_keys(keys: Sequence[IndexKey]) -> bytes:
+    from semla.schemas import canonical_json
+
+    return canonical_json([k.model_dump() for k in sorted(keys, key=lambda k: k.key_id)])
+
+
+def decode_keys(data: bytes) -> dict[str, bytes]:
+    try:
+        keys = [IndexKey.model_validate(k) for k in json.loads(data)]
+        return {k.key_id: bytes.fromhex(k.public_key) for k in keys}
+    except (ValueError, TypeError, ValidationError):
+        raise VerificationError("the publisher key list is invalid", code="keys_invalid") from None
+
+
+# -- the node's side ---------------------------------------------------------------------------
+class BoundedFetcher(FetcherInterface):
+    """``tuf.ngclient`` downloads over an ``httpx.Client`` (the node's registry client).
+
+    ngclient bounds each download by the length its metadata records (or the config's caps)
+    and stops reading past it; this streams in chunks so nothing larger is ever buffered.
+    """
+
+    def __init__(self, client: httpx.Client, chunk_size: int = 1 << 16) -> None:
+        self._client = client
+        self._chunk = chunk_size
+        self.bytes_downloaded = 0
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        return self._chunks(url)
+
+    def _chunks(self, url: str) -> Iterator[bytes]:
+        try:
+            with self._client.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise tuf_errors.DownloadHTTPError(f"GET {url}: HTTP {response.status_code}", response.status_code)
+                for chunk in response.iter_bytes(self._chunk):
+                    self.bytes_downloaded += len(chunk)
+                    yield chunk
+        except httpx.HTTPError as exc:
+            raise tuf_errors.DownloadError(f"cannot reach {url}: {exc}") from None
+
+
+def legacy_keyid(public_raw: bytes) -> str:
+    """The TUF key id of a raw Ed25519 public key (the registry key before TUF)."""
+    return SSlibKey.from_crypto(Ed25519PublicKey.from_public_bytes(public_raw)).keyid
+
+
+def verify_legacy_root(data: bytes, public_raw: bytes) -> None:
+    """Check that a TUF root carries a signature by the registry key a node pinned before TUF.
+
+    Raises:
+        SignatureError: ``registry_key``: not signed by that key (or not a root at all).
+    """
+    key = SSlibKey.from_crypto(Ed25519PublicKey.from_public_bytes(public_raw))
+    try:
+        md = Metadata.from_bytes(data)
+    except Exception:
+        raise SignatureError("the registry's first TUF root is malformed", code="registry_key") from None
+    sig = md.signatures.get(key.keyid)
+    if not isinstance(md.signed, Root) or sig is None:
+        raise SignatureError(f"the registry's first TUF root is not signed by the pinned registry key "
+                             f"{key.keyid[:16]}", code="registry_key")
+    try:
+        key.verify_signature(sig, md.signed_bytes)
+    except Exception:
+        raise SignatureError("the registry's first TUF root has a bad signature by the pinned registry key",
+                             code="registry_key") from None
+
+
+def _convert(exc: Exception) -> Exception:
+    """A python-tuf error as this project's error (the code names the attack it stopped)."""
+    if isinstance(exc, tuf_errors.DownloadLengthMismatchError):
+        return VerificationError(f"the registry sent more bytes than the metadata records: {exc}", code="too_long")
+    if isinstance(exc, tuf_errors.DownloadHTTPError):
+        code = "unreachable" if exc.status_code >= 500 else "not_found" if exc.status_code == 404 else "http_error"
+        return RegistryError(str(exc), code=code, status=exc.status_code)
+    if isinstance(exc, tuf_errors.DownloadError):
+        return RegistryError(str(exc), code="unreachable")
+    if isinstance(exc, tuf_errors.ExpiredMetadataError):
+        return VerificationError(f"the registry's metadata expired (freeze refused): {exc}", code="index_expired")
+    if isinstance(exc, tuf_errors.BadVersionNumberError):
+        return VerificationError(f"metadata version refused (rollback or mix-and-match): {exc}", code="rollback")
+    if isinstance(exc, tuf_errors.UnsignedMetadataError):
+        return SignatureError(f"metadata not signed by a threshold of trusted keys: {exc}", code="tuf_signature")
+    if isinstance(exc, tuf_errors.LengthOrHashMismatchError):
+        return VerificationError(f"a file does not match its signed length and hashes: {exc}", code="hash_mismatch")
+    if isinstance(exc, tuf_errors.RepositoryError):
+        return VerificationError(f"the registry's TUF metadata was refused: {exc}", code="tuf_invalid")
+    return exc
+
+
+@dataclass
+class _Saved:
+    version: int
+    expires: float
+    accepted_at: float
+
+
+class TufIndex:
+    """One node's verified copy of a registry's library, updated through ``tuf.ngclient``.
+
+    Args:
+        client: the registry's httpx client and base URL.
+        directory: this registry's state on the node: ``metadata/`` (ngclient's trusted
+            metadata), ``targets/`` (shards, the key list) and ``state.json``.
+        root: a trusted root.json given out of band (first use only).
+        legacy_key: the registry key a node pinned before TUF: the first root must carry its
+            signature (the migration). Without either, the first root is trusted on first use.
+
+    After :meth:`refresh`, ``bins`` maps every bin to (version, adapters), ``keys`` holds the
+    publisher keys, ``version`` the snapshot version and ``expires`` the timestamp's expiry.
+    """
+
+    def __init__(self, client: httpx.Client, url: str, directory: Path, *, root: bytes | None = None,
+                 legacy_key: bytes | None = None) -> None:
+        self._client = client
+        self.url = url.rstrip("/")
+        self.directory = Path(directory)
+        self._root = root
+        self._legacy_key = legacy_key
+        self.fetcher = BoundedFetcher(client)
+        self.bins: dict[str, tuple[int, list[AdapterSummary]]] = {}
+        self.keys: dict[str, bytes] = {}
+        self.version: int | None = None
+        self.expires: float | None = None
+        self.changed: list[str] = []  # bins whose content the last refresh replaced
+
+    @property
+    def _metadata_dir(self) -> Path:
+        return self.directory / "metadata"
+
+    @property
+    def _targets_dir(self) -> Path:
+        return self.directory / "targets"
+
+    def _bootstrap(self) -> bytes | None:
+        """The root to start from: the trusted one on disk (None), given, or the registry's first."""
+        if (self._metadata_dir / "root.json").exists():
+            return None
+        if self._root is not None:
+            return self._root
+        try:
+            data = self.fetcher.download_bytes(f"{self.url}/tuf/metadata/1.root.json",
+                                               updater_config().root_max_length)
+        except tuf_errors.DownloadError as exc:
+            raise _convert(exc) from None
+        if self._legacy_key is not None:
+            verify_legacy_root(data, self._legacy_key)
+            logger.info("accepted the registry's first TUF root: signed by the pinned registry key")
+        else:
+            logger.warning("trusting the registry's first TUF root on first use (%s)", self.url)
+        return data
+
+    def refresh(self) -> list[str]:
+        """Update through ngclient; download only the bins and shards that changed.
+
+        Returns:
+            The bins whose adapters changed (also in ``changed``).
+
+        Raises:
+            VerificationError, SignatureError: the metadata or a shard was refused (the state is
+                unchanged).
+            RegistryError: the registry cannot be reached (``unreachable``) or refused.
+        """
+        self._metadata_dir.mkdir(parents=True, exist_ok=True)
+        self._targets_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            updater = Updater(str(self._metadata_dir), f"{self.url}/tuf/metadata/", str(self._targets_dir),
+                              f"{self.url}/tuf/targets/", fetcher=self.fetcher, config=updater_config(),
+                              bootstrap=self._bootstrap())
+            updater.refresh()
+            snapshot = Metadata[Snapshot].from_bytes((self._metadata_dir / "snapshot.json").read_bytes()).signed
+            top = Metadata[Targets].from_bytes((self._metadata_dir / "targets.json").read_bytes()).signed
+            timestamp = Metadata[Timestamp].from_bytes((self._metadata_dir / "timestamp.json").read_bytes()).signed
+            succinct = top.delegations.succinct_roles if top.delegations is not None else None
+            if succinct is None:
+                raise VerificationError("the registry's targets delegate to no hashed bins", code="tuf_invalid")
+            shards = shard_targets(succinct.bit_length, succinct.name_prefix)
+            bins: dict[str, tuple[int, list[AdapterSummary]]] = {}
+            changed = []
+            for name in succinct.get_roles():
+                meta = snapshot.meta.get(f"{name}.json")
+                if meta is None:
+                    raise VerificationError(f"the snapshot does not list bin {name}", code="tuf_invalid")
+                old = self.bins.get(name)
+                if old is not None and old[0] == meta.version:
+                    bins[name] = old
+                    continue
+                if meta.version == 1:  # a bin's first version is empty
+                    adapters: list[AdapterSummary] = []
+                else:
+                    info = updater.get_targetinfo(shards[name])
+                    adapters = [] if info is None else decode_shard(self._target(updater, info, MAX_SHARD_BYTES))
+                bins[name] = (meta.version, adapters)
+                if adapters or (old is not None and old[1]):
+                    changed.append(name)
+            info = updater.get_targetinfo(KEYS_TARGET)
+            keys = {} if info is None else decode_keys(self._target(updater, info, MAX_KEYS_BYTES))
+        except tuf_errors.RepositoryError as exc:
+            raise _convert(exc) from None
+        except tuf_errors.DownloadError as exc:
+            raise _convert(exc) from None
+        except OSError as exc:
+            raise RegistryError(f"cannot keep the registry's metadata in {self.directory}: {exc}",
+                                code="cache_error") from None
+        self.bins, self.keys, self.changed = bins, keys, changed
+        self.version = snapshot.version
+        self.expires = timestamp.expires.timestamp()
+        self._save(time.time())
+        return changed
+
+    def _target(self, updater: Updater, info: TargetFile, cap: int) -> bytes:
+        if info.length > cap:
+            raise VerificationError(f"target {info.path} is {info.length} bytes (limit {cap})", code="too_long")
+        path = updater.find_cached_target(info) or updater.download_target(info)
+        return Path(path).read_bytes()
+
+    # -- the last accepted state, for serving while the registry is unreachable -----------------
+    def _save(self, accepted_at: float) -> None:
+        state = {"registry": self.url, "accepted_at": accepted_at, "version": self.version, "expires": self.expires,
+                 "bins": {name: v for name, (v, adapters) in self.bins.items() if adapters}}
+        atomic_write(self.directory / "state.json", json.dumps(state, sort_keys=True).encode())
+
+    def load_saved(self) -> float | None:
+        """Reload the last accepted library from disk (no network); its acceptance time, or None.
+
+        Each shard is re-verified against the bin metadata ngclient kept (length and hashes).
+        """
+        try:
+            state = json.loads((self.directory / "state.json").read_text())
+            if state["registry"] != self.url:
+                return None
+            top = Metadata[Targets].from_bytes((self._metadata_dir / "targets.json").read_bytes()).signed
+            succinct = top.delegations.succinct_roles
+            shards = shard_targets(succinct.bit_length, succinct.name_prefix)
+            bins: dict[str, tuple[int, list[AdapterSummary]]] = {}
+            for name, version in state["bins"].items():
+                role = Metadata[Targets].from_bytes((self._metadata_dir / f"{name}.json").read_bytes()).signed
+                if role.version != version:
+                    return None
+                info = role.targets.get(shards[name])
+                adapters: list[AdapterSummary] = []
+                if info is not None:
+                    path = self._targets_dir / _quote(info.path)
+                    with open(path, "rb") as fh:
+                        info.verify_length_and_hashes(fh)
+                    adapters = decode_shard(path.read_bytes())
+                bins[name] = (version, adapters)
+            keys: dict[str, bytes] = {}
+            keys_path = self._targets_dir / _quote(KEYS_TARGET)
+            if keys_path.exists():
+                keys = decode_keys(keys_path.read_bytes())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, tuf_errors.RepositoryError,
+                VerificationError) as exc:
+            logger.warning("cannot reload the saved library of %s: %s", self.url, exc)
+            return None
+        self.bins, self.keys, self.changed = bins, keys, list(bins)
+        self.version, self.expires = state["version"], state["expires"]
+        return float(state["accepted_at"])
+
+    def library(self) -> list[AdapterSummary]:
+        """Every listed adapter, bin by bin (a stable order: a cold start and a refresh agree)."""
+        return [a for name in sorted(self.bins) for a in self.bins[name][1]]
+
+
+def _quote(path: str) -> str:
+    from urllib.parse import quote
+
+    return quote(path, "")
+
+
+def directory_for(cache_dir: Path, url: str) -> Path:
+    """Where a node keeps one registry's TUF state (one directory per registry URL)."""
+    return Path(cache_dir) / "tuf" / hashlib.sha256(url.encode()).hexdigest()[:16]
+

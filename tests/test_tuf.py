@@ -1,0 +1,348 @@
+"""The library's TUF metadata (python-tuf) through the node: a stock ngclient works, refreshes are
+incremental, and the TUF attacks (rollback, freeze, mix-and-match, hash mismatch, endless data,
+a root rotation below threshold) are refused."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from datetime import datetime, timedelta, timezone
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import Metadata, SuccinctRoles, Timestamp
+
+import bundle_factory
+from semla.registry import keys
+from semla.registry.bundle import read_bundle
+from semla.registry.http import RegistryClient
+from semla.registry.node import Node
+from semla.registry.tufindex import BoundedFetcher, bin_for
+from semla.schemas import revocation_payload
+from semla.schemas.errors import SignatureError, VerificationError
+from semla.server import ServerSettings, create_app
+
+TOKEN = "tuf-test-token"
+URL = "http://registry.test"
+
+
+class Tamper:
+    """An httpx transport in front of the registry app that can swap what chosen URLs answer."""
+
+    def __init__(self, http: TestClient) -> None:
+        self.http = http
+        self.swap: dict[str, object] = {}  # path (or path prefix ending in /) -> bytes or callable(bytes)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        r = self.http.request(request.method, str(request.url), content=request.read())
+        body = r.content
+        for key, change in self.swap.items():
+            if request.url.path == key or (key.endswith("/") and request.url.path.startswith(key)):
+                body = change(body) if callable(change) else change
+                return httpx.Response(200, content=body)
+        headers = {k: v for k, v in r.headers.items() if k.lower() not in ("content-length", "content-encoding")}
+        return httpx.Response(r.status_code, headers=headers, content=body)
+
+
+@pytest.fixture
+def registry(tmp_path, trained_bundle):
+    data_dir = tmp_path / "registry"
+    bundle_factory.install_base_card(data_dir)
+    app = create_app(ServerSettings(data_dir=data_dir, admin_token=TOKEN))
+    http = TestClient(app, base_url=URL)
+    key = keys.generate_key()
+    RegistryClient(URL, client=http).register_key(keys.public_bytes(key).hex(), TOKEN)
+    base_files = read_bundle(trained_bundle)
+    state = {"http": http, "key": key, "data_dir": data_dir, "base_files": base_files, "app": app}
+    publish(state, "fog", 1)
+    return state
+
+
+def publish(state, name: str, version: int) -> None:
+    def change(raw: dict) -> None:
+        raw["name"], raw["version"], raw["publisher"] = name, version, keys.key_id(state["key"])
+
+    files = bundle_factory.edit_manifest(state["base_files"], change, resign_with=state["key"])
+    r = state["http"].post("/v1/adapters", files={n: (n, d) for n, d in files.items()})
+    assert r.status_code == 201, r.text
+
+
+def revoke(state, name: str, version: int) -> None:
+    sig = keys.sign(state["key"], revocation_payload(name, version))
+    RegistryClient(URL, client=state["http"]).revoke(name, version, sig)
+
+
+def make_node(state, tiny_base, cache, tamper: Tamper | None = None) -> Node:
+    http = httpx.Client(transport=httpx.MockTransport(tamper)) if tamper is not None else state["http"]
+    return Node(RegistryClient(URL, client=http), base=copy.deepcopy(tiny_base), cache_dir=cache)
+
+
+def listing(node: Node) -> list[tuple]:
+    return [(a.name, a.version, a.manifest_sha256, a.centroids) for a in node.library]
+
+
+def online_signer(state, role: str) -> CryptoSigner:
+    return CryptoSigner(keys.load_private_key(state["data_dir"] / "tuf" / "keys" / f"{role}.key"))
+
+
+def metadata(state, name: str) -> Metadata:
+    return Metadata.from_bytes(state["http"].get(f"/tuf/metadata/{name}").content)
+
+
+def test_bins_follow_tap15_exactly():
+    roles = SuccinctRoles(keyids=[], threshold=1, bit_length=13, name_prefix="bins")
+    for path in ["adapters/fog/1/manifest.json", "keys/publishers.json", "shards/7.safetensors", "a/ü/x"]:
+        assert bin_for(path, 13) == roles.get_role_for_target(path)
+
+
+def test_a_stock_ngclient_downloads_a_verified_adapter_file(registry, tmp_path):
+    from tuf.ngclient import Updater
+
+    http = registry["http"]
+    (tmp_path / "md").mkdir()
+    updater = Updater(str(tmp_path / "md"), f"{URL}/tuf/metadata/", str(tmp_path / "t"), f"{URL}/tuf/targets/",
+                      fetcher=BoundedFetcher(http), bootstrap=http.get("/tuf/metadata/1.root.json").content)
+    updater.refresh()
+    info = updater.get_targetinfo("adapters/fog/1/adapter_model.safetensors")
+    assert info is not None
+    path = updater.download_target(info, str(tmp_path / "weights"))
+    assert open(path, "rb").read() == registry["base_files"]["adapter_model.safetensors"]
+    assert updater.get_targetinfo("adapters/nope/1/manifest.json") is None
+
+
+def test_metadata_is_static_with_etags(registry):
+    http = registry["http"]
+    first = http.get("/tuf/metadata/timestamp.json")
+    assert first.status_code == 200 and "must-revalidate" in first.headers["cache-control"]
+    again = http.get("/tuf/metadata/timestamp.json", headers={"If-None-Match": first.headers["etag"]})
+    assert again.status_code == 304
+    assert http.get("/tuf/metadata/timestamp.json").content == first.content  # not re-signed per request
+    snap = http.get(f"/tuf/metadata/{Metadata.from_bytes(first.content).signed.snapshot_meta.version}.snapshot.json")
+    assert "immutable" in snap.headers["cache-control"]
+    assert http.get("/tuf/metadata/..%2Fkeys%2Ftimestamp.key").status_code == 404
+
+
+def test_node_refresh_downloads_only_what_changed_and_revocations_propagate(registry, tiny_base, tmp_path):
+    node = make_node(registry, tiny_base, tmp_path / "cache")
+    assert [a.name for a in node.pull()] == ["fog"]
+    fetcher = node._index.fetcher
+    cold = fetcher.bytes_downloaded
+    publish(registry, "rain", 1)
+    before = fetcher.bytes_downloaded
+    assert sorted(a.name for a in node.pull()) == ["fog", "rain"]
+    refresh = fetcher.bytes_downloaded - before
+    assert 0 < refresh < cold + 64 * 1024  # timestamp, snapshot, the touched bins and one shard
+    before = fetcher.bytes_downloaded
+    node.pull()  # nothing changed: the timestamp only
+    assert fetcher.bytes_downloaded - before < 4096
+    revoke(registry, "rain", 1)
+    assert [a.name for a in node.pull()] == ["fog"]
+    assert set(node.trusted_keys) == {keys.key_id(registry["key"])}
+
+
+@pytest.mark.slow
+def test_incremental_refresh_equals_a_cold_start(registry, tiny_base, tmp_path):
+    rng = random.Random(12)
+    node = make_node(registry, tiny_base, tmp_path / "warm")
+    node.pull()
+    live: dict[str, set[int]] = {"fog": {1}}  # name -> its live versions (a revoked newest one uncovers the last)
+    latest: dict[str, int] = {"fog": 1}
+    for step in range(14):
+        if live and rng.random() < 0.35:
+            name = rng.choice(sorted(live))
+            newest = max(live[name])
+            revoke(registry, name, newest)
+            live[name].discard(newest)
+            if not live[name]:
+                del live[name]
+        else:
+            name = rng.choice(["fog", "rain", "snow", "dusk", "glare"])
+            latest[name] = latest.get(name, 0) + 1
+            publish(registry, name, latest[name])
+            live.setdefault(name, set()).add(latest[name])
+        if live:
+            node.pull()
+            cold = make_node(registry, tiny_base, tmp_path / f"cold{step}")
+            cold.pull()
+            assert listing(node) == listing(cold), step
+            assert {(a.name, a.version) for a in node.library} == {(n, max(v)) for n, v in live.items()}
+
+
+def test_rollback_of_the_timestamp_is_refused(registry, tiny_base, tmp_path):
+    tamper = Tamper(registry["http"])
+    node = make_node(registry, tiny_base, tmp_path / "cache", tamper)
+    node.pull()
+    old = registry["http"].get("/tuf/metadata/timestamp.json").content
+    publish(registry, "rain", 1)
+    node.pull()
+    tamper.swap["/tuf/metadata/timestamp.json"] = old
+    with pytest.raises(VerificationError) as info:
+        node.pull()
+    assert info.value.code == "rollback"
+    assert sorted(a.name for a in node.library) == ["fog", "rain"]  # nothing replaced
+
+
+def _signed_timestamp(state, *, snapshot_version: int, expires: datetime | None = None) -> bytes:
+    """A timestamp signed by the registry's (compromised) online timestamp key."""
+    current = metadata(state, "timestamp.json").signed
+    ts = Timestamp(version=current.version + 1, expires=expires or current.expires,
+                   snapshot_meta=type(current.snapshot_meta)(version=snapshot_version))
+    md = Metadata(ts)
+    md.sign(online_signer(state, "timestamp"))
+    return md.to_bytes()
+
+
+def test_rollback_of_the_snapshot_is_refused_even_with_the_timestamp_key(registry, tiny_base, tmp_path):
+    tamper = Tamper(registry["http"])
+    node = make_node(registry, tiny_base, tmp_path / "cache", tamper)
+    publish(registry, "rain", 1)
+    node.pull()
+    current = metadata(registry, "timestamp.json").signed.snapshot_meta.version
+    tamper.swap["/tuf/metadata/timestamp.json"] = _signed_timestamp(registry, snapshot_version=current - 1)
+    with pytest.raises(VerificationError) as info:
+        node.pull()
+    assert info.value.code == "rollback"
+
+
+def test_rollback_of_a_bin_is_refused_even_with_the_online_keys(registry, tiny_base, tmp_path):
+    tamper = Tamper(registry["http"])
+    node = make_node(registry, tiny_base, tmp_path / "cache", tamper)
+    publish(registry, "rain", 2)
+    node.pull()
+    version = metadata(registry, "timestamp.json").signed.snapshot_meta.version
+    snap = metadata(registry, f"{version}.snapshot.json")
+    name, meta = next((n, m) for n, m in snap.signed.meta.items() if n.startswith("bins-") and m.version > 1)
+    meta.version -= 1  # point at the bin's previous version
+    snap.signed.version += 1
+    snap.sign(online_signer(registry, "snapshot"))
+    data = snap.to_bytes()
+    tamper.swap[f"/tuf/metadata/{version + 1}.snapshot.json"] = data
+    ts = metadata(registry, "timestamp.json")
+    ts.signed.version += 1
+    ts.signed.snapshot_meta = type(ts.signed.snapshot_meta)(version=version + 1)
+    ts.sign(online_signer(registry, "timestamp"))
+    tamper.swap["/tuf/metadata/timestamp.json"] = ts.to_bytes()
+    with pytest.raises(VerificationError) as info:
+        node.pull()
+    assert info.value.code == "rollback", name
+
+
+def test_a_bin_from_another_snapshot_is_refused(registry, tiny_base, tmp_path):
+    """Mix-and-match: the bin the snapshot names, answered with that bin's previous version."""
+    tamper = Tamper(registry["http"])
+    node = make_node(registry, tiny_base, tmp_path / "cache", tamper)
+    publish(registry, "rain", 1)
+    version = metadata(registry, "timestamp.json").signed.snapshot_meta.version
+    snap = metadata(registry, f"{version}.snapshot.json").signed
+    name, meta = next((n[:-5], m.version) for n, m in snap.meta.items() if n.startswith("bins-") and m.version > 2
+                      ) if any(n.startswith("bins-") and m.version > 2 for n, m in snap.meta.items()) else (None, None)
+    if name is None:  # make one bin reach version 3: publish and revoke in it
+        revoke(registry, "rain", 1)
+        publish(registry, "rain", 2)
+        version = metadata(registry, "timestamp.json").signed.snapshot_meta.version
+        snap = metadata(registry, f"{version}.snapshot.json").signed
+        name, meta = next((n[:-5], m.version) for n, m in snap.meta.items() if n.startswith("bins-") and m.version > 2)
+    older = registry["http"].get(f"/tuf/metadata/{meta - 1}.{name}.json").content
+    tamper.swap[f"/tuf/metadata/{meta}.{name}.json"] = older
+    with pytest.raises(VerificationError) as info:
+        node.pull()
+    assert info.value.code == "rollback"
+
+
+def test_an_expired_timestamp_is_refused(registry, tiny_base, tmp_path):
+    tamper = Tamper(registry["http"])
+    node = make_node(registry, tiny_base, tmp_path / "cache", tamper)
+    node.pull()
+    current = metadata(registry, "timestamp.json").signed.snapshot_meta.version
+    past = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(days=1)
+    tamper.swap["/tuf/metadata/timestamp.json"] = _signed_timestamp(registry, snapshot_version=current, expires=past)
+    with pytest.raises(VerificationError) as info:
+        node.pull()
+    assert info.value.code == "index_expired"
+
+
+def test_a_shard_whose_hash_does_not_match_is_refused(registry, tiny_base, tmp_path):
+    tamper = Tamper(registry["http"])
+    tamper.swap["/tuf/targets/shards/"] = lambda body: body[:-1] + bytes([body[-1] ^ 1])
+    with pytest.raises(VerificationError) as info:
+        make_node(registry, tiny_base, tmp_path / "cache", tamper).pull()
+    assert info.value.code == "hash_mismatch"
+
+
+def test_endless_data_is_cut_at_the_recorded_length(registry, tiny_base, tmp_path):
+    tamper = Tamper(registry["http"])
+    tamper.swap["/tuf/targets/shards/"] = lambda body: body + b"\0" * (4 << 20)
+    node = make_node(registry, tiny_base, tmp_path / "cache", tamper)
+    with pytest.raises(VerificationError) as info:
+        node.pull()
+    assert info.value.code == "too_long"
+    assert node._index.fetcher.bytes_downloaded < 2 << 20  # stopped reading early
+
+
+def test_a_root_rotation_signed_below_threshold_is_refused(registry, tiny_base, tmp_path):
+    from semla.server.tufrepo import TufRepository
+
+    node = make_node(registry, tiny_base, tmp_path / "cache")
+    node.pull()
+    repo = TufRepository(registry["data_dir"] / "tuf")
+    old_root = keys.load_private_key(registry["data_dir"] / "tuf" / "root-keys" / "root-1.key")
+    new_roots = [keys.generate_key() for _ in range(3)]
+    version = repo.rotate_root([old_root], new_roots, 2)  # properly signed: 1 of 1 old, 2 of 3 new
+    node.pull()
+    assert json.loads((node._index.directory / "metadata" / "root.json").read_bytes())["signed"]["version"] == version
+    forged = Metadata.from_bytes((repo.metadata_dir / f"{version}.root.json").read_bytes())
+    forged.signed.version = version + 1
+    forged.signatures.clear()
+    forged.sign(CryptoSigner(new_roots[0]))  # one of the two signatures the root needs
+    (repo.metadata_dir / f"{version + 1}.root.json").write_bytes(forged.to_bytes())
+    with pytest.raises(SignatureError) as info:
+        node.pull()
+    assert info.value.code == "tuf_signature"
+
+
+def test_a_node_pinned_to_the_old_registry_key_accepts_only_a_root_it_signed(registry, tiny_base, tmp_path):
+    legacy = keys.load_private_key(registry["data_dir"] / "registry.key")
+    node = make_node(registry, tiny_base, tmp_path / "c1")
+    node.registry_key = keys.public_bytes(legacy)
+    assert [a.name for a in node.pull()] == ["fog"]
+    wrong = make_node(registry, tiny_base, tmp_path / "c2")
+    wrong.registry_key = keys.public_bytes(keys.generate_key())
+    with pytest.raises(SignatureError) as info:
+        wrong.pull()
+    assert info.value.code == "registry_key"
+
+
+def test_two_replicas_publishing_concurrently_write_strictly_increasing_metadata(registry, tmp_path):
+    import threading
+
+    second = TestClient(create_app(ServerSettings(data_dir=registry["data_dir"], admin_token=TOKEN)), base_url=URL)
+    replicas = [registry["http"], second]
+    errors = []
+
+    def run(i: int) -> None:
+        try:
+            for j in range(3):
+                publish({**registry, "http": replicas[i]}, f"r{i}-{j}", 1)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors
+    meta_dir = registry["data_dir"] / "tuf" / "metadata"
+    versions = sorted(int(p.name.split(".")[0]) for p in meta_dir.glob("*.snapshot.json"))
+    assert versions == list(range(versions[0], versions[-1] + 1))
+    from tuf.ngclient import Updater
+
+    (tmp_path / "md").mkdir()
+    updater = Updater(str(tmp_path / "md"), f"{URL}/tuf/metadata/", str(tmp_path / "t"), f"{URL}/tuf/targets/",
+                      fetcher=BoundedFetcher(second), bootstrap=second.get("/tuf/metadata/1.root.json").content)
+    for i in range(2):
+        for j in range(3):
+            assert updater.get_targetinfo(f"adapters/r{i}-{j}/1/manifest.json") is not None
