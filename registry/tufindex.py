@@ -437,8 +437,8 @@ class TufIndex:
         return float(state["accepted_at"])
 
     def library(self) -> list[AdapterSummary]:
-        """Every listed adapter, bin by bin (a stable order: a cold start and a refresh agree)."""
-        return [a for name in sorted(self.bins) for a in self.bins[name][1]]
+        """Every listed adapter, by name and version (a stable order: a cold start and a refresh agree)."""
+        return sorted((a for name in self.bins for a in self.bins[name][1]), key=lambda a: (a.name, a.version))
 
 
 def _quote(path: str) -> str:
