@@ -251,6 +251,8 @@ def _open(path: Path, root: Path, what: str) -> Image.Image:
         if path.stat().st_size > MAX_FILE_BYTES:
             raise InvalidInputError(f"{what} {_rel(path, root)} is larger than {MAX_FILE_BYTES} bytes")
         img = Image.open(path)
+    except InvalidInputError:
+        raise  # our own refusal (also a ValueError) keeps its message and code
     except FileNotFoundError:
         raise InvalidInputError(f"{what} {_rel(path, root)} does not exist") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -272,6 +274,8 @@ def _read_pair(image: Path, label: Path, source: Source, root: Path, max_side: i
                 raise InvalidInputError(f"label {_rel(label, root)} has mode {lbl.mode}; expected one value per "
                                         "pixel (a colour-coded mask cannot be read as classes)")
             values = np.asarray(lbl, dtype=np.int64)
+    except InvalidInputError:
+        raise  # our own refusal (also a ValueError) keeps its message and code
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidInputError(f"cannot decode {_rel(image, root)} or {_rel(label, root)}: "
                                 f"{exc.__class__.__name__}") from None

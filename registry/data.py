@@ -108,6 +108,8 @@ def load_dataset(root: Path, *, min_samples: int = 1, limit: int | None = None) 
                 if m.mode not in ("L", "P", "I", "I;16"):
                     raise InvalidInputError(f"mask {mask_path} has mode {m.mode}; expected one class index per pixel")
                 mask = np.asarray(m, dtype=np.int64)
+        except InvalidInputError:
+            raise  # our own refusal (also a ValueError) keeps its message and code
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise InvalidInputError(f"cannot read mask {mask_path}: {exc.__class__.__name__}") from None
         if mask.shape != image.shape[:2]:

@@ -451,6 +451,8 @@ class Node:
                 return Retrieval(*retrieve_torch(query, table, top_k=top_k, temperature=temperature, distance=distance,
                                                  weighting=weighting, guard=guard, guard_z=guard_z))
             idx, dist, _ = retrieve_torch(query, table, top_k=table.n_adapters, distance=distance)
+        except InvalidInputError:
+            raise  # our own refusal (also a ValueError) keeps its message and code
         except ValueError as exc:
             raise InvalidInputError(str(exc)) from None
         pos = (idx == pinned).int().argmax(1, keepdim=True)

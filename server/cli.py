@@ -207,8 +207,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{key_id(bytes.fromhex(rotation.new_public_key))}; restart every replica")
         return 0
 
+    import logging.config
+
+    from semla.registry.logs import uvicorn_log_config
     from semla.server.app import create_app
 
+    # Logging as the server will log from the start: setting up the app may log (a new TUF repository).
+    logging.config.dictConfig(uvicorn_log_config(settings.log_format))
     try:
         app = create_app(settings)
     except SchemaError as exc:
@@ -224,8 +229,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     import uvicorn
-
-    from semla.registry.logs import uvicorn_log_config
 
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=True,
                 log_config=uvicorn_log_config(settings.log_format))

@@ -72,7 +72,7 @@ def snapshot(client: TestClient, data_dir: Path) -> dict:
         str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.is_file() and not p.name.startswith(("registry.db", "registry.key"))
         and p.relative_to(data_dir).parts[0] != "bases"
     )
-    return {"rows": rows, "files": on_disk}
+    return {"rows": rows, "files": on_disk, "blobs": [f for f in on_disk if f.startswith("blobs/")]}
 
 
 @pytest.fixture()
@@ -244,7 +244,7 @@ def test_identical_files_are_stored_once(client, publisher, tmp_path, data_dir):
     assert upload(client, one).status_code == 201
     assert upload(client, two).status_code == 201
     # two manifests + two signatures + one shared weights file + one shared config
-    assert len(snapshot(client, data_dir)["files"]) == 6
+    assert len(snapshot(client, data_dir)["blobs"]) == 6
 
 
 # -- every refusal has its own code and leaves nothing behind ----------------------------------------
@@ -364,7 +364,7 @@ def test_concurrent_uploads_of_one_version_store_exactly_one(client, publisher, 
     winner = bundles[[r.status_code for r in responses].index(201)]
     state = snapshot(client, data_dir)
     assert state["rows"]["adapters"] == 1 and state["rows"]["adapter_files"] == 4
-    assert len(state["files"]) == 4
+    assert len(state["blobs"]) == 4
     assert client.get(f"/v1/adapters/contested/1/files/{ADAPTER_WEIGHTS_FILE}").content == winner[ADAPTER_WEIGHTS_FILE]
 
 

@@ -139,6 +139,8 @@ def decode_image(filename: str, data: bytes) -> np.ndarray:
                 raise RequestTooLarge(f"image {filename!r} is {img.width}x{img.height}; "
                                       f"the limit is {MAX_IMAGE_PIXELS} pixels")
             return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    except InvalidInputError:
+        raise  # our own refusal (also a ValueError) keeps its message and code
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise UnprocessableError(f"cannot decode image {filename!r} ({type(exc).__name__}); send PNG or JPEG",
                                  code="bad_image") from None
