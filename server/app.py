@@ -51,6 +51,7 @@ from semla.server.blobs import BlobStore
 from semla.server.rootkey import load_rotations
 from semla.server.db import check_schema, make_engine, make_sessionmaker
 from semla.server.metrics import install_metrics
+from semla.server.paging import DEFAULT_LIMIT, MAX_CURSOR_CHARS, MAX_LIMIT, Page
 from semla.server.settings import ServerSettings
 from semla.server.web import add_web_routes
 
@@ -98,6 +99,30 @@ def _require_admin(
             detail={"code": "unauthorized", "message": "missing or wrong admin token (Authorization: Bearer ...)"},
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+Cursor = Annotated[str | None, Query(
+    max_length=MAX_CURSOR_CHARS,
+    description="the cursor of the previous page, from its `Link: <...>; rel=\"next\"` header (opaque)")]
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="items per page")]
+
+#: What every paged listing says about its pages (OpenAPI).
+_PAGED = ("Paged: at most `limit` items per page; when more follow, the answer carries "
+          "`Link: <URL of the next page>; rel=\"next\"` (RFC 8288). Follow it unchanged (same filters) until "
+          "no `Link` comes back. A cursor that was not handed out for these filters is refused as `bad_cursor` (400).")
+_PAGED_RESPONSES = {
+    200: {"headers": {"Link": {"description": "`<URL>; rel=\"next\"` when another page follows",
+                               "schema": {"type": "string"}}}},
+    400: {**ERROR_RESPONSES, "description": "bad_cursor: not a cursor of this listing with these filters"},
+    422: ERROR_RESPONSES,
+}
+
+
+def _paged(request: Request, response: Response, page: Page) -> list:
+    """The page's items; a ``Link: <...>; rel="next"`` header when another page follows."""
+    if page.next_cursor is not None:
+        response.headers["Link"] = f'<{request.url.include_query_params(cursor=page.next_cursor)}>; rel="next"'
+    return page.items
 
 
 AdapterName = Annotated[str, Path(pattern=NAME_PATTERN, description="adapter name", examples=["city-streets"])]
@@ -165,9 +190,11 @@ def register_key(body: KeyCreate, service: ServiceDep) -> KeyPublic:
     return service.register_key(body)
 
 
-@router.get("/v1/keys", tags=["keys"], summary="List publisher keys")
-def list_keys(service: ServiceDep) -> list[KeyPublic]:
-    return service.list_keys()
+@router.get("/v1/keys", tags=["keys"], summary="List publisher keys, oldest first", description=_PAGED,
+            responses=_PAGED_RESPONSES)
+def list_keys(request: Request, response: Response, service: ServiceDep, cursor: Cursor = None,
+              limit: Limit = DEFAULT_LIMIT) -> list[KeyPublic]:
+    return _paged(request, response, service.list_keys(cursor=cursor, limit=limit))
 
 
 @router.post(
@@ -208,15 +235,20 @@ async def publish_adapter(request: Request, service: ServiceDep, settings: Setti
 @router.get(
     "/v1/adapters",
     tags=["adapters"],
-    summary="Index: newest version of every adapter",
-    responses={422: ERROR_RESPONSES},
+    summary="Index: newest version of every adapter, by name",
+    description=_PAGED,
+    responses=_PAGED_RESPONSES,
 )
 def list_adapters(
+    request: Request,
+    response: Response,
     service: ServiceDep,
     name: Annotated[str | None, Query(pattern=NAME_PATTERN, description="only this adapter name")] = None,
     domain: Annotated[str | None, Query(max_length=256, description="substring of the domain (any case)")] = None,
+    cursor: Cursor = None,
+    limit: Limit = DEFAULT_LIMIT,
 ) -> list[AdapterSummary]:
-    return service.list_adapters(name=name, domain=domain)
+    return _paged(request, response, service.list_adapters(name=name, domain=domain, cursor=cursor, limit=limit))
 
 
 @router.get(
@@ -316,10 +348,12 @@ def retrieve(body: RetrieveRequest, service: ServiceDep) -> RetrieveResponse:
     "/v1/adapters/{name}",
     tags=["adapters"],
     summary="Every version of one adapter, newest first",
-    responses={404: ERROR_RESPONSES, 422: ERROR_RESPONSES},
+    description=_PAGED,
+    responses={**_PAGED_RESPONSES, 404: ERROR_RESPONSES},
 )
-def adapter_versions(name: AdapterName, service: ServiceDep) -> list[AdapterSummary]:
-    return service.adapter_versions(name)
+def adapter_versions(request: Request, response: Response, name: AdapterName, service: ServiceDep,
+                     cursor: Cursor = None, limit: Limit = DEFAULT_LIMIT) -> list[AdapterSummary]:
+    return _paged(request, response, service.adapter_versions(name, cursor=cursor, limit=limit))
 
 
 @router.get(
