@@ -49,7 +49,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from sqlalchemy import insert, update
+from sqlalchemy import insert, text, update
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -216,6 +216,8 @@ def bulk_fill(backend: str, url: str, data_dir: Path, n: int, dim: int, seed: in
         rows, files = [], []
     with engine.begin() as conn:  # as if every key had been registered and every adapter published
         conn.execute(update(LibraryVersion).values(version=LibraryVersion.version + n_keys + n))
+        if engine.dialect.name == "postgresql":  # ids were given explicitly: move the sequence past them
+            conn.execute(text("SELECT setval(pg_get_serial_sequence('adapters', 'id'), :n)"), {"n": n})
     engine.dispose()
     timings = {k: round(v, 1) for k, v in timings.items()}
     return lib, {"seconds": round(time.perf_counter() - t0, 1), "keys": n_keys, **timings}
@@ -351,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
-        sizes, pg_sizes = args.sizes or [1000], args.pg_sizes or []
+        sizes = args.sizes if args.sizes is not None else [1000]
+        pg_sizes = args.pg_sizes if args.pg_sizes is not None else []
         requests, publishes = args.requests or 40, args.publishes or 10
         out = args.out or Path(tempfile.mkdtemp(prefix="semla-scale-")) / "index_scale.json"
     else:

@@ -17,6 +17,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
 from semla.registry.keys import load_or_create_key
@@ -118,11 +119,19 @@ _PAGED_RESPONSES = {
 }
 
 
-def _paged(request: Request, response: Response, page: Page) -> list:
-    """The page's items; a ``Link: <...>; rel="next"`` header when another page follows."""
+_LIST_ENCODERS = {model: TypeAdapter(list[model]) for model in (AdapterSummary, KeyPublic)}
+
+
+def _paged(request: Request, page: Page, model: type) -> Response:
+    """The page's items as a JSON list; a ``Link: <...>; rel="next"`` header when another page follows.
+
+    Encoded by pydantic-core in one call (the route's ``response_model`` documents it): a tenth of
+    the time of the generic path, which turns every float of every centroid into Python first.
+    """
+    headers = {}
     if page.next_cursor is not None:
-        response.headers["Link"] = f'<{request.url.include_query_params(cursor=page.next_cursor)}>; rel="next"'
-    return page.items
+        headers["Link"] = f'<{request.url.include_query_params(cursor=page.next_cursor)}>; rel="next"'
+    return Response(_LIST_ENCODERS[model].dump_json(page.items), media_type="application/json", headers=headers)
 
 
 AdapterName = Annotated[str, Path(pattern=NAME_PATTERN, description="adapter name", examples=["city-streets"])]
@@ -191,10 +200,9 @@ def register_key(body: KeyCreate, service: ServiceDep) -> KeyPublic:
 
 
 @router.get("/v1/keys", tags=["keys"], summary="List publisher keys, oldest first", description=_PAGED,
-            responses=_PAGED_RESPONSES)
-def list_keys(request: Request, response: Response, service: ServiceDep, cursor: Cursor = None,
-              limit: Limit = DEFAULT_LIMIT) -> list[KeyPublic]:
-    return _paged(request, response, service.list_keys(cursor=cursor, limit=limit))
+            response_model=list[KeyPublic], responses=_PAGED_RESPONSES)
+def list_keys(request: Request, service: ServiceDep, cursor: Cursor = None, limit: Limit = DEFAULT_LIMIT) -> Response:
+    return _paged(request, service.list_keys(cursor=cursor, limit=limit), KeyPublic)
 
 
 @router.post(
@@ -237,18 +245,19 @@ async def publish_adapter(request: Request, service: ServiceDep, settings: Setti
     tags=["adapters"],
     summary="Index: newest version of every adapter, by name",
     description=_PAGED,
+    response_model=list[AdapterSummary],
     responses=_PAGED_RESPONSES,
 )
 def list_adapters(
     request: Request,
-    response: Response,
     service: ServiceDep,
     name: Annotated[str | None, Query(pattern=NAME_PATTERN, description="only this adapter name")] = None,
     domain: Annotated[str | None, Query(max_length=256, description="substring of the domain (any case)")] = None,
     cursor: Cursor = None,
     limit: Limit = DEFAULT_LIMIT,
-) -> list[AdapterSummary]:
-    return _paged(request, response, service.list_adapters(name=name, domain=domain, cursor=cursor, limit=limit))
+) -> Response:
+    return _paged(request, service.list_adapters(name=name, domain=domain, cursor=cursor, limit=limit),
+                  AdapterSummary)
 
 
 @router.get(
@@ -349,11 +358,12 @@ def retrieve(body: RetrieveRequest, service: ServiceDep) -> RetrieveResponse:
     tags=["adapters"],
     summary="Every version of one adapter, newest first",
     description=_PAGED,
+    response_model=list[AdapterSummary],
     responses={**_PAGED_RESPONSES, 404: ERROR_RESPONSES},
 )
-def adapter_versions(request: Request, response: Response, name: AdapterName, service: ServiceDep,
-                     cursor: Cursor = None, limit: Limit = DEFAULT_LIMIT) -> list[AdapterSummary]:
-    return _paged(request, response, service.adapter_versions(name, cursor=cursor, limit=limit))
+def adapter_versions(request: Request, name: AdapterName, service: ServiceDep, cursor: Cursor = None,
+                     limit: Limit = DEFAULT_LIMIT) -> Response:
+    return _paged(request, service.adapter_versions(name, cursor=cursor, limit=limit), AdapterSummary)
 
 
 @router.get(
