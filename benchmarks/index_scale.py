@@ -16,14 +16,17 @@ For each library size and database it bulk-loads N synthetic signed adapters, st
   is registered the rows say ``not measured``.
 
 How the library is filled (fast, and still signed): ``n_keys`` Ed25519 publisher keys (one per
-250 adapters, at least 4); one manifest template validated by the ``Manifest`` schema, then per
-adapter a copy with its own name, publisher, domain and 64-d unit centroid, encoded with
-``canonical_json`` (checked byte-identical to ``Manifest.to_canonical()`` every 10,000th
-adapter) and signed; manifest and signature written as content-addressed blobs where the
-``BlobStore`` keeps them; the LoRA weights and config are one shared blob each (identical files
-are stored once). Rows go in through the registry's ORM tables in 5,000-row ``INSERT``
-batches, and the library version counter is raised by one per key and per adapter, as if each
-had been registered and published. A base card whose embedding is ``--dim``-d is installed.
+250 adapters, at least 4); one manifest template validated by the ``Manifest`` schema and
+encoded canonically, then per adapter its name, publisher, domain and ``--dim``-d unit centroid
+spliced into the template's canonical bytes (checked byte-identical to
+``Manifest.to_canonical()`` every 10,000th adapter) and signed; manifest and signature written as
+content-addressed blobs where the ``BlobStore`` keeps them; the LoRA weights and config are one
+shared blob each (identical files are stored once). ``--workers`` processes do that, 5,000
+adapters a batch, while the main process inserts each batch through the registry's ORM tables;
+the library version is raised by one per key and per adapter, as if each had been registered
+and published; then ``ANALYZE`` (a bulk load leaves the planner without statistics, which a
+live database's autovacuum keeps; PostgreSQL plans a listing page as a scan of the whole table
+without them). A base card whose embedding is ``--dim``-d is installed.
 
     python benchmarks/index_scale.py                          # 10k, 100k, 1M SQLite; 100k PostgreSQL
     python benchmarks/index_scale.py --sizes 10k --pg-sizes 10k
@@ -35,6 +38,7 @@ Results: benchmarks/results/index_scale.json (``--quick``: a temporary file unle
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -44,11 +48,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import insert, text, update
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,9 +62,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bundle_factory  # noqa: E402
-from server_load import _put, drive, start_server  # noqa: E402
+from server_load import drive, start_server  # noqa: E402
 
 from semla.registry import keys  # noqa: E402
+from semla.registry.bundle import sha256_bytes  # noqa: E402
 from semla.schemas import (  # noqa: E402
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
@@ -145,13 +152,74 @@ def _unit_rows(rng: np.random.Generator, n: int, dim: int) -> list[list[float]]:
     return vectors.tolist()
 
 
+#: Placeholders spliced into the canonical manifest template (JSON-escaped control characters,
+#: which no real value holds).
+_SLOTS = {"name": "\x01N", "publisher": "\x01P", "domain": "\x01D", "vectors": "\x01V"}
+
+
+def _template_text(template: dict) -> str:
+    fields = copy.deepcopy(template)
+    fields.update(name=_SLOTS["name"], publisher=_SLOTS["publisher"], domain=_SLOTS["domain"])
+    fields["centroids"] = {"embedding_model": EMBEDDING, "vectors": _SLOTS["vectors"]}
+    return canonical_json(fields).decode("utf-8")
+
+
+def _splice(template_text: str, name: str, publisher: str, domain: str, vectors_json: str) -> bytes:
+    """The canonical manifest bytes of one adapter: the template with its four values spliced in
+    (canonical JSON's key order does not depend on the values)."""
+    text = template_text
+    for slot, value in ((_SLOTS["name"], json.dumps(name, ensure_ascii=False)),
+                        (_SLOTS["publisher"], json.dumps(publisher)),
+                        (_SLOTS["domain"], json.dumps(domain, ensure_ascii=False)),
+                        (_SLOTS["vectors"], vectors_json)):
+        text = text.replace(json.dumps(slot), value, 1)
+    return text.encode("utf-8")
+
+
+def _vectors_json(vector: list[float]) -> str:
+    """``canonical_json([vector])`` for a list of finite floats."""
+    return json.dumps([vector], separators=(",", ":"), allow_nan=False)
+
+
 def _manifest(lib: Library, name: str, key, domain: str, vector: list[float]) -> tuple[bytes, bytes]:
     """(canonical manifest bytes, signature) of one synthetic adapter."""
-    fields = copy.copy(lib.template)
-    fields.update(name=name, publisher=keys.key_id(key), domain=domain,
-                  centroids={"embedding_model": EMBEDDING, "vectors": [vector]})
-    body = canonical_json(fields)
+    body = _splice(_template_text(lib.template), name, keys.key_id(key), domain, _vectors_json(vector))
     return body, keys.sign(key, SIGNING_CONTEXT + body)
+
+
+def _write_blob(blob_root: Path, data: bytes) -> str:
+    """Write a blob where BlobStore keeps it (no fsync, no existence check: a fresh fixture)."""
+    digest = sha256_bytes(data)
+    with open(os.path.join(blob_root, "sha256", digest[:2], digest), "wb") as f:
+        f.write(data)
+    return digest
+
+
+def _make_batch(job: tuple) -> tuple[list[dict], list[dict]]:
+    """Rows and file rows of adapters ``start .. start+count-1``: centroids drawn, manifests
+    spliced and signed, blobs written (runs in a worker process)."""
+    start, count, seed, template_text, private_keys, dim, blob_root, shared = job
+    signers = [Ed25519PrivateKey.from_private_bytes(raw) for raw in private_keys]
+    key_ids = [keys.key_id(k) for k in signers]
+    rng = np.random.default_rng([seed, start])
+    rows, files = [], []
+    for j, vector in enumerate(_unit_rows(rng, count, dim)):
+        i = start + j
+        name, domain, who = f"adapter-{i:07d}", f"domain {i % 997}", i % len(signers)
+        vectors_json = _vectors_json(vector)
+        body = _splice(template_text, name, key_ids[who], domain, vectors_json)
+        if i % 10_000 == 0:  # the fast path must produce exactly what the schema would
+            assert Manifest.model_validate(json.loads(body)).to_canonical() == body, name
+        sig = keys.sign(signers[who], SIGNING_CONTEXT + body)
+        m_sha, s_sha = _write_blob(blob_root, body), _write_blob(blob_root, sig)
+        rows.append({"id": i + 1, "name": name, "version": 1, "publisher_key_id": key_ids[who],
+                     "manifest_sha256": m_sha, "base_fingerprint": bundle_factory.FINGERPRINT, "domain": domain,
+                     "sample_count": shared["sample_count"], "centroids": vectors_json})
+        for fname, sha, size in ((ADAPTER_WEIGHTS_FILE, *shared[ADAPTER_WEIGHTS_FILE]),
+                                 (ADAPTER_CONFIG_FILE, *shared[ADAPTER_CONFIG_FILE]),
+                                 (MANIFEST_FILE, m_sha, len(body)), (SIGNATURE_FILE, s_sha, len(sig))):
+            files.append({"adapter_id": i + 1, "filename": fname, "sha256": sha, "size": size})
+    return rows, files
 
 
 def install_card(data_dir: Path, dim: int) -> None:
@@ -159,68 +227,58 @@ def install_card(data_dir: Path, dim: int) -> None:
     BaseCardStore(data_dir / "bases").add(card.to_json())
 
 
-def bulk_fill(backend: str, url: str, data_dir: Path, n: int, dim: int, seed: int = 0) -> tuple[Library, dict]:
-    """Fill an empty registry with ``n`` synthetic signed adapters (see the module docstring)."""
+def bulk_fill(backend: str, url: str, data_dir: Path, n: int, dim: int, seed: int = 0,
+              workers: int = 1) -> tuple[Library, dict]:
+    """Fill an empty registry with ``n`` synthetic signed adapters (see the module docstring);
+    ``workers`` processes sign and write blobs while this one inserts rows."""
     t0 = time.perf_counter()
     data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(url)
     install_card(data_dir, dim)
     engine = make_engine(url)
-    rng = np.random.default_rng(seed)
     n_keys = max(4, n // ADAPTERS_PER_KEY)
     lib = Library(backend, url, data_dir, n, dim, signers=[keys.generate_key() for _ in range(n_keys)])
     lib.weights, lib.config = bundle_factory.lora_weights(), json.dumps(bundle_factory.adapter_config()).encode()
     blob_root = data_dir / "blobs"
-    w_sha, c_sha = _put(blob_root, lib.weights), _put(blob_root, lib.config)
+    for prefix in range(256):
+        (blob_root / "sha256" / f"{prefix:02x}").mkdir(parents=True, exist_ok=True)
+    w_sha, c_sha = _write_blob(blob_root, lib.weights), _write_blob(blob_root, lib.config)
     lib.files_meta = {ADAPTER_WEIGHTS_FILE: {"sha256": w_sha, "size": len(lib.weights)},
                       ADAPTER_CONFIG_FILE: {"sha256": c_sha, "size": len(lib.config)}}
     first = {**bundle_factory.manifest_fields(dim=dim), "publisher": keys.key_id(lib.signers[0]),
-             "files": lib.files_meta, "centroids": {"embedding_model": EMBEDDING, "vectors": _unit_rows(rng, 1, dim)}}
+             "files": lib.files_meta,
+             "centroids": {"embedding_model": EMBEDDING, "vectors": _unit_rows(np.random.default_rng(seed), 1, dim)}}
     lib.template = json.loads(Manifest.model_validate(first).to_canonical())
+    lib.names = [f"adapter-{i:07d}" for i in range(n)]
     with engine.begin() as conn:
         conn.execute(insert(Publisher), [{"key_id": keys.key_id(k), "public_key": keys.public_bytes(k).hex(),
                                           "label": f"bench {i}", "active": True} for i, k in enumerate(lib.signers)])
-    timings = {"sign_s": 0.0, "blobs_s": 0.0, "insert_s": 0.0}
-    rows, files = [], []
-    for start in range(0, n, BATCH):
-        count = min(BATCH, n - start)
-        t = time.perf_counter()
-        vectors = _unit_rows(rng, count, dim)
-        signed = []
-        for j in range(count):
-            i = start + j
-            name = f"adapter-{i:07d}"
-            body, sig = _manifest(lib, name, lib.signers[i % n_keys], f"domain {i % 997}", vectors[j])
-            if i % 10_000 == 0:  # the fast path must produce exactly what the schema would
-                assert Manifest.model_validate(json.loads(body)).to_canonical() == body, name
-            signed.append((i, name, body, sig))
-            lib.names.append(name)
-        timings["sign_s"] += time.perf_counter() - t
-        t = time.perf_counter()
-        for i, name, body, sig in signed:
-            m_sha, s_sha = _put(blob_root, body), _put(blob_root, sig)
-            rows.append({"id": i + 1, "name": name, "version": 1, "publisher_key_id": keys.key_id(lib.signers[i % n_keys]),
-                         "manifest_sha256": m_sha, "base_fingerprint": bundle_factory.FINGERPRINT,
-                         "domain": f"domain {i % 997}", "sample_count": lib.template["sample_count"],
-                         "centroids": canonical_json([vectors[i - start]]).decode()})
-            for fname, sha, size in ((ADAPTER_WEIGHTS_FILE, w_sha, len(lib.weights)),
-                                     (ADAPTER_CONFIG_FILE, c_sha, len(lib.config)),
-                                     (MANIFEST_FILE, m_sha, len(body)), (SIGNATURE_FILE, s_sha, len(sig))):
-                files.append({"adapter_id": i + 1, "filename": fname, "sha256": sha, "size": size})
-        timings["blobs_s"] += time.perf_counter() - t
-        t = time.perf_counter()
-        with engine.begin() as conn:
-            conn.execute(insert(Adapter), rows)
-            conn.execute(insert(AdapterFile), files)
-        timings["insert_s"] += time.perf_counter() - t
-        rows, files = [], []
+    shared = {"sample_count": lib.template["sample_count"], ADAPTER_WEIGHTS_FILE: (w_sha, len(lib.weights)),
+              ADAPTER_CONFIG_FILE: (c_sha, len(lib.config))}
+    raw_keys = [k.private_bytes_raw() for k in lib.signers]
+    jobs = [(start, min(BATCH, n - start), seed, _template_text(lib.template), raw_keys, dim, blob_root, shared)
+            for start in range(0, n, BATCH)]
+    made = insert_s = 0.0
+    t_made = time.perf_counter()
+    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        batches = pool.map(_make_batch, jobs) if pool is not None else map(_make_batch, jobs)
+        for rows, files in batches:
+            t = time.perf_counter()
+            with engine.begin() as conn:
+                conn.execute(insert(Adapter), rows)
+                conn.execute(insert(AdapterFile), files)
+            insert_s += time.perf_counter() - t
+    made = time.perf_counter() - t_made - insert_s
     with engine.begin() as conn:  # as if every key had been registered and every adapter published
         conn.execute(update(LibraryVersion).values(version=LibraryVersion.version + n_keys + n))
         if engine.dialect.name == "postgresql":  # ids were given explicitly: move the sequence past them
             conn.execute(text("SELECT setval(pg_get_serial_sequence('adapters', 'id'), :n)"), {"n": n})
+    with engine.begin() as conn:  # planner statistics, as autovacuum/ANALYZE keep them on a live database
+        conn.execute(text("ANALYZE"))
     engine.dispose()
-    timings = {k: round(v, 1) for k, v in timings.items()}
-    return lib, {"seconds": round(time.perf_counter() - t0, 1), "keys": n_keys, **timings}
+    return lib, {"seconds": round(time.perf_counter() - t0, 1), "keys": n_keys, "workers": workers,
+                 "sign_and_blobs_s": round(made, 1), "insert_s": round(insert_s, 1),
+                 "adapters_per_s": round(n / (time.perf_counter() - t0), 1)}
 
 
 def new_bundle(lib: Library, rng: random.Random) -> dict[str, bytes]:
@@ -308,11 +366,12 @@ def measure_node_sync(lib: Library, base: str, workdir: Path) -> dict:
     return rows
 
 
-def run(backend: str, url: str | None, n: int, *, dim: int, clients: int, requests: int, publishes: int) -> dict:
+def run(backend: str, url: str | None, n: int, *, dim: int, clients: int, requests: int, publishes: int,
+        workers: int) -> dict:
     data_dir = Path(tempfile.mkdtemp(prefix=f"semla-scale-{backend}-{n}-"))
     db_url = url or f"sqlite:///{data_dir / 'registry.db'}"
     print(f"[{backend} {n}] filling ...", flush=True)
-    lib, fill = bulk_fill(backend, db_url, data_dir, n, dim)
+    lib, fill = bulk_fill(backend, db_url, data_dir, n, dim, workers=workers)
     print(f"[{backend} {n}] filled in {fill['seconds']} s; starting the server", flush=True)
     proc, base = start_server(data_dir, {"SEMLA_DATABASE_URL": url, "SEMLA_METRICS": "false"} if url
                               else {"SEMLA_METRICS": "false"})
@@ -348,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1k adapters, SQLite only, few requests (the test)")
     parser.add_argument("--dim", type=int, default=64, help="centroid dimension (default 64)")
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes that sign and write blobs during the fill (default: cores, at most 8)")
     parser.add_argument("--requests", type=int, default=None, help="requests per read endpoint (default 800)")
     parser.add_argument("--publishes", type=int, default=None, help="uploads timed into the full library (200)")
     parser.add_argument("--out", type=Path, default=None)
@@ -365,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results = []
     for n in sorted(set(sizes) | set(pg_sizes)):
-        options = {"dim": args.dim, "clients": args.clients, "requests": requests, "publishes": publishes}
+        options = {"dim": args.dim, "clients": args.clients, "requests": requests, "publishes": publishes,
+                   "workers": args.workers}
         if n in sizes:
             results.append(run("sqlite", None, n, **options))
             print(_summary_line(results[-1]), flush=True)
@@ -386,13 +448,15 @@ def main(argv: list[str] | None = None) -> int:
                 "of real signed uploads into the full library (one after another), and the node-sync rows (cold "
                 "start; refresh after 1, 100, 10,000 new adapters) that the TUF node sync fills. Same machine, "
                 "one run: SQLite and PostgreSQL side by side at each size both are asked for.",
-        "how_filled": "bulk: n_keys Ed25519 keys (one per 250 adapters, >= 4); a manifest template validated by the "
-                      "Manifest schema, then per adapter a copy (own name, publisher, domain, unit centroid) "
-                      "encoded with canonical_json (checked equal to Manifest.to_canonical() every 10,000th) and "
-                      "signed; manifest + signature written as content-addressed blobs, weights/config one shared "
-                      "blob each; rows through the registry's ORM tables in 5,000-row INSERT batches; the library "
-                      "version raised by one per key and adapter. Not through POST /v1/adapters (1M uploads one "
-                      "by one would take hours).",
+        "how_filled": "bulk: n_keys Ed25519 keys (one per 250 adapters, >= 4); one manifest template validated by "
+                      "the Manifest schema and encoded canonically, then per adapter its name, publisher, domain "
+                      "and unit centroid spliced into the template's canonical bytes (checked equal to "
+                      "Manifest.to_canonical() every 10,000th adapter) and Ed25519-signed; manifest + signature "
+                      "written as content-addressed blobs, weights/config one shared blob each; that work in "
+                      "`workers` processes, 5,000 adapters a batch, while the main process inserts each batch "
+                      "through the registry's ORM tables (one INSERT per table and batch); the library version "
+                      "raised by one per key and adapter; then ANALYZE (planner statistics). Not through "
+                      "POST /v1/adapters (1M uploads one by one would take hours).",
         "command": command,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "note": "server, load clients and database share the same cores"},

@@ -170,6 +170,7 @@ class LibraryVersion(Base):
     version: Mapped[int] = mapped_column(BigInteger)
 
 
+@functools.cache  # statements are immutable; building one costs more than the lookup itself
 def library_version_select() -> Select[tuple[int]]:
     """``SELECT version FROM library_version`` (use ``.scalar_subquery()`` inside a larger query)."""
     return select(LibraryVersion.version).where(LibraryVersion.id == _LIBRARY_ROW)

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic_core import from_json
-from sqlalchemy import and_, func, or_, select, text
+from sqlalchemy import and_, bindparam, func, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -117,16 +117,23 @@ def live_adapter(table: Any = Adapter) -> Any:
 
 
 @functools.cache
-def _newest_live() -> Any:
-    """``SELECT adapters`` rows that are the newest live version of their name.
+def _newest_live(after: bool = False) -> Any:
+    """``SELECT adapters`` rows that are the newest live version of their name; with ``after``,
+    only names above the bound parameter ``after`` (a listing page's cursor).
 
-    A correlated ``max(version)`` per row (answered from the ``(name, version)`` unique index)
-    instead of a ``GROUP BY`` over the whole table: walked in name order with a ``LIMIT``,
-    one page reads about as many rows as it returns, whatever the library's size.
+    A live row with no newer live row of its name (an anti-join answered from the ``(name,
+    version)`` unique index) rather than a ``GROUP BY`` over the whole table: walked in name
+    order with a ``LIMIT``, one page reads about as many rows as it returns, whatever the
+    library's size. The cursor's range is stated on both sides of the anti-join (implied, but
+    it lets PostgreSQL start both index scans at the cursor instead of the first name).
     """
-    other = aliased(Adapter)
-    newest = select(func.max(other.version)).where(other.name == Adapter.name, _live_row(other)).scalar_subquery()
-    return select(Adapter).where(_live_row(Adapter), Adapter.version == newest)
+    newer = aliased(Adapter)
+    newer_live = [newer.name == Adapter.name, newer.version > Adapter.version, _live_row(newer)]
+    stmt = select(Adapter).where(_live_row(Adapter))
+    if after:
+        newer_live.append(newer.name > bindparam("after"))
+        stmt = stmt.where(Adapter.name > bindparam("after"))
+    return stmt.where(~select(newer.id).where(*newer_live).exists())
 
 
 def _live_row(table: Any) -> Any:
@@ -710,18 +717,17 @@ class RegistryService:
         words = sorted(set((search or "").lower().split()))
         scope = adapters_scope(name, domain, words)
         after = decode_cursor(cursor, "adapters", scope) if cursor is not None else None
-        stmt = _newest_live()
+        stmt = _newest_live(after=after is not None)
         if name is not None:
             stmt = stmt.where(Adapter.name == name)
-        if after is not None:
-            stmt = stmt.where(Adapter.name > after)
         if domain:
             stmt = stmt.where(Adapter.domain.icontains(domain, autoescape=True))
         for word in words:
             stmt = stmt.where(Adapter.name.icontains(word, autoescape=True)
                               | Adapter.domain.icontains(word, autoescape=True))
         with self._sessions() as session:
-            rows = list(session.scalars(stmt.order_by(Adapter.name).limit(limit + 1)))
+            rows = list(session.scalars(stmt.order_by(Adapter.name).limit(limit + 1),
+                                        {"after": after} if after is not None else None))
         items = [_summary(row) for row in rows[:limit]]
         return Page(items, encode_cursor("adapters", items[-1].name, scope) if len(rows) > limit else None)
 
