@@ -99,14 +99,17 @@ class RegistryClient:
         return KeyPublic.model_validate(r.json())
 
     def _pages(self, path: str, parse: Callable[[object], T], params: Mapping[str, str] | None = None,
-               page_size: int = PAGE_SIZE) -> Iterator[T]:
+               page_size: int | None = None) -> Iterator[T]:
         """Every item of a paged listing, following ``rel="next"`` links."""
         cursor: str | None = None
         seen: set[str] = set()
         for _ in range(MAX_PAGES):
-            query = {**(params or {}), "limit": str(page_size), **({"cursor": cursor} if cursor else {})}
+            query = {**(params or {}), "limit": str(page_size or PAGE_SIZE), **({"cursor": cursor} if cursor else {})}
             response = self._request("GET", path, params=query)
-            body = response.json()
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
             if not isinstance(body, list):
                 raise RegistryError(f"GET {path} did not answer a JSON list", code="bad_page")
             yield from (parse(item) for item in body)

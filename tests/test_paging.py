@@ -142,8 +142,11 @@ def test_registry_client_follows_every_page(library, monkeypatch):
     import semla.registry.http as client_module
 
     monkeypatch.setattr(client_module, "PAGE_SIZE", 2)
+    asked = []
+    monkeypatch.setattr(http, "event_hooks", {"request": [lambda request: asked.append(request.url)], "response": []})
     client = RegistryClient("http://testserver", client=http)
     assert [a.name for a in client.list_adapters()] == NAMES
+    assert len(asked) == 3 and all(u.params["limit"] == "2" for u in asked) and "cursor" in asked[-1].params
     assert [a.name for a in client.list_adapters(domain="night")] == ["bravo", "echo"]
     assert [a.version for a in client.adapter_versions("echo")] == [3, 2, 1]
     assert len(client.list_keys()) == 3 and keys.key_id(key) in client.trusted_keys()
