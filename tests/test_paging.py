@@ -248,3 +248,30 @@ def test_migration_0005_seeds_the_counter_with_the_version_it_replaces(tmp_path:
         # max id 10 + 1 revoked version + 3 keys + 1 revoked key + 1 rotated key
         assert library_version(conn) == 10 + 1 + 3 + 1 + 1
     engine.dispose()
+
+
+def test_web_library_and_keys_pages_link_to_the_next_page(library, monkeypatch):
+    import re
+
+    from semla.server import web
+
+    http, _ = library
+    monkeypatch.setattr(web, "PAGE_SIZE", 2)
+    shown, url = [], "/"
+    for _ in range(5):
+        page = http.get(url)
+        assert page.status_code == 200
+        shown += re.findall(r'<a href="/adapters/([a-z]+)"><strong>', page.text)
+        more = re.search(r'<a rel="next" href="([^"]+)"', page.text)
+        if more is None:
+            break
+        url = more.group(1).replace("&amp;", "&")
+    assert shown == NAMES
+    fog = http.get("/", params={"q": "fog"}).text  # searched in the database, paged the same way
+    assert re.findall(r'<a href="/adapters/([a-z]+)"><strong>', fog) == ["alpha", "charlie"]
+    assert 'rel="next"' in fog and "q=fog" in fog
+    bad = http.get("/", params={"after": "garbage"})
+    assert bad.status_code == 400 and "invalid cursor" in bad.text
+    keys_page = http.get("/keys").text
+    assert keys_page.count("<tr id=") == 2 and 'rel="next"' in keys_page
+    assert http.get("/keys", params={"after": "garbage"}).status_code == 400
