@@ -136,6 +136,12 @@ def _newest_live(after: bool = False) -> Any:
     return stmt.where(~select(newer.id).where(*newer_live).exists())
 
 
+def _plain_rows(session: Session, stmt: Any, params: Mapping[str, Any] | None = None) -> list[Any]:
+    """The ``adapters`` rows of a ``select(Adapter)`` as plain rows (same attribute names), not
+    ORM objects: a third of the time, which counts when the retrieval table reads them all."""
+    return list(session.execute(stmt.with_only_columns(*Adapter.__table__.columns), params).all())
+
+
 def _live_row(table: Any) -> Any:
     """:func:`live_adapter` as a per-row check (``EXISTS`` on the row's own key): unlike ``IN
     (active keys)`` it offers the planner no index to start from, so it walks the name index in
@@ -726,8 +732,8 @@ class RegistryService:
             stmt = stmt.where(Adapter.name.icontains(word, autoescape=True)
                               | Adapter.domain.icontains(word, autoescape=True))
         with self._sessions() as session:
-            rows = list(session.scalars(stmt.order_by(Adapter.name).limit(limit + 1),
-                                        {"after": after} if after is not None else None))
+            rows = _plain_rows(session, stmt.order_by(Adapter.name).limit(limit + 1),
+                               {"after": after} if after is not None else None)
         items = [_summary(row) for row in rows[:limit]]
         return Page(items, encode_cursor("adapters", items[-1].name, scope) if len(rows) > limit else None)
 
@@ -737,7 +743,7 @@ class RegistryService:
         stmt = _newest_live()
         if base is not None:
             stmt = stmt.where(Adapter.base_fingerprint == base)
-        return [_summary(row) for row in session.scalars(stmt.order_by(Adapter.name))]
+        return [_summary(row) for row in _plain_rows(session, stmt.order_by(Adapter.name))]
 
     def retrieve(self, body: RetrieveRequest) -> RetrieveResponse:
         """Brute-force SemLA retrieval (numpy, the node's math) over the newest adapters of a base.
