@@ -10,7 +10,7 @@
 * ``GET /adapters/{name}`` - one adapter's provenance from its newest signed manifest, the
   signature status (the stored bundle is verified again on every view), files and versions.
 * ``GET /keys`` - the publisher keys with the DP ε each publisher has spent on centroids and
-  what its budget leaves.
+  what its budget leaves, one page at a time like the library.
 * an HTML 404 page for unknown or invalid names.
 
 Everything is inline (CSS, SVG, JS): the page loads no external URL. Every string that comes
