@@ -3,11 +3,17 @@
 It takes an injected ``httpx.Client`` (tests pass one with a ``MockTransport`` or an ASGI
 transport); every non-2xx answer becomes a :class:`RegistryError` carrying the registry's own
 error code and message.
+
+The registry's listings are paged (``Link: <...>; rel="next"``); ``list_*`` follow every page and
+``iter_*`` yield one item at a time. Only the next page's ``cursor`` is taken from the link: the
+request always goes to this client's registry URL, whatever host a hostile answer names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
@@ -22,11 +28,28 @@ from semla.schemas import (
 )
 from semla.schemas.errors import RegistryError
 
-__all__ = ["RegistryClient", "INDEX_JSON_LIMITS"]
+__all__ = ["RegistryClient", "INDEX_JSON_LIMITS", "PAGE_SIZE", "MAX_PAGES"]
+
+T = TypeVar("T")
 
 #: The signed index is parsed within these bounds before its signature is checked, so a hostile
 #: registry or network cannot crash a node with a deeply nested or oversized document.
 INDEX_JSON_LIMITS = JsonLimits(max_bytes=1 << 30, max_depth=8, max_containers=10**7)
+#: Items asked for per page of a listing (the registry serves at most 1000).
+PAGE_SIZE = 500
+#: Pages one listing may take before the client gives up (a registry that never stops paging).
+MAX_PAGES = 100_000
+
+
+def _next_cursor(response: httpx.Response) -> str | None:
+    """The ``cursor`` of the ``rel="next"`` link, or None on the last page."""
+    link = response.links.get("next")
+    if link is None:
+        return None
+    cursors = parse_qs(urlsplit(link.get("url", "")).query).get("cursor")
+    if not cursors or len(cursors[0]) > 4096:
+        raise RegistryError("the registry's next-page link carries no usable cursor", code="bad_page")
+    return cursors[0]
 
 
 class RegistryClient:
@@ -80,15 +103,50 @@ class RegistryClient:
                           headers={"Authorization": f"Bearer {token}"})
         return KeyPublic.model_validate(r.json())
 
+    def _pages(self, path: str, parse: Callable[[object], T], params: Mapping[str, str] | None = None,
+               page_size: int | None = None) -> Iterator[T]:
+        """Every item of a paged listing, following ``rel="next"`` links."""
+        cursor: str | None = None
+        seen: set[str] = set()
+        for _ in range(MAX_PAGES):
+            query = {**(params or {}), "limit": str(page_size or PAGE_SIZE), **({"cursor": cursor} if cursor else {})}
+            response = self._request("GET", path, params=query)
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
+            if not isinstance(body, list):
+                raise RegistryError(f"GET {path} did not answer a JSON list", code="bad_page")
+            yield from (parse(item) for item in body)
+            cursor = _next_cursor(response)
+            if cursor is None:
+                return
+            if cursor in seen:
+                raise RegistryError(f"GET {path}: the registry handed out the same cursor twice", code="bad_page")
+            seen.add(cursor)
+        raise RegistryError(f"GET {path}: more than {MAX_PAGES} pages", code="bad_page")
+
+    def iter_keys(self) -> Iterator[KeyPublic]:
+        """Every publisher key, oldest first, one page at a time."""
+        return self._pages("/v1/keys", KeyPublic.model_validate)
+
     def list_keys(self) -> list[KeyPublic]:
-        return [KeyPublic.model_validate(k) for k in self._request("GET", "/v1/keys").json()]
+        return list(self.iter_keys())
 
     def privacy_ledger(self, key_id: str) -> PrivacyLedger:
         """The DP epsilon a publisher has spent on centroids (its whole rotation chain), its budget and entries."""
         return PrivacyLedger.model_validate(self._request("GET", f"/v1/keys/{key_id}/privacy").json())
 
-    def list_adapters(self) -> list[AdapterSummary]:
-        return [AdapterSummary.model_validate(a) for a in self._request("GET", "/v1/adapters").json()]
+    def iter_adapters(self, *, domain: str | None = None) -> Iterator[AdapterSummary]:
+        """The newest live version of every adapter (``domain``: substring filter), by name, page by page."""
+        return self._pages("/v1/adapters", AdapterSummary.model_validate, {"domain": domain} if domain else None)
+
+    def list_adapters(self, *, domain: str | None = None) -> list[AdapterSummary]:
+        return list(self.iter_adapters(domain=domain))
+
+    def adapter_versions(self, name: str) -> list[AdapterSummary]:
+        """Every stored version of ``name`` (revoked ones included), newest first."""
+        return list(self._pages(f"/v1/adapters/{name}", AdapterSummary.model_validate))
 
     def upload(self, files: Mapping[str, bytes]) -> UploadReceipt:
         parts = [(name, (name, data, "application/octet-stream")) for name, data in files.items()]

@@ -17,6 +17,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
 from semla.registry.keys import load_or_create_key
@@ -51,6 +52,7 @@ from semla.server.blobs import BlobStore
 from semla.server.rootkey import load_rotations
 from semla.server.db import check_schema, make_engine, make_sessionmaker
 from semla.server.metrics import install_metrics
+from semla.server.paging import DEFAULT_LIMIT, MAX_CURSOR_CHARS, MAX_LIMIT, Page
 from semla.server.settings import ServerSettings
 from semla.server.tufroutes import router as tuf_router
 from semla.server.tufsync import TufSync, ensure_repository
@@ -100,6 +102,38 @@ def _require_admin(
             detail={"code": "unauthorized", "message": "missing or wrong admin token (Authorization: Bearer ...)"},
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+Cursor = Annotated[str | None, Query(
+    max_length=MAX_CURSOR_CHARS,
+    description="the cursor of the previous page, from its `Link: <...>; rel=\"next\"` header (opaque)")]
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="items per page")]
+
+#: What every paged listing says about its pages (OpenAPI).
+_PAGED = ("Paged: at most `limit` items per page; when more follow, the answer carries "
+          "`Link: <URL of the next page>; rel=\"next\"` (RFC 8288). Follow it unchanged (same filters) until "
+          "no `Link` comes back. A cursor that was not handed out for these filters is refused as `bad_cursor` (400).")
+_PAGED_RESPONSES = {
+    200: {"headers": {"Link": {"description": "`<URL>; rel=\"next\"` when another page follows",
+                               "schema": {"type": "string"}}}},
+    400: {**ERROR_RESPONSES, "description": "bad_cursor: not a cursor of this listing with these filters"},
+    422: ERROR_RESPONSES,
+}
+
+
+_LIST_ENCODERS = {model: TypeAdapter(list[model]) for model in (AdapterSummary, KeyPublic)}
+
+
+def _paged(request: Request, page: Page, model: type) -> Response:
+    """The page's items as a JSON list; a ``Link: <...>; rel="next"`` header when another page follows.
+
+    Encoded by pydantic-core in one call (the route's ``response_model`` documents it): a tenth of
+    the time of the generic path, which turns every float of every centroid into Python first.
+    """
+    headers = {}
+    if page.next_cursor is not None:
+        headers["Link"] = f'<{request.url.include_query_params(cursor=page.next_cursor)}>; rel="next"'
+    return Response(_LIST_ENCODERS[model].dump_json(page.items), media_type="application/json", headers=headers)
 
 
 AdapterName = Annotated[str, Path(pattern=NAME_PATTERN, description="adapter name", examples=["city-streets"])]
@@ -167,9 +201,10 @@ def register_key(body: KeyCreate, service: ServiceDep) -> KeyPublic:
     return service.register_key(body)
 
 
-@router.get("/v1/keys", tags=["keys"], summary="List publisher keys")
-def list_keys(service: ServiceDep) -> list[KeyPublic]:
-    return service.list_keys()
+@router.get("/v1/keys", tags=["keys"], summary="List publisher keys, oldest first", description=_PAGED,
+            response_model=list[KeyPublic], responses=_PAGED_RESPONSES)
+def list_keys(request: Request, service: ServiceDep, cursor: Cursor = None, limit: Limit = DEFAULT_LIMIT) -> Response:
+    return _paged(request, service.list_keys(cursor=cursor, limit=limit), KeyPublic)
 
 
 @router.post(
@@ -210,15 +245,21 @@ async def publish_adapter(request: Request, service: ServiceDep, settings: Setti
 @router.get(
     "/v1/adapters",
     tags=["adapters"],
-    summary="Index: newest version of every adapter",
-    responses={422: ERROR_RESPONSES},
+    summary="Index: newest version of every adapter, by name",
+    description=_PAGED,
+    response_model=list[AdapterSummary],
+    responses=_PAGED_RESPONSES,
 )
 def list_adapters(
+    request: Request,
     service: ServiceDep,
     name: Annotated[str | None, Query(pattern=NAME_PATTERN, description="only this adapter name")] = None,
     domain: Annotated[str | None, Query(max_length=256, description="substring of the domain (any case)")] = None,
-) -> list[AdapterSummary]:
-    return service.list_adapters(name=name, domain=domain)
+    cursor: Cursor = None,
+    limit: Limit = DEFAULT_LIMIT,
+) -> Response:
+    return _paged(request, service.list_adapters(name=name, domain=domain, cursor=cursor, limit=limit),
+                  AdapterSummary)
 
 
 @router.get(
@@ -318,10 +359,13 @@ def retrieve(body: RetrieveRequest, service: ServiceDep) -> RetrieveResponse:
     "/v1/adapters/{name}",
     tags=["adapters"],
     summary="Every version of one adapter, newest first",
-    responses={404: ERROR_RESPONSES, 422: ERROR_RESPONSES},
+    description=_PAGED,
+    response_model=list[AdapterSummary],
+    responses={**_PAGED_RESPONSES, 404: ERROR_RESPONSES},
 )
-def adapter_versions(name: AdapterName, service: ServiceDep) -> list[AdapterSummary]:
-    return service.adapter_versions(name)
+def adapter_versions(request: Request, name: AdapterName, service: ServiceDep, cursor: Cursor = None,
+                     limit: Limit = DEFAULT_LIMIT) -> Response:
+    return _paged(request, service.adapter_versions(name, cursor=cursor, limit=limit), AdapterSummary)
 
 
 @router.get(

@@ -2,8 +2,8 @@
 
 The ORM models live here; the schema itself is built and changed only by the Alembic
 migrations shipped in ``semla/server/migrations`` (``0001``: the first tables; ``0002``: revocation; ``0003``: key rotation;
-``0004``: the DP ε of each adapter's centroid, the publishers' privacy ledger; ``0005``: each
-adapter's signed spread).
+``0004``: the DP ε of each adapter's centroid, the publishers' privacy ledger; ``0005``: the
+library version counter; ``0006``: each adapter's signed spread).
 :func:`upgrade` migrates a database to the head revision (``semla-server db upgrade``);
 :func:`check_schema` is what the server runs at start: it refuses a database whose revision
 is not this code's head, and creates the schema itself only in an empty SQLite database (the
@@ -33,6 +33,8 @@ from sqlalchemy import (
     create_engine,
     event,
     inspect,
+    select,
+    update,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -42,13 +44,17 @@ from semla.schemas.errors import SchemaError
 
 if TYPE_CHECKING:
     from alembic.config import Config
-    from sqlalchemy import Connection
+    from sqlalchemy import Connection, Select
 
 __all__ = [
     "Base",
     "Publisher",
     "Adapter",
     "AdapterFile",
+    "LibraryVersion",
+    "library_version",
+    "library_version_select",
+    "bump_library_version",
     "make_engine",
     "make_sessionmaker",
     "SchemaError",
@@ -68,6 +74,8 @@ MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
 #: ``alembic_version`` was made by ``create_all`` before migrations existed).
 _INITIAL_REVISION = "0001"
 _INITIAL_TABLES = frozenset({"publishers", "adapters", "adapter_files"})
+#: The one row of ``library_version``.
+_LIBRARY_ROW = 1
 _VERSION_TABLE = "alembic_version"
 _UPGRADE_HINT = "run `semla-server db upgrade` with the same --database-url / SEMLA_DATABASE_URL"
 
@@ -149,6 +157,41 @@ class AdapterFile(Base):
     size: Mapped[int] = mapped_column(BigInteger)
 
     adapter: Mapped[Adapter] = relationship(back_populates="files")
+
+
+class LibraryVersion(Base):
+    """The library's version: one row, raised by one in every transaction that changes what the
+    index holds (publish, revoke a version, register, revoke or rotate a key).
+
+    It is what nodes see as the index version (strictly increasing: a lower one is a rollback)
+    and what caches of the library (the retrieval table) are keyed by. Bumping it in the
+    writing transaction makes the change and the new version visible together, on every
+    replica; reading it is one primary-key lookup.
+    """
+
+    __tablename__ = "library_version"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger)
+
+
+@functools.cache  # statements are immutable; building one costs more than the lookup itself
+def library_version_select() -> Select[tuple[int]]:
+    """``SELECT version FROM library_version`` (use ``.scalar_subquery()`` inside a larger query)."""
+    return select(LibraryVersion.version).where(LibraryVersion.id == _LIBRARY_ROW)
+
+
+def library_version(session: Session | Connection) -> int:
+    """The library version now (one primary-key lookup)."""
+    return int(session.execute(library_version_select()).scalar_one())
+
+
+def bump_library_version(session: Session | Connection) -> None:
+    """Raise the library version by one inside the caller's transaction (call it last before
+    the commit: on PostgreSQL the row stays locked until the transaction ends, which orders
+    concurrent writers; on SQLite the database write lock does)."""
+    session.execute(update(LibraryVersion).where(LibraryVersion.id == _LIBRARY_ROW)
+                    .values(version=LibraryVersion.version + 1))
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -28,8 +28,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from semla.registry.metrics import HttpMetrics, error_code, install_http_metrics
-from semla.server.service import index_version_expr, live_adapter
-from semla.server.db import Adapter
+from semla.server.service import live_adapter
+from semla.server.db import Adapter, library_version_select
 
 __all__ = ["install_metrics", "LibraryCollector", "MAX_KEY_SERIES", "UPLOAD_ROUTE", "NAMESPACE"]
 
@@ -70,7 +70,7 @@ class LibraryCollector(Collector):
                 counts = tuple(conn.execute(select(
                     select(func.count(distinct(Adapter.name))).where(live_adapter()).scalar_subquery(),
                     select(func.count()).select_from(Adapter).scalar_subquery(),
-                    index_version_expr(),
+                    library_version_select().scalar_subquery(),
                     select(func.coalesce(func.sum(Adapter.privacy_epsilon), 0.0)).scalar_subquery(),
                 )).one())
                 spent = func.sum(Adapter.privacy_epsilon)

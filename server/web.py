@@ -3,13 +3,14 @@
 ``add_web_routes(app)`` adds three things to a registry app built by
 :func:`semla.server.create_app` (it reads ``app.state.service`` at request time):
 
-* ``GET /`` - the library: newest version of every adapter in a table, a search box (``?q=``,
-  filtered on the server so it works without JavaScript, and live in the browser with a few lines
-  of inline JS), and a 2-D PCA map of the adapters' first centroids, drawn as inline SVG.
+* ``GET /`` - the library, one page at a time (``?after=`` is the next page's cursor): the newest
+  version of each adapter in a table, a search box (``?q=``, searched in the database so it works
+  without JavaScript and over the whole library, and narrowed live in the browser with a few lines
+  of inline JS), and a 2-D PCA map of the page's adapters' first centroids, drawn as inline SVG.
 * ``GET /adapters/{name}`` - one adapter's provenance from its newest signed manifest, the
   signature status (the stored bundle is verified again on every view), files and versions.
 * ``GET /keys`` - the publisher keys with the DP ε each publisher has spent on centroids and
-  what its budget leaves.
+  what its budget leaves, one page at a time like the library.
 * an HTML 404 page for unknown or invalid names.
 
 Everything is inline (CSS, SVG, JS): the page loads no external URL. Every string that comes
@@ -24,6 +25,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlencode
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -37,13 +39,15 @@ from semla.schemas import (
     KeyPublic,
     Manifest,
 )
-from semla.schemas.errors import NotFoundError, SemlaError
+from semla.schemas.errors import InvalidInputError, NotFoundError, SemlaError
 
 __all__ = ["add_web_routes", "matches_query", "pca_map"]
 
 _NAME_RE = re.compile(NAME_PATTERN)
 #: Longest search string honoured (longer input is cut, never refused).
 MAX_QUERY = 256
+#: Rows on one page of the library, of the keys and of an adapter's versions (``?after=`` pages on).
+PAGE_SIZE = 100
 #: Parsed manifests kept per app, keyed by the manifest's sha256 (content-addressed, so never stale).
 _CACHE_LIMIT = 4096
 
@@ -302,12 +306,29 @@ def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "\u2026"
 
 
-def _library(request: Request, q: str | None) -> HTMLResponse:
+def _bad_page(message: str) -> HTMLResponse:
+    body = (f"<h1>Bad request</h1><div class=\"card\"><p>{esc(message)}</p>"
+            "<p><a href=\"/\">Back to the first page of the library</a></p></div>")
+    return HTMLResponse(_page("Bad request - SemLA registry", body), status_code=400)
+
+
+def _next_link(path: str, cursor: str | None, text: str, **params: str) -> str:
+    """A "next page" link (HTML) carrying ``cursor`` and the page's other parameters, or ''."""
+    if cursor is None:
+        return ""
+    query = urlencode({**{k: v for k, v in params.items() if v}, "after": cursor})
+    return f"<p class=\"pager\"><a rel=\"next\" href=\"{esc(path)}?{esc(query)}\">{esc(text)} &rarr;</a></p>"
+
+
+def _library(request: Request, q: str | None, after: str | None) -> HTMLResponse:
     service = request.app.state.service
     query = (q or "")[:MAX_QUERY].strip()
-    everything = service.list_adapters()
+    try:  # the search runs in the database, one page at a time
+        page = service.list_adapters(search=query or None, cursor=after, limit=PAGE_SIZE)
+    except InvalidInputError as exc:
+        return _bad_page(exc.message)
     manifests = _manifests(request.app)
-    shown = [s for s in everything if matches_query(query, s.name, s.domain)]
+    shown = page.items
     rows = []
     for s in shown:
         manifest = manifests.get(service, s)
@@ -321,7 +342,7 @@ def _library(request: Request, q: str | None) -> HTMLResponse:
             f"<td class=\"nowrap\">{arch} <code class=\"muted\">{esc(_short(s.base_fingerprint))}</code></td>"
             f"<td class=\"small nowrap\">{esc(created)}</td></tr>"
         )
-    if not everything:
+    if not shown and not query and after is None:
         table = "<p class=\"muted\">No adapters have been published yet.</p>"
     else:
         empty = "" if shown else "<p class=\"muted\">No adapter matches this search.</p>"
@@ -330,7 +351,7 @@ def _library(request: Request, q: str | None) -> HTMLResponse:
             "<th>Samples</th><th>Base model</th><th>Created</th></tr></thead><tbody>"
             + "".join(rows) + "</tbody></table>" + empty
         )
-    data = pca_map(everything)
+    data = pca_map(shown)
     if data is None:
         map_html = "<p class=\"muted\">The map appears once adapters are published.</p>"
     else:
@@ -345,8 +366,10 @@ def _library(request: Request, q: str | None) -> HTMLResponse:
         f"<input id=\"q\" name=\"q\" type=\"search\" value=\"{esc(query)}\" autocomplete=\"off\" "
         "placeholder=\"Search name or domain, e.g. fog\" aria-label=\"search adapters\">"
         "<button type=\"submit\">Search</button></form>"
-        f"<p class=\"muted small\">Showing <span id=\"count\">{len(shown)}</span> of {len(everything)} adapters "
-        f"(newest version of each name).{clear}</p>{table}</section>"
+        f"<p class=\"muted small\">Showing <span id=\"count\">{len(shown)}</span> adapters "
+        f"{'from' if after else 'on'} {'a later' if after else 'the first'} page (newest version of each name, "
+        f"by name, {PAGE_SIZE} a page).{clear}</p>{table}"
+        + _next_link("/", page.next_cursor, "Next page", q=query) + "</section>"
         f"<section class=\"card\"><h2>Map of centroids</h2>{map_html}</section>"
     )
     return HTMLResponse(_page("SemLA registry - adapters", body, script=_JS))
@@ -371,13 +394,16 @@ def _adapter(request: Request, name: str) -> HTMLResponse:
         return _not_found("That is not a valid adapter name (lower-case letters, digits, '.', '_', '-').")
     service = request.app.state.service
     try:
-        versions = service.adapter_versions(name)
+        versions_page = service.adapter_versions(name, limit=PAGE_SIZE)
     except NotFoundError:
         return _not_found(f"No adapter named {name!r} is published in this registry.")
+    versions = versions_page.items
     newest = versions[0]
-    keys = service.list_keys()
-    key = next((k for k in keys if k.key_id == newest.publisher), None)
-    ok, status_html = _signature_status(service, newest, keys)
+    try:
+        key = service.get_key(newest.publisher)
+    except NotFoundError:
+        key = None
+    ok, status_html = _signature_status(service, newest, [key] if key is not None else [])
     manifest = _manifests(request.app).get(service, newest)
 
     if key is None:
@@ -472,10 +498,15 @@ def _adapter(request: Request, name: str) -> HTMLResponse:
         f"<td><a href=\"/v1/adapters/{esc(v.name)}/{v.version}/manifest\">manifest.json</a></td></tr>"
         for v in versions
     )
+    more = ""
+    if versions_page.next_cursor is not None:
+        older = f"/v1/adapters/{esc(name)}?{esc(urlencode({'cursor': versions_page.next_cursor}))}"
+        more = f"<p class=\"pager\">Older versions: <a rel=\"next\" href=\"{older}\">JSON, next page</a></p>"
+    count = f"the newest {len(versions)}" if more else str(len(versions))
     sections.append(
-        f"<section class=\"card\"><h2>Versions ({len(versions)}, newest first)</h2><table><thead><tr>"
+        f"<section class=\"card\"><h2>Versions ({count}, newest first)</h2><table><thead><tr>"
         "<th>Version</th><th>Domain</th><th>Samples</th><th>Publisher</th><th>Manifest sha256</th>"
-        "<th>Published</th><th></th></tr></thead><tbody>" + version_rows + "</tbody></table></section>"
+        "<th>Published</th><th></th></tr></thead><tbody>" + version_rows + "</tbody></table>" + more + "</section>"
     )
     return HTMLResponse(_page(f"{name} - SemLA registry", "".join(sections)))
 
@@ -488,10 +519,14 @@ def _spend(spent: float, budget: float | None) -> str:
     return f"\u03b5 {spent:g} of {budget:g} spent ({max(0.0, budget - spent):g} left)"
 
 
-def _keys(request: Request) -> HTMLResponse:
+def _keys(request: Request, after: str | None = None) -> HTMLResponse:
     service = request.app.state.service
+    try:
+        page = service.list_keys(cursor=after, limit=PAGE_SIZE)
+    except InvalidInputError as exc:
+        return _bad_page(exc.message)
     rows = []
-    for k in service.list_keys():
+    for k in page.items:
         if not k.active:
             state = "<span class=\"bad\">revoked</span>"
         elif k.rotated_to:
@@ -514,7 +549,8 @@ def _keys(request: Request) -> HTMLResponse:
         "<p class=\"muted small\">DP spend: the epsilon of every centroid a publisher released with differential "
         "privacy, summed over its keys (a rotated key's spend carries to its successor), against this "
         "registry's budget. Revoking a version refunds nothing. "
-        "<a href=\"/v1/keys\">JSON</a></p>" + table + "</section>"
+        "<a href=\"/v1/keys\">JSON</a></p>" + table + _next_link("/keys", page.next_cursor, "More keys")
+        + "</section>"
     )
     return HTMLResponse(_page("Keys - SemLA registry", body))
 
@@ -526,8 +562,8 @@ def add_web_routes(app: FastAPI) -> None:
         return
     app.state.web_routes = True
 
-    def library(request: Request, q: str | None = None) -> HTMLResponse:
-        return _library(request, q)
+    def library(request: Request, q: str | None = None, after: str | None = None) -> HTMLResponse:
+        return _library(request, q, after)
 
     def adapter(request: Request, name: str) -> HTMLResponse:
         return _adapter(request, name)

@@ -4,8 +4,8 @@ The quantiles (q50, q90, q99) of the training embeddings' distances to their nea
 as canonical JSON text; NULL for version-1 manifests (which carry none: retrieval uses the
 library's default for them) and for every adapter stored before this revision (all version 1).
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0006
+Revises: 0005
 Create Date: 2027-01-01 00:00:00
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0005"
-down_revision: str | Sequence[str] | None = "0004"
+revision: str = "0006"
+down_revision: str | Sequence[str] | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

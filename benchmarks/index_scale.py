@@ -1,0 +1,476 @@
+"""The registry at scale: 10k, 100k and 1M synthetic signed adapters (SQLite), 100k on PostgreSQL.
+
+For each library size and database it bulk-loads N synthetic signed adapters, starts
+``semla-server`` on loopback and measures, in one run:
+
+* **reads**: req/s, p50 and p99 of each read endpoint beside ``GET /healthz`` under the same
+  concurrent load: one adapter (``GET /v1/adapters/{name}``), one page of the listing (``GET
+  /v1/adapters?limit=100&cursor=...`` at a random place), a manifest, ``POST /v1/retrieve``, and
+  the TUF static metadata (``GET /tuf/metadata/timestamp.json``, measured once the server serves
+  it); each with its share of ``/healthz``'s req/s and whether it meets the goal (>= 50 %, p99
+  under 50 ms);
+* **publish**: latency p50/p99 of real signed uploads (``POST /v1/adapters``, full verification)
+  into the full library, one after another;
+* **node sync** (hooks): bytes and time of a node's cold start and of its refresh after 1, 100 and
+  10,000 new adapters. The TUF node sync fills these through :data:`NODE_SYNC_HOOKS`; until it
+  is registered the rows say ``not measured``.
+
+How the library is filled (fast, and still signed): ``n_keys`` Ed25519 publisher keys (one per
+250 adapters, at least 4); one manifest template validated by the ``Manifest`` schema and
+encoded canonically, then per adapter its name, publisher, domain and ``--dim``-d unit centroid
+spliced into the template's canonical bytes (checked byte-identical to
+``Manifest.to_canonical()`` every 10,000th adapter) and signed; manifest and signature written as
+content-addressed blobs where the ``BlobStore`` keeps them; the LoRA weights and config are one
+shared blob each (identical files are stored once). ``--workers`` processes do that, 5,000
+adapters a batch, while the main process inserts each batch through the registry's ORM tables;
+the library version is raised by one per key and per adapter, as if each had been registered
+and published; then ``ANALYZE`` (a bulk load leaves the planner without statistics, which a
+live database's autovacuum keeps; PostgreSQL plans a listing page as a scan of the whole table
+without them). A base card whose embedding is ``--dim``-d is installed.
+
+    python benchmarks/index_scale.py                          # 10k, 100k, 1M SQLite; 100k PostgreSQL
+    python benchmarks/index_scale.py --sizes 10k --pg-sizes 10k
+    python benchmarks/index_scale.py --quick                  # 1k adapters, SQLite, a few requests
+
+Results: benchmarks/results/index_scale.json (``--quick``: a temporary file unless ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import insert, text, update
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bundle_factory  # noqa: E402
+from server_load import drive, start_server  # noqa: E402
+
+from semla.registry import keys  # noqa: E402
+from semla.registry.bundle import sha256_bytes  # noqa: E402
+from semla.schemas import (  # noqa: E402
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    MANIFEST_FILE,
+    SIGNATURE_FILE,
+    SIGNING_CONTEXT,
+    Manifest,
+    canonical_json,
+)
+from semla.schemas.basecard import EmbeddingSpec  # noqa: E402
+from semla.server.bases import BaseCardStore  # noqa: E402
+from semla.server.db import Adapter, AdapterFile, LibraryVersion, Publisher, make_engine, upgrade  # noqa: E402
+from semla.server.paging import adapters_scope, encode_cursor  # noqa: E402
+
+EMBEDDING = "bench-clip"
+#: Adapters per synthetic publisher key.
+ADAPTERS_PER_KEY = 250
+BATCH = 5000
+#: Where the TUF static metadata will be served (measured once the server answers 200 there).
+TUF_METADATA_PATH = "/tuf/metadata/timestamp.json"
+#: The node-sync rows, in order: what each measures.
+NODE_SYNC_ROWS = {
+    "cold_start": "a node with an empty cache syncs the whole library",
+    "refresh_after_1": "a synced node refreshes after 1 new adapter",
+    "refresh_after_100": "a synced node refreshes after 100 new adapters",
+    "refresh_after_10000": "a synced node refreshes after 10,000 new adapters",
+}
+#: The goals of issue 12 this benchmark checks.
+GOALS = {"read_share_of_healthz_min": 0.5, "read_p99_ms_max": 50.0, "publish_p50_ms_max_at_1m": 200.0}
+
+
+@dataclass
+class Library:
+    """A bulk-filled registry: where it lives and what is in it."""
+
+    backend: str
+    url: str
+    data_dir: Path
+    n: int
+    dim: int
+    signers: list = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    template: dict = field(default_factory=dict)
+    files_meta: dict = field(default_factory=dict)
+    weights: bytes = b""
+    config: bytes = b""
+    published: int = 0
+
+
+@dataclass
+class SyncContext:
+    """What a node-sync hook gets: a running registry over a full library, and a way to grow it."""
+
+    base_url: str
+    library: Library
+    workdir: Path
+    publish_new: Callable[[int], float]  # publish k new signed adapters over HTTP; returns seconds
+
+
+#: name → fn(SyncContext) → row dict (``bytes``, ``seconds``, ...); filled by the TUF node sync.
+NODE_SYNC_HOOKS: dict[str, Callable[[SyncContext], dict]] = {}
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().lower()
+    scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:], 1)
+    number = text[:-1] if scale > 1 else text
+    try:
+        value = int(float(number) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 10k, 100k, 1M)") from None
+    if value < 10:
+        raise argparse.ArgumentTypeError(f"size {text!r} is below 10 adapters")
+    return value
+
+
+def _sizes(text: str) -> list[int]:
+    return [parse_size(t) for t in text.split(",") if t.strip()]
+
+
+def _unit_rows(rng: np.random.Generator, n: int, dim: int) -> list[list[float]]:
+    vectors = rng.standard_normal((n, dim))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors.tolist()
+
+
+#: Placeholders spliced into the canonical manifest template (JSON-escaped control characters,
+#: which no real value holds).
+_SLOTS = {"name": "\x01N", "publisher": "\x01P", "domain": "\x01D", "vectors": "\x01V"}
+
+
+def _template_text(template: dict) -> str:
+    fields = copy.deepcopy(template)
+    fields.update(name=_SLOTS["name"], publisher=_SLOTS["publisher"], domain=_SLOTS["domain"])
+    fields["centroids"] = {"embedding_model": EMBEDDING, "vectors": _SLOTS["vectors"]}
+    return canonical_json(fields).decode("utf-8")
+
+
+def _splice(template_text: str, name: str, publisher: str, domain: str, vectors_json: str) -> bytes:
+    """The canonical manifest bytes of one adapter: the template with its four values spliced in
+    (canonical JSON's key order does not depend on the values)."""
+    text = template_text
+    for slot, value in ((_SLOTS["name"], json.dumps(name, ensure_ascii=False)),
+                        (_SLOTS["publisher"], json.dumps(publisher)),
+                        (_SLOTS["domain"], json.dumps(domain, ensure_ascii=False)),
+                        (_SLOTS["vectors"], vectors_json)):
+        text = text.replace(json.dumps(slot), value, 1)
+    return text.encode("utf-8")
+
+
+def _vectors_json(vector: list[float]) -> str:
+    """``canonical_json([vector])`` for a list of finite floats."""
+    return json.dumps([vector], separators=(",", ":"), allow_nan=False)
+
+
+def _manifest(lib: Library, name: str, key, domain: str, vector: list[float]) -> tuple[bytes, bytes]:
+    """(canonical manifest bytes, signature) of one synthetic adapter."""
+    body = _splice(_template_text(lib.template), name, keys.key_id(key), domain, _vectors_json(vector))
+    return body, keys.sign(key, SIGNING_CONTEXT + body)
+
+
+def _write_blob(blob_root: Path, data: bytes) -> str:
+    """Write a blob where BlobStore keeps it (no fsync, no existence check: a fresh fixture)."""
+    digest = sha256_bytes(data)
+    with open(os.path.join(blob_root, "sha256", digest[:2], digest), "wb") as f:
+        f.write(data)
+    return digest
+
+
+def _make_batch(job: tuple) -> tuple[list[dict], list[dict]]:
+    """Rows and file rows of adapters ``start .. start+count-1``: centroids drawn, manifests
+    spliced and signed, blobs written (runs in a worker process)."""
+    start, count, seed, template_text, private_keys, dim, blob_root, shared = job
+    signers = [Ed25519PrivateKey.from_private_bytes(raw) for raw in private_keys]
+    key_ids = [keys.key_id(k) for k in signers]
+    rng = np.random.default_rng([seed, start])
+    rows, files = [], []
+    for j, vector in enumerate(_unit_rows(rng, count, dim)):
+        i = start + j
+        name, domain, who = f"adapter-{i:07d}", f"domain {i % 997}", i % len(signers)
+        vectors_json = _vectors_json(vector)
+        body = _splice(template_text, name, key_ids[who], domain, vectors_json)
+        if i % 10_000 == 0:  # the fast path must produce exactly what the schema would
+            assert Manifest.model_validate(json.loads(body)).to_canonical() == body, name
+        sig = keys.sign(signers[who], SIGNING_CONTEXT + body)
+        m_sha, s_sha = _write_blob(blob_root, body), _write_blob(blob_root, sig)
+        rows.append({"id": i + 1, "name": name, "version": 1, "publisher_key_id": key_ids[who],
+                     "manifest_sha256": m_sha, "base_fingerprint": bundle_factory.FINGERPRINT, "domain": domain,
+                     "sample_count": shared["sample_count"], "centroids": vectors_json})
+        for fname, sha, size in ((ADAPTER_WEIGHTS_FILE, *shared[ADAPTER_WEIGHTS_FILE]),
+                                 (ADAPTER_CONFIG_FILE, *shared[ADAPTER_CONFIG_FILE]),
+                                 (MANIFEST_FILE, m_sha, len(body)), (SIGNATURE_FILE, s_sha, len(sig))):
+            files.append({"adapter_id": i + 1, "filename": fname, "sha256": sha, "size": size})
+    return rows, files
+
+
+def install_card(data_dir: Path, dim: int) -> None:
+    card = bundle_factory.base_card().model_copy(update={"embedding": EmbeddingSpec(name=EMBEDDING, dim=dim)})
+    BaseCardStore(data_dir / "bases").add(card.to_json())
+
+
+def bulk_fill(backend: str, url: str, data_dir: Path, n: int, dim: int, seed: int = 0,
+              workers: int = 1) -> tuple[Library, dict]:
+    """Fill an empty registry with ``n`` synthetic signed adapters (see the module docstring);
+    ``workers`` processes sign and write blobs while this one inserts rows."""
+    t0 = time.perf_counter()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(url)
+    install_card(data_dir, dim)
+    engine = make_engine(url)
+    n_keys = max(4, n // ADAPTERS_PER_KEY)
+    lib = Library(backend, url, data_dir, n, dim, signers=[keys.generate_key() for _ in range(n_keys)])
+    lib.weights, lib.config = bundle_factory.lora_weights(), json.dumps(bundle_factory.adapter_config()).encode()
+    blob_root = data_dir / "blobs"
+    for prefix in range(256):
+        (blob_root / "sha256" / f"{prefix:02x}").mkdir(parents=True, exist_ok=True)
+    w_sha, c_sha = _write_blob(blob_root, lib.weights), _write_blob(blob_root, lib.config)
+    lib.files_meta = {ADAPTER_WEIGHTS_FILE: {"sha256": w_sha, "size": len(lib.weights)},
+                      ADAPTER_CONFIG_FILE: {"sha256": c_sha, "size": len(lib.config)}}
+    first = {**bundle_factory.manifest_fields(dim=dim), "publisher": keys.key_id(lib.signers[0]),
+             "files": lib.files_meta,
+             "centroids": {"embedding_model": EMBEDDING, "vectors": _unit_rows(np.random.default_rng(seed), 1, dim)}}
+    lib.template = json.loads(Manifest.model_validate(first).to_canonical())
+    lib.names = [f"adapter-{i:07d}" for i in range(n)]
+    with engine.begin() as conn:
+        conn.execute(insert(Publisher), [{"key_id": keys.key_id(k), "public_key": keys.public_bytes(k).hex(),
+                                          "label": f"bench {i}", "active": True} for i, k in enumerate(lib.signers)])
+    shared = {"sample_count": lib.template["sample_count"], ADAPTER_WEIGHTS_FILE: (w_sha, len(lib.weights)),
+              ADAPTER_CONFIG_FILE: (c_sha, len(lib.config))}
+    raw_keys = [k.private_bytes_raw() for k in lib.signers]
+    jobs = [(start, min(BATCH, n - start), seed, _template_text(lib.template), raw_keys, dim, blob_root, shared)
+            for start in range(0, n, BATCH)]
+    made = insert_s = 0.0
+    t_made = time.perf_counter()
+    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        batches = pool.map(_make_batch, jobs) if pool is not None else map(_make_batch, jobs)
+        for rows, files in batches:
+            t = time.perf_counter()
+            with engine.begin() as conn:
+                conn.execute(insert(Adapter), rows)
+                conn.execute(insert(AdapterFile), files)
+            insert_s += time.perf_counter() - t
+    made = time.perf_counter() - t_made - insert_s
+    with engine.begin() as conn:  # as if every key had been registered and every adapter published
+        conn.execute(update(LibraryVersion).values(version=LibraryVersion.version + n_keys + n))
+        if engine.dialect.name == "postgresql":  # ids were given explicitly: move the sequence past them
+            conn.execute(text("SELECT setval(pg_get_serial_sequence('adapters', 'id'), :n)"), {"n": n})
+    with engine.begin() as conn:  # planner statistics, as autovacuum/ANALYZE keep them on a live database
+        conn.execute(text("ANALYZE"))
+    engine.dispose()
+    return lib, {"seconds": round(time.perf_counter() - t0, 1), "keys": n_keys, "workers": workers,
+                 "sign_and_blobs_s": round(made, 1), "insert_s": round(insert_s, 1),
+                 "adapters_per_s": round(n / (time.perf_counter() - t0), 1)}
+
+
+def new_bundle(lib: Library, rng: random.Random) -> dict[str, bytes]:
+    """A fresh signed bundle (a new name) by one of the library's keys."""
+    lib.published += 1
+    key = lib.signers[rng.randrange(len(lib.signers))]
+    vector = _unit_rows(np.random.default_rng(rng.getrandbits(32)), 1, lib.dim)[0]
+    body, sig = _manifest(lib, f"new-{lib.published:07d}", key, "newly published", vector)
+    return {ADAPTER_WEIGHTS_FILE: lib.weights, ADAPTER_CONFIG_FILE: lib.config, MANIFEST_FILE: body,
+            SIGNATURE_FILE: sig}
+
+
+def publish(http: httpx.Client, base: str, files: dict[str, bytes]) -> float:
+    parts = [(name, (name, data, "application/octet-stream")) for name, data in files.items()]
+    t0 = time.perf_counter()
+    r = http.post(base + "/v1/adapters", files=parts)
+    elapsed = time.perf_counter() - t0
+    if r.status_code != 201:
+        raise RuntimeError(f"publish refused: {r.status_code} {r.text[:300]}")
+    return elapsed
+
+
+def measure_publish(lib: Library, base: str, count: int) -> dict:
+    rng = random.Random(7)
+    bundles = [new_bundle(lib, rng) for _ in range(count)]  # signed before the clock starts
+    with httpx.Client(timeout=120) as http:
+        publish(http, base, new_bundle(lib, rng))  # warm the connection
+        latencies = [publish(http, base, files) * 1000 for files in bundles]
+    return {"uploads": count, "p50_ms": round(float(np.percentile(latencies, 50)), 2),
+            "p99_ms": round(float(np.percentile(latencies, 99)), 2), "max_ms": round(max(latencies), 2)}
+
+
+def measure_reads(lib: Library, base: str, clients: int, requests: int) -> dict:
+    rng = np.random.default_rng(1)
+    picks = [lib.names[int(i)] for i in rng.integers(0, lib.n, 4 * requests)]
+    names, pages, manifests = iter(picks), iter(picks[::-1]), iter(picks[requests:] + picks[:requests])
+    scope = adapters_scope()
+    queries = iter([{"embedding": v, "base_fingerprint": bundle_factory.FINGERPRINT}
+                    for v in _unit_rows(rng, 2 * requests, lib.dim)])
+    t0 = time.perf_counter()
+    httpx.post(base + "/v1/retrieve", json=next(queries), timeout=600).raise_for_status()  # build the table
+    out: dict = {"retrieve_table_build_s": round(time.perf_counter() - t0, 2)}
+    endpoints: dict[str, Callable] = {
+        "healthz": lambda h: h.get(base + "/healthz"),
+        "one_adapter": lambda h: h.get(f"{base}/v1/adapters/{next(names)}"),
+        "listing_page": lambda h: h.get(base + "/v1/adapters",
+                                        params={"limit": 100, "cursor": encode_cursor("adapters", next(pages), scope)}),
+        "manifest": lambda h: h.get(f"{base}/v1/adapters/{next(manifests)}/1/manifest"),
+        "retrieve": lambda h: h.post(base + "/v1/retrieve", json=next(queries)),
+    }
+    if httpx.get(base + TUF_METADATA_PATH, timeout=60).status_code == 200:
+        endpoints["tuf_metadata"] = lambda h: h.get(base + TUF_METADATA_PATH)
+    else:
+        out["tuf_metadata"] = {"status": f"not measured: the server does not serve {TUF_METADATA_PATH} yet"}
+    for name, fn in endpoints.items():
+        drive(fn, clients, clients * 4)  # warm connections and caches
+        out[name] = drive(fn, clients, requests)
+    trivial = out["healthz"]["req_per_s"]
+    for name in endpoints:
+        if name == "healthz":
+            continue
+        row = out[name]
+        row["share_of_healthz_req_per_s"] = round(row["req_per_s"] / trivial, 3)
+        row["meets_goal"] = (row["share_of_healthz_req_per_s"] >= GOALS["read_share_of_healthz_min"]
+                             and row["p99_ms"] < GOALS["read_p99_ms_max"])
+    return out
+
+
+def measure_node_sync(lib: Library, base: str, workdir: Path) -> dict:
+    """The node-sync rows: each from its hook in :data:`NODE_SYNC_HOOKS`, or ``not measured``."""
+    rng = random.Random(11)
+
+    def publish_new(k: int) -> float:
+        t0 = time.perf_counter()
+        with httpx.Client(timeout=120) as http:
+            for _ in range(k):
+                publish(http, base, new_bundle(lib, rng))
+        return time.perf_counter() - t0
+
+    ctx = SyncContext(base_url=base, library=lib, workdir=workdir, publish_new=publish_new)
+    rows = {}
+    for name, what in NODE_SYNC_ROWS.items():
+        hook = NODE_SYNC_HOOKS.get(name)
+        rows[name] = {"what": what, **(hook(ctx) if hook else {"status": "not measured: no TUF node sync yet"})}
+    return rows
+
+
+def run(backend: str, url: str | None, n: int, *, dim: int, clients: int, requests: int, publishes: int,
+        workers: int) -> dict:
+    data_dir = Path(tempfile.mkdtemp(prefix=f"semla-scale-{backend}-{n}-"))
+    db_url = url or f"sqlite:///{data_dir / 'registry.db'}"
+    print(f"[{backend} {n}] filling ...", flush=True)
+    lib, fill = bulk_fill(backend, db_url, data_dir, n, dim, workers=workers)
+    print(f"[{backend} {n}] filled in {fill['seconds']} s; starting the server", flush=True)
+    proc, base = start_server(data_dir, {"SEMLA_DATABASE_URL": url, "SEMLA_METRICS": "false"} if url
+                              else {"SEMLA_METRICS": "false"})
+    try:
+        result = {"backend": backend, "adapters": n, "fill": fill}
+        result["read"] = measure_reads(lib, base, clients, requests)
+        print(f"[{backend} {n}] reads done; publishing", flush=True)
+        result["publish"] = measure_publish(lib, base, publishes)
+        result["node_sync"] = measure_node_sync(lib, base, data_dir / "node")
+        return result
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def _summary_line(row: dict) -> str:
+    read = row["read"]
+    parts = [f"{row['backend']:10s} {row['adapters']:>8d}: fill {row['fill']['seconds']:>6.1f} s; "
+             f"publish p50 {row['publish']['p50_ms']} ms p99 {row['publish']['p99_ms']} ms"]
+    for name in ("healthz", "one_adapter", "listing_page", "manifest", "retrieve", "tuf_metadata"):
+        r = read.get(name, {})
+        if "req_per_s" in r:
+            parts.append(f"{name} {r['req_per_s']} req/s p99 {r['p99_ms']} ms")
+    return "; ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=_sizes, default=None, help="SQLite library sizes (default 10k,100k,1M)")
+    parser.add_argument("--pg-sizes", type=_sizes, default=None,
+                        help="PostgreSQL library sizes, each run right after SQLite's of the same size when both "
+                        "are asked (default 100k; '' for none)")
+    parser.add_argument("--quick", action="store_true", help="1k adapters, SQLite only, few requests (the test)")
+    parser.add_argument("--dim", type=int, default=64, help="centroid dimension (default 64)")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes that sign and write blobs during the fill (default: cores, at most 8)")
+    parser.add_argument("--requests", type=int, default=None, help="requests per read endpoint (default 800)")
+    parser.add_argument("--publishes", type=int, default=None, help="uploads timed into the full library (200)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        sizes = args.sizes if args.sizes is not None else [1000]
+        pg_sizes = args.pg_sizes if args.pg_sizes is not None else []
+        requests, publishes = args.requests or 40, args.publishes or 10
+        out = args.out or Path(tempfile.mkdtemp(prefix="semla-scale-")) / "index_scale.json"
+    else:
+        sizes = args.sizes if args.sizes is not None else [10_000, 100_000, 1_000_000]
+        pg_sizes = args.pg_sizes if args.pg_sizes is not None else [100_000]
+        requests, publishes = args.requests or 800, args.publishes or 200
+        out = args.out or ROOT / "benchmarks" / "results" / "index_scale.json"
+    t0 = time.perf_counter()
+    results = []
+    for n in sorted(set(sizes) | set(pg_sizes)):
+        options = {"dim": args.dim, "clients": args.clients, "requests": requests, "publishes": publishes,
+                   "workers": args.workers}
+        if n in sizes:
+            results.append(run("sqlite", None, n, **options))
+            print(_summary_line(results[-1]), flush=True)
+        if n in pg_sizes:
+            import pg
+
+            reason = pg.unavailable_reason()
+            if reason:
+                results.append({"backend": "postgresql", "adapters": n, "skipped": reason})
+                continue
+            with pg.cluster() as cluster:
+                results.append(run("postgresql", cluster.create_database("scale"), n, **options))
+            print(_summary_line(results[-1]), flush=True)
+    command = ("python benchmarks/index_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    doc = {
+        "what": "The registry with N synthetic signed adapters: req/s, p50 and p99 of each read endpoint beside "
+                "/healthz under the same load (clients threads, requests each, after a warm-up), publish latency "
+                "of real signed uploads into the full library (one after another), and the node-sync rows (cold "
+                "start; refresh after 1, 100, 10,000 new adapters) that the TUF node sync fills. Same machine, "
+                "one run: SQLite and PostgreSQL side by side at each size both are asked for.",
+        "how_filled": "bulk: n_keys Ed25519 keys (one per 250 adapters, >= 4); one manifest template validated by "
+                      "the Manifest schema and encoded canonically, then per adapter its name, publisher, domain "
+                      "and unit centroid spliced into the template's canonical bytes (checked equal to "
+                      "Manifest.to_canonical() every 10,000th adapter) and Ed25519-signed; manifest + signature "
+                      "written as content-addressed blobs, weights/config one shared blob each; that work in "
+                      "`workers` processes, 5,000 adapters a batch, while the main process inserts each batch "
+                      "through the registry's ORM tables (one INSERT per table and batch); the library version "
+                      "raised by one per key and adapter; then ANALYZE (planner statistics). Not through "
+                      "POST /v1/adapters (1M uploads one by one would take hours).",
+        "command": command,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "note": "server, load clients and database share the same cores"},
+        "config": {"dim": args.dim, "clients": args.clients, "requests_per_endpoint": requests,
+                   "publishes": publishes},
+        "goals": GOALS,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "results": results,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

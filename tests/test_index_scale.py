@@ -1,0 +1,71 @@
+"""benchmarks/index_scale.py: its bulk fill makes real signed adapters, and a quick run measures
+every read endpoint and publishing (the full sizes are run by hand)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from semla.registry import keys
+from semla.registry.bundle import verify_bundle
+from semla.schemas import BUNDLE_FILES
+from semla.server import ServerSettings, create_app
+from semla.server.db import library_version
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "index_scale.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("index_scale", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["index_scale"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bulk_fill_makes_a_library_of_verifiable_signed_adapters(bench, tmp_path):
+    data = tmp_path / "data"
+    lib, fill = bench.bulk_fill("sqlite", f"sqlite:///{data / 'registry.db'}", data, 30, dim=16)
+    assert fill["keys"] == 4 and len(lib.names) == 30
+    http = TestClient(create_app(ServerSettings(data_dir=data)))
+    listing = http.get("/v1/adapters", params={"limit": 1000}).json()
+    assert [a["name"] for a in listing] == sorted(lib.names)
+    trusted = {keys.key_id(k): keys.public_bytes(k) for k in lib.signers}
+    for name in (lib.names[0], lib.names[17]):
+        files = {f: http.get(f"/v1/adapters/{name}/1/files/{f}").content for f in BUNDLE_FILES}
+        manifest = verify_bundle(files, trusted)  # signature, hashes, tensors: a real bundle
+        assert manifest.name == name and manifest.centroids.dim == 16
+    with http.app.state.engine.connect() as conn:
+        assert library_version(conn) == 4 + 30  # one per key and per adapter
+    retrieved = http.post("/v1/retrieve", json={"embedding": listing[3]["centroids"][0],
+                                                 "base_fingerprint": listing[3]["base_fingerprint"]})
+    assert retrieved.json()["results"][0]["name"] == listing[3]["name"]
+
+
+def test_quick_run_measures_reads_beside_healthz_and_publishing(bench, tmp_path):
+    out = tmp_path / "scale.json"
+    assert bench.main(["--quick", "--sizes", "300", "--requests", "16", "--clients", "2", "--publishes", "4",
+                       "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    (row,) = doc["results"]
+    assert row["backend"] == "sqlite" and row["adapters"] == 300 and row["fill"]["keys"] == 4
+    for name in ("healthz", "one_adapter", "listing_page", "manifest", "retrieve"):
+        assert row["read"][name]["requests"] == 16 and row["read"][name]["req_per_s"] > 0, name
+    assert "share_of_healthz_req_per_s" in row["read"]["retrieve"]
+    assert row["publish"]["uploads"] == 4 and 0 < row["publish"]["p50_ms"] <= row["publish"]["p99_ms"]
+    assert set(row["node_sync"]) == set(bench.NODE_SYNC_ROWS)
+    assert "INSERT" in doc["how_filled"]  # says how the library was filled
+
+
+def test_sizes_parse(bench):
+    assert [bench.parse_size(s) for s in ("10k", "100K", "1M", "2500", "1.5k")] == [10_000, 100_000, 1_000_000,
+                                                                                     2500, 1500]
+    with pytest.raises(argparse.ArgumentTypeError):
+        bench.parse_size("lots")
