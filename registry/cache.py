@@ -12,11 +12,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
+from semla.registry.bundle import read_bundle
+from semla.registry.fs import atomic_replace_dir
 from semla.registry.fusion import LoraAdapter
 from semla.schemas import AdapterSummary
 from semla.schemas.errors import InvalidInputError
@@ -97,8 +100,14 @@ class _Tier:
         self.used -= self.sizes.pop(key, 0)
 
 
-Fetch = Callable[[AdapterSummary], dict[str, bytes]]
-Verify = Callable[[AdapterSummary, dict[str, bytes]], LoraAdapter]
+class Source(Protocol):
+    """Where adapters come from (:class:`~semla.registry.source.BundleSource` on a node)."""
+
+    def fetch(self, summary: AdapterSummary) -> dict[str, bytes]:
+        """Download a bundle (file name → bytes)."""
+
+    def load(self, summary: AdapterSummary, files: dict[str, bytes]) -> LoraAdapter:
+        """Verify a bundle and load it as a CPU adapter (raises if bad)."""
 
 
 class AdapterCache:
@@ -107,10 +116,8 @@ class AdapterCache:
     Args:
         root: disk tier directory.
         device: where fused adapters must live.
-        fetch: downloads a bundle (file name → bytes).
-        load: verifies a bundle and loads it as a CPU :class:`LoraAdapter` (raises if bad).
-        store: writes a verified bundle to disk (atomically).
-        read: reads a bundle back from disk.
+        source: fetches bundles and verifies and loads them; the cache writes a bundle to disk
+            (atomically) only after the source verified it, and re-verifies it on every read back.
     """
 
     def __init__(
@@ -119,15 +126,12 @@ class AdapterCache:
         device: torch.device,
         limits: CacheLimits,
         *,
-        fetch: Fetch,
-        load: Verify,
-        store: Callable[[Path, dict[str, bytes]], None],
-        read: Callable[[Path], dict[str, bytes]],
+        source: Source,
     ) -> None:
         self.root = Path(root)
         self.device = device
         self.limits = limits
-        self._fetch, self._load, self._store, self._read = fetch, load, store, read
+        self.source = source
         self.host = _Tier(limits.host_bytes)
         self.gpu = _Tier(limits.device_bytes) if device.type != "cpu" else None
         self.stats = collections.Counter(dict.fromkeys(STAT_KEYS, 0))
@@ -152,7 +156,7 @@ class AdapterCache:
         adapter = None
         if path.is_dir():
             try:
-                adapter = self._load(summary, self._read(path))  # re-verified on every read
+                adapter = self.source.load(summary, read_bundle(path))  # re-verified on every read
                 self.stats["disk_hits"] += 1
                 path.touch()
             except Exception:  # a damaged or tampered disk entry is dropped and fetched again
@@ -160,10 +164,10 @@ class AdapterCache:
                 shutil.rmtree(path, ignore_errors=True)
                 adapter = None
         if adapter is None:
-            files = self._fetch(summary)
-            adapter = self._load(summary, files)  # verified before it touches the disk
+            files = self.source.fetch(summary)
+            adapter = self.source.load(summary, files)  # verified before it touches the disk
             self.stats["downloads"] += 1
-            self._store(path, files)
+            atomic_replace_dir(path, files, overwrite=True)
             self._trim_disk(keep_path=path)
         self.stats["host_evictions"] += len(self.host.put(key, adapter, keep))
         return adapter

@@ -39,15 +39,13 @@ import torch
 import torch.nn.functional as F
 
 from semla.registry.basecard import compute_base_card
-from semla.registry.basecheck import verify_against_card
-from semla.registry.bundle import read_bundle, verify_bundle
-from semla.registry.fs import atomic_replace_dir
 from semla.registry.cache import AdapterCache, CacheLimits, adapter_key
 from semla.registry._limits import MAX_UPSAMPLE_ELEMENTS, check_classes
 from semla.registry.data import read_image
 from semla.registry.device import resolve_device  # re-exported for callers of semla.registry.node
-from semla.registry.fusion import FusionEngine, LoraAdapter, load_adapter
+from semla.registry.fusion import FusionEngine, LoraAdapter
 from semla.registry.http import RegistryClient
+from semla.registry.source import BundleSource
 from semla.registry.tufindex import TufIndex, directory_for
 from semla.registry.model import DenseClip, load_base, lora_target_modules
 from semla.registry.retrieval import (
@@ -62,9 +60,6 @@ from semla.registry.retrieval import (
 )
 from semla.registry.weighting import check_guard_z, check_weighting
 from semla.schemas import (
-    ADAPTER_WEIGHTS_FILE,
-    BUNDLE_FILES,
-    MANIFEST_FILE,
     AdapterSummary,
     Contribution,
 )
@@ -185,13 +180,10 @@ class Node:
                                     f"{self.base.ref.fingerprint[:16]}")
         self.engine = FusionEngine(self.base.clip, lora_target_modules(self.base.clip))
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self.cache = AdapterCache(
-            self.cache_dir / "bundles", self.device, limits, fetch=self._fetch, load=self._verify_and_load,
-            store=lambda path, files: atomic_replace_dir(path, files, overwrite=True), read=read_bundle,
-        )
+        self.source = BundleSource(self.client, self.card, self.base.ref.fingerprint, self.engine.targets)
+        self.cache = AdapterCache(self.cache_dir / "bundles", self.device, limits, source=self.source)
         self.max_index_age = max_index_age
         self.library: list[AdapterSummary] = []
-        self.trusted_keys: dict[str, bytes] = {}
         self.index_time: float | None = None
         self.index_expires: float | None = None
         self.index_version: int | None = None
@@ -203,7 +195,6 @@ class Node:
         self._texts: dict[tuple[str, ...], torch.Tensor] = {}
         #: adapter key → why this node cannot use it (left out of retrieval; shown in health()).
         self.excluded: dict[str, str] = {}
-        self._failed: dict[str, str] = {}  # filled while loading, moved to ``excluded`` between batches
 
     # -- library ------------------------------------------------------------------------------
     def pull(self) -> list[AdapterSummary]:
@@ -260,7 +251,7 @@ class Node:
             table = _table(library)
         else:
             table = self._table  # nothing changed: the same table
-        self.library, self._table, self.trusted_keys, self.excluded = library, table, dict(index.keys), excluded
+        self.library, self._table, self.source.trusted_keys, self.excluded = library, table, dict(index.keys), excluded
         self.index_time, self.index_expires = accepted_at, index.expires
         self.index_version = index.version
         if not self.offline:
@@ -295,7 +286,7 @@ class Node:
 
     def _leave_out_failed(self) -> bool:
         """Move adapters that failed to load into ``excluded``; True when the library changed."""
-        failed, self._failed = self._failed, {}
+        failed, self.source.failed = self.source.failed, {}
         changed = False
         in_library = {adapter_key(a) for a in self.library}
         for key, reason in failed.items():
@@ -369,38 +360,10 @@ class Node:
                 "can be had; refusing to serve")
 
     # -- verification and loading -------------------------------------------------------------
-    def _fetch(self, summary: AdapterSummary) -> dict[str, bytes]:
-        return {f: self.client.fetch_file(summary.name, summary.version, f) for f in BUNDLE_FILES}
-
-    def _verify_and_load(self, summary: AdapterSummary, files: dict[str, bytes]) -> LoraAdapter:
-        """Verify a bundle end to end and against the base card; an adapter that fails is left out."""
-        try:
-            return self._check_and_load(summary, files)
-        except (VerificationError, IncompatibleAdapterError) as exc:
-            self._failed[adapter_key(summary)] = f"{exc.message} [{exc.code}]"
-            raise
-
-    def _check_and_load(self, summary: AdapterSummary, files: dict[str, bytes]) -> LoraAdapter:
-        key = adapter_key(summary)
-        manifest = verify_bundle(files, self.trusted_keys)
-        if hashlib.sha256(files[MANIFEST_FILE]).hexdigest() != summary.manifest_sha256:
-            raise VerificationError(f"{key}: manifest differs from the one the registry listed")
-        if (manifest.name, manifest.version, manifest.publisher) != (summary.name, summary.version, summary.publisher):
-            raise VerificationError(f"{key}: signed name/version/publisher differ from the listing")
-        listed = np.asarray(summary.centroids, dtype=np.float64)
-        signed = np.asarray(manifest.centroids.vectors, dtype=np.float64)
-        if listed.shape != signed.shape or not np.allclose(listed, signed, atol=1e-6):
-            raise VerificationError(f"{key}: listed centroids differ from the signed manifest")
-        signed_spread = None if manifest.spread is None else list(manifest.spread.quantiles)
-        if (summary.spread is None) != (signed_spread is None) or (
-                signed_spread is not None and not np.allclose(summary.spread, signed_spread, atol=1e-9)):
-            raise VerificationError(f"{key}: listed spread differs from the signed manifest")
-        try:
-            verify_against_card(self.card, manifest, files[ADAPTER_WEIGHTS_FILE])
-        except IncompatibleAdapterError as exc:
-            raise IncompatibleAdapterError(f"{key}: {exc.message}", code=exc.code) from None
-        return load_adapter(key, files[ADAPTER_WEIGHTS_FILE], manifest, self.base.ref.fingerprint,
-                            self.engine.targets, device="cpu")
+    @property
+    def trusted_keys(self) -> dict[str, bytes]:
+        """Key id → raw public key of every publisher the accepted library lists."""
+        return self.source.trusted_keys
 
     def verified_files(self, summary: AdapterSummary) -> dict[str, bytes]:
         """Download one listed adapter's bundle and verify it exactly as before use; its files.
@@ -408,9 +371,7 @@ class Node:
         Raises:
             VerificationError, IncompatibleAdapterError: as for any adapter the node loads.
         """
-        files = self._fetch(summary)
-        self._verify_and_load(summary, files)
-        return files
+        return self.source.verified_files(summary)
 
     def adapter(self, summary: AdapterSummary) -> LoraAdapter:
         """The verified adapter for a library entry, resident on the node's device."""

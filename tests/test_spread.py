@@ -79,14 +79,14 @@ def test_a_listed_spread_that_differs_from_the_signed_one_is_refused(mixed_regis
     node = Node(mixed_registry, base=fresh_base, cache_dir=tmp_path / "cache")
     node.pull()
     night = next(a for a in node.library if a.name == "night")
-    files = node._fetch(night)
-    node._check_and_load(night, files)  # as listed: fine
+    files = node.source.fetch(night)
+    node.source.load(night, files)  # as listed: fine
     for forged in ([0.0, 0.0, 2.0], None):
         with pytest.raises(VerificationError, match="spread"):
-            node._check_and_load(night.model_copy(update={"spread": forged}), files)
+            node.source.load(night.model_copy(update={"spread": forged}), files)
     fog = next(a for a in node.library if a.name == "fog-v1")
     with pytest.raises(VerificationError, match="spread"):
-        node._check_and_load(fog.model_copy(update={"spread": [0.1, 0.2, 0.3]}), node._fetch(fog))
+        node.source.load(fog.model_copy(update={"spread": [0.1, 0.2, 0.3]}), node.source.fetch(fog))
 
 
 # -- DP -------------------------------------------------------------------------------------------
