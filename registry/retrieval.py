@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from semla.registry import weighting as _weighting
+from semla.registry.distances import distance_from_similarity
 from semla.registry.weighting import list_weightings
 from semla.schemas.api import (
     DEFAULT_DISTANCE,
@@ -198,7 +199,7 @@ def retrieve_numpy(
     q = q / peak  # scaled first: the square sum of large finite values stays finite
     q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
     sim = q @ table.vectors.T  # (Q, C)
-    d_cent = np.sqrt(np.clip(2.0 - 2.0 * sim, 0.0, None)) if distance == "euclidean" else 1.0 - sim
+    d_cent = distance_from_similarity(sim, distance)
     if table.one_per_adapter:
         d_adapter = d_cent
     else:
@@ -248,7 +249,7 @@ def retrieve_torch(
     q = torch.nn.functional.normalize(q / q.abs().amax(dim=1, keepdim=True).clamp(min=1e-30), dim=1)
     cents, owner = table.tensors(q.device)
     sim = q @ cents.T  # (Q, C)
-    d_cent = torch.sqrt(torch.clamp(2.0 - 2.0 * sim, min=0.0)) if distance == "euclidean" else 1.0 - sim
+    d_cent = distance_from_similarity(sim, distance)
     if table.one_per_adapter:
         d_adapter = d_cent
     else:

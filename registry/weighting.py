@@ -64,6 +64,7 @@ from typing import Any
 
 import numpy as np
 
+from semla.registry.distances import DISTANCE_FUNCTIONS
 from semla.schemas.api import DEFAULT_WEIGHTING, MAX_GUARD_Z
 from semla.schemas.errors import InvalidInputError
 
@@ -223,7 +224,7 @@ def fill_spreads(spread: np.ndarray | None, vectors: np.ndarray, owner: np.ndarr
 
 def spreads_for_distance(spread: np.ndarray, distance: str) -> np.ndarray:
     """Euclidean spreads (unit vectors) in the units of ``distance``: cosine = d^2 / 2."""
-    return spread if distance == "euclidean" else spread**2 / 2.0
+    return DISTANCE_FUNCTIONS.lookup(distance).from_euclidean(spread)
 
 
 def _units(spread: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -26,6 +26,7 @@ from typing import Literal
 import faiss
 import numpy as np
 
+from semla.registry.distances import distance_from_similarity
 from semla.schemas.errors import InvalidInputError
 
 from semla.registry.retrieval import (
@@ -81,7 +82,7 @@ def _unit(queries: np.ndarray) -> np.ndarray:
 
 def _distance(sim: np.ndarray, distance: str) -> np.ndarray:
     # Exactly retrieve_numpy's formulas, so re-ranked distances equal brute force's.
-    return np.sqrt(np.clip(2.0 - 2.0 * sim, 0.0, None)) if distance == "euclidean" else 1.0 - sim
+    return distance_from_similarity(sim, distance)
 
 
 @dataclasses.dataclass(frozen=True)

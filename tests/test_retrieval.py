@@ -45,3 +45,18 @@ def test_bad_arguments_are_refused():
         retrieve_numpy(np.ones((1, 4)), table, distance="manhattan")
     with pytest.raises(ValueError):
         retrieve_numpy(np.ones((1, 4)), table, temperature=0)
+
+
+def test_each_api_distance_has_one_definition_for_numpy_and_torch():
+    from semla.registry.distances import DISTANCE_FUNCTIONS, distance_from_similarity
+    from semla.schemas.api import DISTANCES
+
+    assert tuple(DISTANCE_FUNCTIONS) == DISTANCES
+    sim = np.array([1.0, 0.5, 0.0, -1.0], dtype=np.float32)
+    expected = {"euclidean": [0.0, 1.0, np.sqrt(2.0), 2.0], "cosine": [0.0, 0.5, 1.0, 2.0]}
+    for name in DISTANCES:
+        got_np = distance_from_similarity(sim, name)
+        got_torch = distance_from_similarity(torch.from_numpy(sim), name).numpy()
+        assert np.allclose(got_np, expected[name]) and np.allclose(got_torch, expected[name]), name
+        # a euclidean spread in this distance's units agrees with the distance of the same pair
+        assert np.allclose(DISTANCE_FUNCTIONS[name].from_euclidean(np.asarray(expected["euclidean"])), expected[name])
