@@ -20,28 +20,33 @@ Schemes (``T`` is the temperature; each scheme has its own default):
 ``calibrated`` (the default)
     Scale-free. Each adapter publishes the spread of its training embeddings around its
     centroid (signed manifest, schema 2): the quantiles ``q50_i``, ``q90_i``, ``q99_i`` of their
-    distances to their nearest centroid. A distance is measured in units of that spread::
+    distances to their nearest centroid. Distances are measured in the *library's* unit ``u``,
+    the median over its adapters of ``q50_i`` (how far a typical training image lies from its
+    own centroid)::
 
-        s_i = max(q90_i - q50_i, 1e-3)
-        z_i = max(0, d_i - q50_i) / s_i          (0 inside the median shell)
-        l_i = -z_i / T                           (T 0.5, in z units)
+        u   = max(median_i q50_i, 1e-3)
+        z_i = d_i / u
+        l_i = -z_i / T                           (T 0.5, in units of u)
 
     Scaling every embedding distance by a constant leaves z, hence the weights, unchanged, and
     nothing in it comes from the query set or test images: only from the published library.
+    The unit is one for the whole library, not one per adapter: with a per-adapter unit (and
+    distances counted from each adapter's own median shell) a broad adapter, say one trained on
+    four kinds of scene, looked near to every query it covered loosely and outweighed the
+    specific adapter a query came from.
 
 **The guard.** With ``guard=True`` the base model enters the softmax as one more candidate, a
-zero adapter, at position ``guard_z`` (z units)::
+zero adapter, at position ``guard_z`` (units of u)::
 
     calibrated:     l_base = -guard_z / T
-    other schemes:  l_base = the scheme's logit at d_base = median_i(q50_i + guard_z * s_i)
+    other schemes:  l_base = the scheme's logit at d_base = guard_z * u
 
 The returned adapter weights then sum to ``1 - w_base``: fusing exactly with them *is* fusing
-with the base at weight ``w_base`` (a zero adapter adds nothing). A query far from every
-centroid (large z everywhere) gives the base nearly all the weight; a query at a centroid
-(z = 0) gives it ``exp(-guard_z / T) / (1 + exp(-guard_z / T) + ...)``, about 0.02 at the
-typical default. The default ``guard_z`` comes from the library: the median over its adapters
-of their 99th-percentile position ``(q99_i - q50_i) / s_i``. So a query beyond nearly every
-training image of every adapter weighs the base more than any adapter.
+with the base at weight ``w_base`` (a zero adapter adds nothing). The default ``guard_z`` comes
+from the library: ``median_i(q99_i) / u + 1``, one unit beyond where nearly every training image
+of a typical adapter lies. A query far from every centroid gives the base most of the weight; a
+query at a centroid gives it ``exp(-guard_z / T) / (1 + exp(-guard_z / T) + ...)``, under 0.01
+at the default of a typical library (guard_z about 2.5).
 
 **Version-1 adapters** publish no spread; :func:`fill_spreads` gives them a documented default
 from the library itself: the per-column median of the adapters that do publish one, or, when
@@ -93,7 +98,7 @@ __all__ = [
 CALIBRATED_TEMPERATURE = 0.5
 #: Temperature of ``neg-distance`` and ``paper`` (the released SemLA configuration).
 DISTANCE_TEMPERATURE = 0.05
-#: Smallest spread unit s_i (euclidean between unit vectors): a degenerate or DP-noised spread
+#: Smallest library unit u (euclidean between unit vectors): a degenerate or DP-noised spread
 #: of zero width cannot make z infinite.
 MIN_SPREAD = 1e-3
 #: ``paper`` clamps distances to at least this before 1/d (the released code divides by d).
@@ -147,7 +152,7 @@ def _t_calibrated(d, q50, s, t):
 WEIGHTINGS: dict[str, Scheme] = {
     s.name: s
     for s in (
-        Scheme("calibrated", CALIBRATED_TEMPERATURE, "softmax(-max(0, d - q50) / s / T), s = max(q90 - q50, 1e-3)",
+        Scheme("calibrated", CALIBRATED_TEMPERATURE, "softmax(-(d / u) / T), u = max(median_i q50_i, 1e-3)",
                _np_calibrated, _t_calibrated, z_units=True),
         Scheme("neg-distance", DISTANCE_TEMPERATURE, "softmax(-d / T)", _np_neg, _t_neg),
         Scheme("paper", DISTANCE_TEMPERATURE, "softmax((1 / max(d, 1e-6)) / T)", _np_paper, _t_paper),
@@ -227,21 +232,24 @@ def spreads_for_distance(spread: np.ndarray, distance: str) -> np.ndarray:
     return DISTANCE_FUNCTIONS.lookup(distance).from_euclidean(spread)
 
 
+def library_unit(spread: np.ndarray) -> float:
+    """The library's distance unit u = max(median_i q50_i, MIN_SPREAD) (in the spread's own units)."""
+    return float(max(np.median(spread[:, 0]), MIN_SPREAD)) if len(spread) else 1.0
+
+
 def _units(spread: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(q50, s) per adapter, s = max(q90 - q50, MIN_SPREAD) (in the spread's own units)."""
-    return spread[:, 0], np.maximum(spread[:, 1] - spread[:, 0], MIN_SPREAD)
+    """(offset, unit) per adapter as the logits take them: no offset, the library's unit for all."""
+    return np.zeros(len(spread)), np.full(len(spread), library_unit(spread))
 
 
 def default_guard_z(spread: np.ndarray) -> float:
-    """The library's default guard position: the median over adapters of (q99 - q50) / s."""
-    q50, s = _units(spread)
-    return float(np.median((spread[:, 2] - q50) / s))
+    """The library's default guard position, in units of u: median_i(q99_i) / u + 1."""
+    return float(np.median(spread[:, 2]) / library_unit(spread) + 1.0) if len(spread) else 1.0
 
 
 def guard_base_distance(spread: np.ndarray, guard_z: float) -> float:
-    """Where the base sits for schemes that work in distances: median_i(q50_i + guard_z * s_i)."""
-    q50, s = _units(spread)
-    return float(np.median(q50 + guard_z * s))
+    """Where the base sits for schemes that work in distances: guard_z * u."""
+    return float(guard_z * library_unit(spread))
 
 
 @dataclasses.dataclass(frozen=True)

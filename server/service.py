@@ -798,7 +798,7 @@ class RegistryService:
             RetrievedAdapter(name=summaries[i].name, version=summaries[i].version, publisher=summaries[i].publisher,
                              distance=float(d), weight=float(w))
             for i, d, w in zip(idx[0].tolist(), dist[0].tolist(), weights[0].tolist())
-        ], base_weight=float(base_weight_of(weights)[0]), weighting=body.weighting)
+        ], base_weight=float(base_weight_of(weights)[0]) if body.guard else 0.0, weighting=body.weighting)
 
     def _centroid_table(self, fingerprint: str) -> tuple[CentroidTable, list[AdapterSummary], Any]:
         """The centroid table of one base (with an ANN index above ``ann.ANN_THRESHOLD``
