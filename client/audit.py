@@ -229,12 +229,23 @@ class AuditReport:
                        f"samples (minimum {s['min_samples']}); privacy: {_privacy_text(s['privacy'])}")
             if s.get("update_privacy") is not None:
                 out.append(f"  federated LoRA updates: {_privacy_text(s['update_privacy'])}")
+            out.append(_spread_text(s.get("schema_version"), s.get("spread")))
         if self.ok:
             out.append("flags: none (nothing found that should not leave this machine)")
         else:
             out.append(f"flags ({len(self.flags)}): this payload carries something that should not leave this machine:")
             out += [f"  FLAG {f.code}: {f.where}: {f.message}" for f in self.flags]
         return out
+
+
+def _spread_text(schema_version: Any, spread: Mapping[str, Any] | None) -> str:
+    if spread is None:
+        return (f"spread: none (manifest schema {schema_version}; nodes use the library's default spread for "
+                "this adapter)")
+    noise = ("" if spread.get("mechanism") == "none" else
+             f"; {spread['mechanism']} DP, epsilon {spread['epsilon']:g} of the privacy budget, {spread['bins']} bins")
+    return (f"spread: distances of the training embeddings to their nearest centroid q50={spread['q50']:.4f} "
+            f"q90={spread['q90']:.4f} q99={spread['q99']:.4f} over {spread['count']} samples{noise}")
 
 
 def _privacy_text(block: Mapping[str, Any]) -> str:
@@ -436,6 +447,8 @@ def _manifest_checks(flags: _Flags, raw: Any, min_samples: int) -> dict[str, Any
         "min_samples": floor,
         "privacy": manifest.privacy.model_dump(mode="json"),
         "update_privacy": fed.update_privacy.model_dump(mode="json") if fed and fed.update_privacy else None,
+        "schema_version": manifest.schema_version,
+        "spread": manifest.spread.model_dump(mode="json") if manifest.spread is not None else None,
     }
 
 

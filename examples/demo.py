@@ -61,7 +61,7 @@ def test_set(domain: str, n_test: int) -> tuple[list[np.ndarray], list[np.ndarra
 
 
 def run(workdir: Path, domains: list[str], unseen: list[str], *, n_train: int, n_test: int, steps: int,
-        top_k: int, temperature: float, quiet: bool = False) -> dict:
+        top_k: int, temperature: float | None, weighting: str = "calibrated", quiet: bool = False) -> dict:
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -84,7 +84,8 @@ def run(workdir: Path, domains: list[str], unseen: list[str], *, n_train: int, n
         node = Node(client, base=base, cache_dir=workdir / "node-cache")
         node.pull()
         classes = list(synth.get_scene("street").classes)
-        seg = node.segmenter(classes, top_k=top_k, temperature=temperature)
+        seg = node.segmenter(classes, top_k=top_k, temperature=temperature, weighting=weighting)
+        guarded = node.segmenter(classes, top_k=top_k, temperature=temperature, weighting=weighting, guard=True)
         out_dir = workdir / "overlays"
         out_dir.mkdir()
         say("")
@@ -98,6 +99,8 @@ def run(workdir: Path, domains: list[str], unseen: list[str], *, n_train: int, n
             base_miou = miou([p.base_mask for p in preds], masks, len(classes))
             own = seg.segment(images, adapter=domain) if domain in domains else None
             fused_miou = miou([p.mask for p in preds], masks, len(classes))
+            with_guard = guarded.segment(images)
+            guard_miou = miou([p.mask for p in with_guard], masks, len(classes))
             top1 = [p.contributions[0].name for p in preds]
             results["domains"][domain] = {
                 "published": domain in domains, "n_test": n_test, "base_miou": round(base_miou, 4),
@@ -105,6 +108,8 @@ def run(workdir: Path, domains: list[str], unseen: list[str], *, n_train: int, n
                 "own_adapter_miou": round(miou([p.mask for p in own], masks, len(classes)), 4) if own else None,
                 "top1_own_adapter_rate": round(top1.count(domain) / n_test, 4) if domain in domains else None,
                 "mean_top1_weight": round(float(np.mean([p.contributions[0].weight for p in preds])), 4),
+                "guard_miou": round(guard_miou, 4),
+                "mean_base_weight_with_guard": round(float(np.mean([p.base_weight for p in with_guard])), 4),
             }
             for pred, mask in list(zip(preds, masks))[:2]:
                 top = ", ".join(f"{c.name} {c.weight:.2f}" for c in pred.contributions[:3])
@@ -113,11 +118,17 @@ def run(workdir: Path, domains: list[str], unseen: list[str], *, n_train: int, n
             r = results["domains"][domain]
             hit = f"top-1 own adapter {r['top1_own_adapter_rate']:.0%}" if domain in domains else "(unseen domain)"
             say(f"{domain + ' (all)':16s} {hit:44s} {base_miou:6.3f} {fused_miou:6.3f}")
+        say("")
+        for domain in domains + unseen:  # what the guard did: the base's share where the library does not reach
+            r = results["domains"][domain]
+            kind = "published" if domain in domains else "UNSEEN"
+            say(f"guard on {domain} ({kind}): base mIoU {r['base_miou']:.3f}, fused {r['fused_miou']:.3f} without the "
+                f"guard, {r['guard_miou']:.3f} with it; mean base weight {r['mean_base_weight_with_guard']:.2f}")
         explain_dir = workdir / "explain"
         explain_dir.mkdir()
         for domain in domains + unseen:
             image = test_set(domain, 1)[0][0]
-            e = explain(node, image, classes, top_k=top_k, temperature=temperature)
+            e = explain(node, image, classes, top_k=top_k, temperature=temperature, weighting=weighting)
             render(e, image, classes).save(explain_dir / f"{domain}.explain.png")
             (explain_dir / f"{domain}.explain.json").write_text(json.dumps(to_json(e, f"{domain}/000", classes), indent=2))
         say(f"\noverlays in {out_dir}; explanations (which adapter changed which pixels) in {explain_dir}")
@@ -134,11 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-test", type=int, default=30, help="held-out images per domain")
     parser.add_argument("--steps", type=int, default=300, help="training steps per adapter")
     parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--temperature", type=float, default=0.05)
+    parser.add_argument("--temperature", type=float, default=None, help="default: the weighting's own")
+    parser.add_argument("--weighting", default="calibrated", help="calibrated (default), neg-distance or paper")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     run(args.workdir, args.domains.split(","), [d for d in args.unseen.split(",") if d], n_train=args.n_train,
-        n_test=args.n_test, steps=args.steps, top_k=args.top_k, temperature=args.temperature)
+        n_test=args.n_test, steps=args.steps, top_k=args.top_k, temperature=args.temperature, weighting=args.weighting)
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; results in {args.workdir / 'results.json'}")
     return 0
 

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from semla.registry.cli_common import EXIT_OK, add_node_arguments, add_retrieval_arguments, build_node, parse_classes, run
+from semla.registry.cli_common import (EXIT_OK, add_node_arguments, add_retrieval_arguments, build_node, parse_classes,
+                                       retrieval_options, run)
 from semla.registry.basecard_cmd import add_parser as add_base_card_parser
 from semla.registry.explain import add_parser as add_explain_parser
 from semla.registry.explain import overlay, palette  # re-exported: the colours of a mask live with the pictures
@@ -42,7 +43,7 @@ def _segment(args: argparse.Namespace) -> int:
     classes = parse_classes(args.classes)
     images = [read_image(p) for p in args.images]  # fail on a bad image before any download
     node = build_node(args)
-    preds = node.segment(images, classes, top_k=args.top_k, temperature=args.temperature, distance=args.distance)
+    preds = node.segment(images, classes, **retrieval_options(args))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
     for path, image, pred in zip(args.images, images, preds):
@@ -54,7 +55,7 @@ def _segment(args: argparse.Namespace) -> int:
             print(json.dumps(pred.to_json()))
         else:
             top = ", ".join(f"{c.name} v{c.version} {c.weight:.2f}" for c in pred.contributions[:3])
-            print(f"{path}: {top}")
+            print(f"{path}: {top}" + (f"; base {pred.base_weight:.2f}" if args.guard else ""))
     return EXIT_OK
 
 

@@ -62,16 +62,69 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
                    help="the registry's public key file (hex), given out of band; default: trusted on first use")
 
 
-def add_retrieval_arguments(p: argparse.ArgumentParser, *, top_k: int, temperature: float) -> None:
-    """--top-k, --temperature, --distance."""
+def add_retrieval_arguments(p: argparse.ArgumentParser, *, top_k: int, temperature: float | None = None) -> None:
+    """--top-k, --temperature, --distance, --weighting, --guard, --guard-z."""
     from semla.registry.retrieval import DEFAULT_DISTANCE, DISTANCES, TEMPERATURE_RANGE
+    from semla.registry.weighting import WEIGHTINGS, list_weightings
 
     p.add_argument("--top-k", type=int, default=top_k,
                    help=f"adapters fused per image, capped at the library size (default {top_k})")
+    own = ", ".join(f"{n} {WEIGHTINGS[n].default_temperature:g}" for n in list_weightings())
     p.add_argument("--temperature", type=float, default=temperature,
-                   help=f"softmax temperature T of w = softmax(-d/T), within {TEMPERATURE_RANGE} "
-                        f"(default {temperature})")
+                   help=f"softmax temperature of the weighting, within {TEMPERATURE_RANGE} "
+                        f"(default: the scheme's own: {own})")
     p.add_argument("--distance", choices=DISTANCES, default=DEFAULT_DISTANCE, help="centroid distance")
+    add_weighting_arguments(p)
+
+
+def add_weighting_arguments(p: argparse.ArgumentParser) -> None:
+    """--weighting, --guard, --guard-z (checked by :func:`check_retrieval_arguments`)."""
+    from semla.registry.weighting import DEFAULT_WEIGHTING, list_weightings
+
+    p.add_argument("--weighting", default=DEFAULT_WEIGHTING, metavar="NAME",
+                   help=f"fusion weighting scheme: {', '.join(list_weightings())} (default {DEFAULT_WEIGHTING}); "
+                        "formulas in the README")
+    p.add_argument("--guard", action="store_true",
+                   help="give the base model (a zero adapter) weight when an image lies outside what the library "
+                        "covers")
+    p.add_argument("--guard-z", type=float, default=None, metavar="Z",
+                   help="the base's position in spread units (with --guard; default: the library's median "
+                        "99th-percentile position)")
+
+
+def check_retrieval_arguments(args: argparse.Namespace) -> None:
+    """The retrieval options' values, checked before any model loads.
+
+    Raises:
+        InvalidInputError: ``--top-k`` < 1, ``--temperature`` outside its range, an unknown
+            ``--weighting``, or a bad ``--guard-z`` (or one given without ``--guard``).
+    """
+    from semla.registry.retrieval import TEMPERATURE_RANGE, temperature_ok
+    from semla.registry.weighting import MAX_GUARD_Z, check_guard_z, check_weighting
+
+    if getattr(args, "top_k", 1) < 1:
+        raise InvalidInputError(f"--top-k must be >= 1, got {args.top_k}")
+    if not temperature_ok(getattr(args, "temperature", None)):
+        raise InvalidInputError(f"--temperature {args.temperature} is outside {TEMPERATURE_RANGE}")
+    if hasattr(args, "weighting"):
+        try:
+            check_weighting(args.weighting)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"--weighting: {exc.message}", code=exc.code) from None
+    guard_z = getattr(args, "guard_z", None)
+    if guard_z is not None:
+        try:
+            check_guard_z(guard_z)
+        except InvalidInputError:
+            raise InvalidInputError(f"--guard-z must lie in [0, {MAX_GUARD_Z:g}], got {guard_z}") from None
+        if not getattr(args, "guard", False):
+            raise InvalidInputError("--guard-z needs --guard")
+
+
+def retrieval_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The retrieval keyword arguments of Node.segment/retrieve from parsed arguments."""
+    return {"top_k": args.top_k, "temperature": args.temperature, "distance": args.distance,
+            "weighting": args.weighting, "guard": args.guard, "guard_z": args.guard_z}
 
 
 def parse_classes(text: str) -> list[str]:
@@ -90,15 +143,10 @@ def build_node(args: argparse.Namespace, **kwargs: Any) -> Any:
     """A pulled :class:`~semla.registry.node.Node` from the arguments of :func:`add_node_arguments`.
 
     Raises:
-        InvalidInputError: ``--top-k`` < 1 or ``--temperature`` outside its range (checked before the
-            model loads).
+        InvalidInputError: a bad retrieval option (:func:`check_retrieval_arguments`, checked before
+            the model loads).
     """
-    from semla.registry.retrieval import TEMPERATURE_RANGE, temperature_ok
-
-    if getattr(args, "top_k", 1) < 1:
-        raise InvalidInputError(f"--top-k must be >= 1, got {args.top_k}")
-    if not temperature_ok(getattr(args, "temperature", 1.0)):
-        raise InvalidInputError(f"--temperature {args.temperature} is outside {TEMPERATURE_RANGE}")
+    check_retrieval_arguments(args)
     from semla.registry.model import load_base
     from semla.registry.device import resolve_device
     from semla.registry.node import Node

@@ -35,19 +35,22 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from semla.registry.cli_common import EXIT_OK, add_node_arguments, add_retrieval_arguments, build_node, parse_classes
+from semla.registry.cli_common import (EXIT_OK, add_node_arguments, add_retrieval_arguments, build_node, parse_classes,
+                                       retrieval_options)
 from semla.registry.retrieval import (
     DEFAULT_DISTANCE,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
+    DEFAULT_WEIGHTING,
     TEMPERATURE_RANGE,
     temperature_ok,
 )
+from semla.registry.weighting import check_guard_z, check_weighting
 from semla.schemas.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -132,24 +135,25 @@ def _margin(logits: torch.Tensor, winner: torch.Tensor) -> torch.Tensor:
     return win - logits.scatter(0, winner[None], float("-inf")).amax(0)
 
 
-def _leave_one_out(retrieval: Retrieval, temperature: float) -> Retrieval:
-    """k retrievals of one image in one batch; row i has adapter i at weight 0, the rest renormalised."""
+def _leave_one_out(node: Node, retrieval: Retrieval, options: dict) -> Retrieval:
+    """k retrievals of one image in one batch; row i has adapter i at weight 0 and the others
+    re-weighed by the same scheme without it (with the guard the base keeps its place, so its
+    share grows as an adapter leaves)."""
     import torch
 
     from semla.registry.node import Retrieval
 
-    weights, dist = retrieval.weights[0], retrieval.dist[0]  # (k,)
-    k = len(weights)
-    out = torch.eye(k, dtype=torch.bool, device=weights.device)
-    rows = weights.expand(k, k).masked_fill(out, 0.0)  # (k, k)
-    sums = rows.sum(1, keepdim=True)
-    softmax = torch.softmax((-dist / temperature).expand(k, k).masked_fill(out, float("-inf")), dim=1)
-    rows = torch.where(sums > 0, rows / sums.clamp_min(torch.finfo(rows.dtype).tiny), softmax)
+    idx, dist = retrieval.idx[0], retrieval.dist[0]  # (k,)
+    k = len(idx)
+    rows = torch.zeros(k, k, dtype=retrieval.weights.dtype, device=retrieval.weights.device)
+    for i in range(k):
+        keep = torch.tensor([j for j in range(k) if j != i], device=idx.device)
+        rows[i, keep] = node.weigh(dist[keep][None], idx[keep][None], **options)[0].to(rows.dtype)
     return Retrieval(retrieval.idx.expand(k, k).contiguous(), retrieval.dist.expand(k, k).contiguous(), rows)
 
 
-def _segment_and_drops(node: Node, array: np.ndarray, classes: list[str], *, top_k: int, temperature: float,
-                       distance: str) -> tuple[np.ndarray, np.ndarray, Retrieval, np.ndarray]:
+def _segment_and_drops(node: Node, array: np.ndarray, classes: list[str], *, top_k: int, **options: Any,
+                       ) -> tuple[np.ndarray, np.ndarray, Retrieval, np.ndarray]:
     """Base mask, fused mask, the retrieval and the margin drops (k, H, W) of one image."""
     import torch
 
@@ -158,14 +162,14 @@ def _segment_and_drops(node: Node, array: np.ndarray, classes: list[str], *, top
         text = node.text(classes)
         pixels, query = node.embed([array])
         base_logits = node.logits(node.fused_dense(pixels, None), [text])[0]  # (C, g, g)
-        retrieval = node.retrieve(query, top_k=top_k, temperature=temperature, distance=distance)
+        retrieval = node.retrieve(query, top_k=top_k, **options)
         fused_logits = node.logits(node.fused_dense(pixels, retrieval), [text])[0]
         base_mask, fused_mask = node.masks([base_logits, fused_logits], [size, size])
         k = retrieval.idx.shape[1]
         if k == 1:  # leaving the only adapter out is the base model
             left_out = [base_logits]
         else:  # the k leave-one-out mixtures in one batch
-            loo = _leave_one_out(retrieval, temperature)
+            loo = _leave_one_out(node, retrieval, options)
             left_out = node.logits(node.fused_dense(pixels.expand(k, *pixels.shape[1:]), loo), [text] * k)
         winner = torch.from_numpy(fused_mask).long().to(fused_logits.device)  # (H, W)
         margin = _margin(_upsample(fused_logits, size), winner)
@@ -179,8 +183,11 @@ def explain(
     classes: Sequence[str],
     *,
     top_k: int = DEFAULT_TOP_K,
-    temperature: float = DEFAULT_TEMPERATURE,
+    temperature: float | None = DEFAULT_TEMPERATURE,
     distance: str = DEFAULT_DISTANCE,
+    weighting: str = DEFAULT_WEIGHTING,
+    guard: bool = False,
+    guard_z: float | None = None,
 ) -> Explanation:
     """Segment ``image`` with and without fusion and attribute every changed pixel to an adapter.
 
@@ -191,9 +198,11 @@ def explain(
         node: a node bound to a registry (pulled, or pulled on first use).
         image: uint8 (H, W, 3).
         classes: the vocabulary.
+        weighting, guard, guard_z: as for :meth:`Node.segment`.
 
     Raises:
-        InvalidInputError: not a uint8 RGB image, an empty class list, top-k < 1 or T <= 0.
+        InvalidInputError: not a uint8 RGB image, an empty class list, top-k < 1, T out of range,
+            an unknown weighting or a bad guard_z.
     """
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
@@ -203,8 +212,11 @@ def explain(
         raise InvalidInputError("the class list is empty")
     if top_k < 1 or not temperature_ok(temperature):
         raise InvalidInputError(f"top-k must be >= 1 and temperature within {TEMPERATURE_RANGE}")
+    check_weighting(weighting)
+    check_guard_z(guard_z)
     base_mask, fused_mask, retrieval, drop = _segment_and_drops(
-        node, array, classes, top_k=top_k, temperature=temperature, distance=distance)
+        node, array, classes, top_k=top_k, temperature=temperature, distance=distance, weighting=weighting,
+        guard=guard, guard_z=guard_z)
     k = len(drop)
 
     changed = fused_mask != base_mask
@@ -235,6 +247,7 @@ def to_json(explanation: Explanation, image_name: str, classes: Sequence[str]) -
         "attribution": ATTRIBUTION_METHOD,
         "changed_share": round(e.changed_share, 6),
         "changed_pixels": int(e.changed.sum()),
+        "base_weight": round(max(0.0, 1.0 - sum(c.weight for c in e.contributions)), 6),
         "redundant_pixels": int(e.redundant.sum()),
         "contributions": [
             {**dataclasses.asdict(c),
@@ -398,7 +411,7 @@ def _explain_command(args: argparse.Namespace) -> int:
     node = build_node(args)
     args.out.mkdir(parents=True, exist_ok=True)
     for path, image in zip(args.images, images):
-        e = explain(node, image, classes, top_k=args.top_k, temperature=args.temperature, distance=args.distance)
+        e = explain(node, image, classes, **retrieval_options(args))
         png, doc = args.out / f"{path.stem}.explain.png", args.out / f"{path.stem}.explain.json"
         render(e, image, classes).save(png)
         doc.write_text(json.dumps(to_json(e, str(path), classes), indent=2) + "\n")

@@ -41,7 +41,9 @@ from semla.registry.cli_common import EXIT_OK, add_node_arguments, add_retrieval
 from semla.registry._outdir import check_out_dir, write_out_dir
 from semla.registry.bundle import sha256_bytes
 from semla.registry.pull import find_adapter, parse_ref
-from semla.registry.retrieval import DEFAULT_DISTANCE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K
+from semla.registry.retrieval import (DEFAULT_DISTANCE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_WEIGHTING,
+                                      TEMPERATURE_RANGE, temperature_ok)
+from semla.registry.weighting import check_guard_z, check_weighting
 from semla.schemas import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE, AdapterSummary
 from semla.schemas.errors import InvalidInputError
 
@@ -85,12 +87,16 @@ def retrieval_weights(
     images: Sequence[str | Path | np.ndarray],
     *,
     top_k: int = DEFAULT_TOP_K,
-    temperature: float = DEFAULT_TEMPERATURE,
+    temperature: float | None = DEFAULT_TEMPERATURE,
     distance: str = DEFAULT_DISTANCE,
     batch_size: int = 16,
+    weighting: str = DEFAULT_WEIGHTING,
+    guard: bool = False,
+    guard_z: float | None = None,
 ) -> list[tuple[AdapterSummary, float]]:
     """Each adapter's fusion weight averaged over ``images`` (its weight is 0 for an image that
     did not retrieve it), nearest-first order of the total weight. The one place ``fuse`` retrieves.
+    With ``guard`` the weights sum to less than 1: the rest is the base's share (a zero adapter).
 
     Raises:
         InvalidInputError: no image, an unreadable image, bad retrieval settings.
@@ -101,13 +107,16 @@ def retrieval_weights(
 
     if not images:
         raise InvalidInputError("give at least one image to retrieve the adapters for")
-    if top_k < 1 or not temperature > 0:
-        raise InvalidInputError("top-k must be >= 1 and temperature > 0")
+    if top_k < 1 or not temperature_ok(temperature):
+        raise InvalidInputError(f"top-k must be >= 1 and temperature within {TEMPERATURE_RANGE}")
+    check_weighting(weighting)
+    check_guard_z(guard_z)
     arrays = [read_image(Path(i)) if isinstance(i, (str, Path)) else np.asarray(i, dtype=np.uint8) for i in images]
     total: torch.Tensor | None = None
     for start in range(0, len(arrays), batch_size):
         _, query = node.embed(arrays[start : start + batch_size])
-        r = node.retrieve(query, top_k=top_k, temperature=temperature, distance=distance)
+        r = node.retrieve(query, top_k=top_k, temperature=temperature, distance=distance, weighting=weighting,
+                          guard=guard, guard_z=guard_z)
         dense = torch.zeros(len(query), len(node.library), dtype=torch.float64, device=r.idx.device)
         dense.scatter_(1, r.idx, r.weights.to(torch.float64))
         total = dense.sum(0) if total is None else total + dense.sum(0)
@@ -285,9 +294,11 @@ def _fuse_command(args: argparse.Namespace) -> int:
         pairs, source = resolve_weights(node, args.weights), {"source": "given"}
     else:
         pairs = retrieval_weights(node, args.images, top_k=args.top_k, temperature=args.temperature,
-                                  distance=args.distance)
+                                  distance=args.distance, weighting=args.weighting, guard=args.guard,
+                                  guard_z=args.guard_z)
         source = {"source": "retrieval", "images": len(args.images), "top_k": args.top_k,
-                  "temperature": args.temperature, "distance": args.distance, "aggregate": "mean over images"}
+                  "temperature": args.temperature, "distance": args.distance, "weighting": args.weighting,
+                  "guard": args.guard, "guard_z": args.guard_z, "aggregate": "mean over images"}
     export = fuse_adapters(node, pairs, args.out, force=args.force, source=source)
     if args.json:
         print(json.dumps(export.manifest["adapters"]))

@@ -18,7 +18,8 @@ Python API::
 
     node = Node("http://127.0.0.1:8080")
     node.pull()                                   # the adapter list (+ publisher keys)
-    seg = node.segmenter(["sky", "road", "car"])  # top-k 5, T 0.05, euclidean by default
+    seg = node.segmenter(["sky", "road", "car"])  # top-k 5, calibrated weights, euclidean by default
+    seg = node.segmenter(["sky", "road"], weighting="paper", guard=True)  # any scheme; the base's share
     for pred in seg.segment(["street.png"]):
         pred.mask, pred.contributions
 """
@@ -56,11 +57,13 @@ from semla.registry.retrieval import (
     DEFAULT_DISTANCE,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
+    DEFAULT_WEIGHTING,
     TEMPERATURE_RANGE,
     CentroidTable,
     retrieve_torch,
     temperature_ok,
 )
+from semla.registry.weighting import check_guard_z, check_weighting
 from semla.schemas import (
     ADAPTER_WEIGHTS_FILE,
     BUNDLE_FILES,
@@ -94,6 +97,21 @@ def _parse_utc(text: str) -> float:
     return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ"))
 
 
+def _table(library: Sequence[AdapterSummary]) -> CentroidTable | None:
+    """The centroid table of a library, with each adapter's listed spread (None for schema 1)."""
+    if not library:
+        return None
+    return CentroidTable.from_lists([a.centroids for a in library], [a.spread for a in library])
+
+
+def _check_settings(top_k: int, temperature: float | None, weighting: str, guard_z: float | None) -> None:
+    """Raises InvalidInputError for a bad top-k, temperature, weighting name or guard_z."""
+    if top_k < 1 or not temperature_ok(temperature):
+        raise InvalidInputError(f"top-k must be >= 1 and temperature within {TEMPERATURE_RANGE}")
+    check_weighting(weighting)
+    check_guard_z(guard_z)
+
+
 def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "semla" / "adapters"
 
@@ -122,11 +140,18 @@ class Prediction:
     contributions: list[Contribution]
     base_mask: np.ndarray | None = None
 
+    @property
+    def base_weight(self) -> float:
+        """The base model's share (the guard's zero adapter): 1 - the adapters' weights; 0
+        without the guard, 1 when no adapter contributed."""
+        return max(0.0, min(1.0, 1.0 - sum(c.weight for c in self.contributions)))
+
     def to_json(self) -> dict:
         return {
             "image": self.image,
             "classes": self.classes,
             "contributions": [dataclasses.asdict(c) for c in self.contributions],
+            "base_weight": round(self.base_weight, 6),
         }
 
 
@@ -247,7 +272,7 @@ class Node:
                 logger.warning("leaving out %s: %s", adapter_key(a), why)
                 excluded[adapter_key(a)] = why
         library = [a for a in listed if adapter_key(a) not in excluded]
-        table = CentroidTable.from_lists([a.centroids for a in library]) if library else None
+        table = _table(library)
         keys = {k.key_id: bytes.fromhex(k.public_key) for k in signed.keys}
         self.library, self._table, self.trusted_keys, self.excluded = library, table, keys, excluded
         self.index_time, self.index_expires = accepted_at, _parse_utc(signed.expires)
@@ -275,8 +300,7 @@ class Node:
         """Leave one adapter out from now on: the library and its centroid table are rebuilt together."""
         logger.warning("leaving out %s: %s", key, reason)
         library = [a for a in self.library if adapter_key(a) != key]
-        table = CentroidTable.from_lists([a.centroids for a in library]) if library else None
-        self.library, self._table = library, table
+        self.library, self._table = library, _table(library)
         self.excluded = {**self.excluded, key: reason}
 
     def _leave_out_failed(self) -> bool:
@@ -435,6 +459,10 @@ class Node:
         signed = np.asarray(manifest.centroids.vectors, dtype=np.float64)
         if listed.shape != signed.shape or not np.allclose(listed, signed, atol=1e-6):
             raise VerificationError(f"{key}: listed centroids differ from the signed manifest")
+        signed_spread = None if manifest.spread is None else list(manifest.spread.quantiles)
+        if (summary.spread is None) != (signed_spread is None) or (
+                signed_spread is not None and not np.allclose(summary.spread, signed_spread, atol=1e-9)):
+            raise VerificationError(f"{key}: listed spread differs from the signed manifest")
         try:
             verify_against_card(self.card, manifest, files[ADAPTER_WEIGHTS_FILE])
         except IncompatibleAdapterError as exc:
@@ -476,9 +504,11 @@ class Node:
         pixels = self.base.pixels(arrays)
         return pixels, self.base.embed(pixels)
 
-    def retrieve(self, query: torch.Tensor, *, top_k: int = DEFAULT_TOP_K, temperature: float = DEFAULT_TEMPERATURE,
-                 distance: str = DEFAULT_DISTANCE, pinned: int | None = None) -> Retrieval:
-        """Top-k adapters per image; with ``pinned``, that one library entry at weight 1."""
+    def retrieve(self, query: torch.Tensor, *, top_k: int = DEFAULT_TOP_K, temperature: float | None = DEFAULT_TEMPERATURE,
+                 distance: str = DEFAULT_DISTANCE, pinned: int | None = None, weighting: str = DEFAULT_WEIGHTING,
+                 guard: bool = False, guard_z: float | None = None) -> Retrieval:
+        """Top-k adapters per image and their weights under ``weighting`` (with ``guard``, the
+        weights sum to 1 - the base's share); with ``pinned``, that one library entry at weight 1."""
         self._check_servable()
         table = self._table
         if table is None:  # every listed adapter was left out: the base alone
@@ -486,13 +516,27 @@ class Node:
             return Retrieval(empty.long(), empty, empty)
         try:
             if pinned is None:
-                return Retrieval(*retrieve_torch(query, table, top_k=top_k, temperature=temperature, distance=distance))
+                return Retrieval(*retrieve_torch(query, table, top_k=top_k, temperature=temperature, distance=distance,
+                                                 weighting=weighting, guard=guard, guard_z=guard_z))
             idx, dist, _ = retrieve_torch(query, table, top_k=table.n_adapters, distance=distance)
         except ValueError as exc:
             raise InvalidInputError(str(exc)) from None
         pos = (idx == pinned).int().argmax(1, keepdim=True)
         dist = dist.gather(1, pos)
         return Retrieval(idx.gather(1, pos), dist, torch.ones_like(dist))
+
+    def weigh(self, dist: torch.Tensor, idx: torch.Tensor, *, temperature: float | None = DEFAULT_TEMPERATURE,
+              distance: str = DEFAULT_DISTANCE, weighting: str = DEFAULT_WEIGHTING, guard: bool = False,
+              guard_z: float | None = None) -> torch.Tensor:
+        """Weights (B, k') of some retrieved library entries ``idx`` at ``dist`` under a scheme
+        (as :meth:`retrieve` weighs its top-k; used to re-weigh a subset, e.g. leaving one out)."""
+        from semla.registry.weighting import weights_torch
+
+        table = self._table
+        if table is None:
+            return torch.zeros_like(dist)
+        return weights_torch(dist, idx, table.spreads, weighting=weighting, temperature=temperature, guard=guard,
+                             guard_z=guard_z, distance=distance, spread_tensors=table.spread_tensors(dist.device, distance))
 
     @torch.no_grad()
     def fused_dense(self, pixels: torch.Tensor, retrieval: Retrieval | None) -> torch.Tensor:
@@ -574,16 +618,22 @@ class Node:
         classes: Sequence[str] | Sequence[Sequence[str]],
         *,
         top_k: int = DEFAULT_TOP_K,
-        temperature: float = DEFAULT_TEMPERATURE,
+        temperature: float | None = DEFAULT_TEMPERATURE,
         distance: str = DEFAULT_DISTANCE,
         with_base: bool = False,
         adapter: str | None = None,
         batch_size: int = 16,
+        weighting: str = DEFAULT_WEIGHTING,
+        guard: bool = False,
+        guard_z: float | None = None,
     ) -> list[Prediction]:
         """Segment images (paths or uint8 (H, W, 3) arrays), batch by batch.
 
         Args:
             classes: one vocabulary for every image, or one per image.
+            temperature: None: the weighting scheme's default.
+            weighting, guard, guard_z: see :mod:`semla.registry.weighting`; with the guard each
+                prediction's ``base_weight`` is the base model's share.
             with_base: also fill each prediction's ``base_mask`` (the base model alone).
             adapter: pin one adapter by name (weight 1) instead of retrieving per image.
         """
@@ -593,8 +643,7 @@ class Node:
             raise InvalidInputError(f"{len(images)} images but {len(classes)} class lists")
         for vocab in classes:
             check_classes(vocab)
-        if top_k < 1 or not temperature_ok(temperature):
-            raise InvalidInputError(f"top-k must be >= 1 and temperature within {TEMPERATURE_RANGE}")
+        _check_settings(top_k, temperature, weighting, guard_z)
         self._check_servable()
         pinned = None
         if adapter is not None:
@@ -614,7 +663,8 @@ class Node:
             pixels, query = self.embed(arrays)
             base = self.masks(self.logits(self.fused_dense(pixels, None), texts), sizes) if with_base else None
             while True:
-                retrieval = self.retrieve(query, top_k=top_k, temperature=temperature, distance=distance, pinned=pinned)
+                retrieval = self.retrieve(query, top_k=top_k, temperature=temperature, distance=distance, pinned=pinned,
+                                          weighting=weighting, guard=guard, guard_z=guard_z)
                 try:
                     dense = self.fused_dense(pixels, retrieval)
                     break
@@ -634,28 +684,35 @@ class Node:
         classes: Sequence[str],
         *,
         top_k: int = DEFAULT_TOP_K,
-        temperature: float = DEFAULT_TEMPERATURE,
+        temperature: float | None = DEFAULT_TEMPERATURE,
         distance: str = DEFAULT_DISTANCE,
+        weighting: str = DEFAULT_WEIGHTING,
+        guard: bool = False,
+        guard_z: float | None = None,
     ) -> "Segmenter":
+        _check_settings(top_k, temperature, weighting, guard_z)
         if not self.library:
             self.pull()
-        return Segmenter(self, classes, top_k=top_k, temperature=temperature, distance=distance)
+        return Segmenter(self, classes, top_k=top_k, temperature=temperature, distance=distance,
+                         weighting=weighting, guard=guard, guard_z=guard_z)
 
 
 class Segmenter:
     """A node bound to one vocabulary and retrieval settings."""
 
-    def __init__(self, node: Node, classes: Sequence[str], *, top_k: int, temperature: float, distance: str) -> None:
+    def __init__(self, node: Node, classes: Sequence[str], *, top_k: int, temperature: float | None, distance: str,
+                 weighting: str = DEFAULT_WEIGHTING, guard: bool = False, guard_z: float | None = None) -> None:
         classes = [c.strip() for c in classes if c.strip()]
         check_classes(classes)
-        if top_k < 1 or not temperature_ok(temperature):
-            raise InvalidInputError(f"top-k must be >= 1 and temperature within {TEMPERATURE_RANGE}")
+        _check_settings(top_k, temperature, weighting, guard_z)
         self.node = node
         self.classes = classes
         self.top_k, self.temperature, self.distance = top_k, temperature, distance
+        self.weighting, self.guard, self.guard_z = weighting, guard, guard_z
 
     def segment(self, images: Sequence[str | Path | np.ndarray], *, with_base: bool = False,
                 adapter: str | None = None, batch_size: int = 16) -> list[Prediction]:
         """Segment images; see :meth:`Node.segment`."""
         return self.node.segment(images, self.classes, top_k=self.top_k, temperature=self.temperature,
-                                 distance=self.distance, with_base=with_base, adapter=adapter, batch_size=batch_size)
+                                 distance=self.distance, with_base=with_base, adapter=adapter, batch_size=batch_size,
+                                 weighting=self.weighting, guard=self.guard, guard_z=self.guard_z)

@@ -21,6 +21,17 @@ Gaussian mechanism:
 5. the published centroid is ``normalise(noisy sum)`` and the published count is the noisy
    count rounded and raised to the minimum sample count (post-processing costs no privacy).
 
+**The spread (manifest schema 2).** Each adapter also publishes the quantiles 0.5/0.9/0.99 of
+its training embeddings' distances to the published centroid. Under DP they come from a
+histogram of those distances (``bins`` equal bins over [0, 2]; adding or removing one image
+moves one bin by 1: L2 sensitivity 1) released with Gaussian noise calibrated the same way, then
+post-processed (negative bins set to 0, quantiles read off the cumulative sum). The distances
+are measured to the already released (noisy) centroid, so the histogram is a fresh query on
+public parameters. Its budget is a share ``spread_share`` (default 0.2) of the (ε, δ) the owner
+asked for; the centroid and count get the rest, so the manifest's ``privacy.epsilon`` (what the
+registry's ledger charges) covers centroid, count and spread together
+(:func:`split_for_spread`).
+
 Only ``k = 1`` centroids get DP here: k-means assignments depend on every image, so their
 sensitivity is not that of a sum, and training refuses DP together with k-means.
 
@@ -59,6 +70,13 @@ __all__ = [
     "dp_centroid",
     "published_count",
     "check_min_samples",
+    "DEFAULT_SPREAD_SHARE",
+    "DEFAULT_SPREAD_BINS",
+    "SpreadRelease",
+    "split_for_spread",
+    "exact_spread",
+    "dp_spread",
+    "histogram_quantiles",
 ]
 
 #: Fewest images behind a published centroid (DESIGN §6); the registry has its own floor too.
@@ -295,3 +313,115 @@ def check_min_samples(sample_count: int, floor: int, *, what: str = "the centroi
             f"{what} summarises {sample_count} samples; at least {floor} are required before a centroid "
             "may be published"
         )
+
+
+# -- the spread (manifest schema 2) ---------------------------------------------------------------
+#: Share of the owner's (ε, δ) that the spread's histogram gets (the centroid and count the rest).
+DEFAULT_SPREAD_SHARE = 0.2
+#: Equal histogram bins over [0, 2] (euclidean distances between unit vectors).
+DEFAULT_SPREAD_BINS = 32
+#: The quantiles a spread publishes (as in :data:`semla.schemas.manifest.SPREAD_QUANTILES`).
+_QUANTILES = (0.5, 0.9, 0.99)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpreadRelease:
+    """One spread release: the quantiles (q50, q90, q99) and how they were made.
+
+    ``epsilon``/``delta``/``bins``/``sigma`` are None (0 for sigma) for the exact quantiles.
+    """
+
+    quantiles: tuple[float, float, float]
+    count: int
+    epsilon: float | None = None
+    delta: float | None = None
+    bins: int | None = None
+    sigma: float = 0.0
+
+    def manifest_block(self) -> dict:
+        """The manifest's ``spread`` object (schema 2)."""
+        q50, q90, q99 = (min(2.0, max(0.0, float(q))) for q in self.quantiles)
+        block = {"distance": "euclidean", "q50": q50, "q90": max(q50, q90), "q99": max(q50, q90, q99),
+                 "count": int(self.count), "mechanism": "none", "epsilon": None, "delta": None, "bins": None}
+        if self.epsilon is not None:
+            block.update(mechanism="gaussian-histogram", epsilon=float(self.epsilon), delta=float(self.delta),
+                         bins=int(self.bins))
+        return block
+
+
+def split_for_spread(epsilon: float, delta: float, spread_share: float = DEFAULT_SPREAD_SHARE) -> tuple[Budget, Budget]:
+    """(centroid + count budget, spread budget) of an owner's (ε, δ); they compose back to it.
+
+    Raises:
+        InvalidInputError: ``spread_share`` outside (0, 1) or a bad budget.
+    """
+    _check_budget(epsilon, delta)
+    if not 0 < spread_share < 1:
+        raise InvalidInputError(f"spread_share must lie in (0, 1), got {spread_share!r}")
+    return (Budget(epsilon * (1.0 - spread_share), delta * (1.0 - spread_share)),
+            Budget(epsilon * spread_share, delta * spread_share))
+
+
+def _check_distances(distances: np.ndarray) -> np.ndarray:
+    d = np.asarray(distances, dtype=np.float64).ravel()
+    if len(d) == 0 or not np.isfinite(d).all():
+        raise InvalidInputError("the spread needs at least one finite distance")
+    return np.clip(d, 0.0, 2.0)
+
+
+def exact_spread(distances: np.ndarray) -> SpreadRelease:
+    """The exact quantiles 0.5/0.9/0.99 of the distances (no DP)."""
+    d = _check_distances(distances)
+    q = np.quantile(d, _QUANTILES)
+    return SpreadRelease((float(q[0]), float(q[1]), float(q[2])), count=len(d))
+
+
+def histogram_quantiles(counts: np.ndarray, upper: float = 2.0) -> tuple[float, float, float]:
+    """Quantiles 0.5/0.9/0.99 of a (noisy) histogram of equal bins over [0, upper].
+
+    Negative bins count as 0; the quantile is interpolated linearly inside its bin. A histogram
+    with nothing left (all bins <= 0) is read as uniform.
+    """
+    c = np.clip(np.asarray(counts, dtype=np.float64), 0.0, None)
+    if c.sum() <= 0:
+        c = np.ones_like(c)
+    edges = np.linspace(0.0, upper, len(c) + 1)
+    cum = np.concatenate([[0.0], np.cumsum(c)]) / c.sum()
+    out = []
+    for q in _QUANTILES:
+        i = int(np.searchsorted(cum, q, side="left"))  # cum[i-1] < q <= cum[i]
+        i = min(max(i, 1), len(c))
+        lo, hi = cum[i - 1], cum[i]
+        frac = 0.0 if hi <= lo else (q - lo) / (hi - lo)
+        out.append(float(edges[i - 1] + frac * (edges[i] - edges[i - 1])))
+    return out[0], out[1], out[2]
+
+
+def dp_spread(
+    distances: np.ndarray,
+    epsilon: float,
+    delta: float,
+    *,
+    count: int,
+    bins: int = DEFAULT_SPREAD_BINS,
+    rng: np.random.Generator | int | None = None,
+) -> SpreadRelease:
+    """Quantiles of a Gaussian-noised histogram of the distances, (ε, δ)-DP (add/remove one image).
+
+    Args:
+        distances: each training image's distance to the published centroid, in [0, 2].
+        count: the published (already noised) sample count, recorded with the spread.
+        rng: a numpy Generator, a seed, or None for fresh OS entropy.
+
+    Raises:
+        InvalidInputError: no distances, a bad budget or bins < 1.
+    """
+    d = _check_distances(distances)
+    _check_budget(epsilon, delta)
+    if bins < 1:
+        raise InvalidInputError(f"bins must be >= 1, got {bins}")
+    hist, _ = np.histogram(d, bins=bins, range=(0.0, 2.0))
+    sigma = analytic_gaussian_sigma(epsilon, delta, 1.0)
+    noisy = hist + np.random.default_rng(rng).normal(0.0, sigma, size=bins)
+    return SpreadRelease(histogram_quantiles(noisy), count=max(1, int(count)), epsilon=float(epsilon),
+                         delta=float(delta), bins=int(bins), sigma=sigma)

@@ -1,10 +1,13 @@
-"""SemLA retrieval (DESIGN §4): nearest adapters by centroid distance, softmax weights.
+"""SemLA retrieval (DESIGN §4): nearest adapters by centroid distance, then fusion weights.
 
 The same math twice: numpy (the torch-free registry server) and torch (the node, on GPU). An
-adapter's distance is the minimum over its centroids; weights are ``softmax(-d / T)`` over the
-top-k. Both functions return identical results up to float rounding (tested). Temperatures are
-bounded (:data:`~semla.schemas.api.MIN_TEMPERATURE` .. ``MAX_TEMPERATURE``) and queries scaled
-before they are normalised, so every weight is finite.
+adapter's distance is the minimum over its centroids; the top-k adapters' weights come from a
+named weighting scheme (:mod:`semla.registry.weighting`: ``calibrated`` by default,
+``neg-distance``, ``paper``), optionally with the guard that gives the base model (a zero
+adapter) its share: then the weights sum to ``1 - base weight``. Both functions return
+identical results up to float rounding (tested). Temperatures are bounded
+(:data:`~semla.schemas.api.MIN_TEMPERATURE` .. ``MAX_TEMPERATURE``) and queries scaled before
+they are normalised, so every weight is finite.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from semla.registry import weighting as _weighting
+from semla.registry.weighting import DEFAULT_WEIGHTING, list_weightings
 from semla.schemas.api import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 __all__ = [
@@ -23,16 +28,20 @@ __all__ = [
     "DEFAULT_TOP_K",
     "DEFAULT_TEMPERATURE",
     "DEFAULT_DISTANCE",
+    "DEFAULT_WEIGHTING",
+    "list_weightings",
     "CentroidTable",
     "retrieve_numpy",
     "retrieve_torch",
+    "weigh_numpy",
     "list_distances",
     "temperature_ok",
     "TEMPERATURE_RANGE",
 ]
 
 DEFAULT_TOP_K = 5
-DEFAULT_TEMPERATURE = 0.05
+#: None: each weighting scheme's own default temperature (weighting.default_temperature).
+DEFAULT_TEMPERATURE: float | None = None
 DEFAULT_DISTANCE = "euclidean"
 #: Registered distance names (between unit vectors).
 DISTANCES = ("euclidean", "cosine")
@@ -42,16 +51,21 @@ def list_distances() -> list[str]:
     return list(DISTANCES)
 
 
-def temperature_ok(temperature: float) -> bool:
-    """True for a finite temperature within [MIN_TEMPERATURE, MAX_TEMPERATURE] (NaN is not)."""
-    return MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE
+def temperature_ok(temperature: float | None) -> bool:
+    """True for None (the scheme's default) or a finite temperature within [MIN_TEMPERATURE,
+    MAX_TEMPERATURE] (NaN is not)."""
+    return temperature is None or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE
 
 
 #: For error messages and --help.
 TEMPERATURE_RANGE = f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]"
 
 
-def _check(distance: str, top_k: int, temperature: float) -> None:
+def _check(distance: str, top_k: int, temperature: float | None, weighting: str = DEFAULT_WEIGHTING,
+           guard_z: float | None = None) -> None:
+    """ValueError for a bad distance, top-k or temperature; InvalidInputError for a bad weighting/guard_z."""
+    _weighting.check_weighting(weighting)
+    _weighting.check_guard_z(guard_z)
     if distance not in DISTANCES:
         raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
     if top_k < 1:
@@ -68,12 +82,40 @@ class CentroidTable:
         vectors: (C, D) float32 unit vectors.
         owner: (C,) int64 index into the adapter list.
         n_adapters: number of adapters.
+        spread: optional (A, 3) per-adapter (q50, q90, q99) of their training embeddings'
+            euclidean distances to their nearest centroid (manifest schema 2); rows of NaN (or
+            None for all) are version-1 adapters, which get the documented default
+            (:func:`semla.registry.weighting.fill_spreads`) in :attr:`spreads`.
     """
 
     vectors: np.ndarray
     owner: np.ndarray
     n_adapters: int
+    spread: np.ndarray | None = None
     _on_device: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    @functools.cached_property
+    def spreads(self) -> np.ndarray:
+        """(A, 3) float64 spreads, version-1 rows filled with the library's default."""
+        return _weighting.fill_spreads(self.spread, self.vectors, self.owner, self.n_adapters)
+
+    @functools.cached_property
+    def spread_known(self) -> np.ndarray:
+        """(A,) bool: the adapter published its spread (False: the default stands in)."""
+        if self.spread is None:
+            return np.zeros(self.n_adapters, dtype=bool)
+        return np.isfinite(np.asarray(self.spread, dtype=np.float64)).all(axis=1)
+
+    def spread_tensors(self, device: Any, distance: str) -> tuple[Any, Any]:
+        """(q50, s) per adapter as float32 torch tensors on ``device``, in ``distance``'s units."""
+        import torch
+
+        key = f"spread:{device}:{distance}"
+        if key not in self._on_device:
+            q50, s = _weighting._units(_weighting.spreads_for_distance(self.spreads, distance))
+            self._on_device[key] = (torch.as_tensor(q50, dtype=torch.float32, device=device),
+                                    torch.as_tensor(s, dtype=torch.float32, device=device))
+        return self._on_device[key]
 
     def tensors(self, device: Any) -> tuple[Any, Any]:
         """(centroids, owner) as torch tensors on ``device``, copied there once per table."""
@@ -91,7 +133,10 @@ class CentroidTable:
         return len(self.owner) == self.n_adapters and bool((self.owner == np.arange(self.n_adapters)).all())
 
     @classmethod
-    def from_lists(cls, centroids_per_adapter: Sequence[Sequence[Sequence[float]]]) -> "CentroidTable":
+    def from_lists(cls, centroids_per_adapter: Sequence[Sequence[Sequence[float]]],
+                   spreads: Sequence[Sequence[float] | None] | None = None) -> "CentroidTable":
+        """A table from each adapter's centroids and (optionally) its (q50, q90, q99) spread
+        (None for a version-1 adapter)."""
         rows, owner = [], []
         for i, cents in enumerate(centroids_per_adapter):
             for c in cents:
@@ -101,14 +146,15 @@ class CentroidTable:
             raise ValueError("the library is empty")
         vectors = np.stack(rows)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        return cls(vectors, np.asarray(owner, dtype=np.int64), len(centroids_per_adapter))
-
-
-def _softmax_neg(d: np.ndarray, temperature: float) -> np.ndarray:
-    z = -d / temperature
-    z -= z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+        spread = None
+        if spreads is not None:
+            if len(spreads) != len(centroids_per_adapter):
+                raise ValueError(f"{len(spreads)} spreads for {len(centroids_per_adapter)} adapters")
+            spread = np.full((len(spreads), 3), np.nan)
+            for i, row in enumerate(spreads):
+                if row is not None:
+                    spread[i] = np.asarray(row, dtype=np.float64)[:3]
+        return cls(vectors, np.asarray(owner, dtype=np.int64), len(centroids_per_adapter), spread)
 
 
 def retrieve_numpy(
@@ -116,19 +162,32 @@ def retrieve_numpy(
     table: CentroidTable,
     *,
     top_k: int = DEFAULT_TOP_K,
-    temperature: float = DEFAULT_TEMPERATURE,
+    temperature: float | None = None,
     distance: str = DEFAULT_DISTANCE,
+    weighting: str = DEFAULT_WEIGHTING,
+    guard: bool = False,
+    guard_z: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-k adapters per query.
+    """Top-k adapters per query and their fusion weights.
 
     Args:
         queries: (Q, D) embeddings (normalised here).
+        temperature: the weighting's temperature; None: the scheme's default
+            (:func:`semla.registry.weighting.default_temperature`).
+        weighting: a scheme of :data:`semla.registry.weighting.WEIGHTINGS`.
+        guard: the base model (a zero adapter) takes part in the softmax at ``guard_z``
+            (None: the library's default position).
 
     Returns:
         (indices (Q, k) int64 adapter indices nearest first, distances (Q, k), weights (Q, k)),
-        with k = min(top_k, number of adapters).
+        with k = min(top_k, number of adapters). Each weight row sums to 1, or with the guard
+        to ``1 - base weight``.
+
+    Raises:
+        ValueError: bad distance, top-k, temperature or queries.
+        InvalidInputError: unknown weighting or guard_z out of range.
     """
-    _check(distance, top_k, temperature)
+    _check(distance, top_k, temperature, weighting, guard_z)
     q = np.asarray(queries, dtype=np.float64)
     peak = np.abs(q).max(axis=1, keepdims=True) if q.size else q
     if not (np.isfinite(q).all() and (peak > 0).all()):
@@ -152,7 +211,16 @@ def retrieve_numpy(
     else:
         idx = np.argsort(d_adapter, axis=1, kind="stable")[:, :k]
     dist = np.take_along_axis(d_adapter, idx, axis=1)
-    return idx, dist, _softmax_neg(dist, temperature)
+    return idx, dist, weigh_numpy(dist, idx, table, temperature=temperature, distance=distance,
+                                  weighting=weighting, guard=guard, guard_z=guard_z)
+
+
+def weigh_numpy(dist: np.ndarray, idx: np.ndarray, table: CentroidTable, *, temperature: float | None = None,
+                distance: str = DEFAULT_DISTANCE, weighting: str = DEFAULT_WEIGHTING, guard: bool = False,
+                guard_z: float | None = None) -> np.ndarray:
+    """The fusion weights of already retrieved adapters (``idx``, ``dist``: (Q, k)) of ``table``."""
+    return _weighting.weights_numpy(dist, idx, table.spreads, weighting=weighting, temperature=temperature,
+                                    guard=guard, guard_z=guard_z, distance=distance)
 
 
 def retrieve_torch(
@@ -160,14 +228,17 @@ def retrieve_torch(
     table: CentroidTable,
     *,
     top_k: int = DEFAULT_TOP_K,
-    temperature: float = DEFAULT_TEMPERATURE,
+    temperature: float | None = None,
     distance: str = DEFAULT_DISTANCE,
     device: Any = None,
+    weighting: str = DEFAULT_WEIGHTING,
+    guard: bool = False,
+    guard_z: float | None = None,
 ) -> tuple[Any, Any, Any]:
     """Torch twin of :func:`retrieve_numpy`; tensors on ``device`` (default: the queries')."""
     import torch
 
-    _check(distance, top_k, temperature)
+    _check(distance, top_k, temperature, weighting, guard_z)
     q = torch.as_tensor(queries, dtype=torch.float32, device=device)
     if not bool(torch.isfinite(q).all()):
         raise ValueError("every query embedding must be finite")
@@ -182,5 +253,7 @@ def retrieve_torch(
         d_adapter = d_adapter.scatter_reduce(1, owner.expand_as(d_cent), d_cent, reduce="amin")
     k = min(top_k, table.n_adapters)
     dist, idx = torch.topk(d_adapter, k, dim=1, largest=False, sorted=True)
-    weights = torch.softmax(-dist / temperature, dim=1)
+    weights = _weighting.weights_torch(dist, idx, table.spreads, weighting=weighting, temperature=temperature,
+                                       guard=guard, guard_z=guard_z, distance=distance,
+                                       spread_tensors=table.spread_tensors(q.device, distance))
     return idx, dist, weights

@@ -46,7 +46,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from semla.registry.cli_common import EXIT_OK, add_node_arguments, build_node
+from semla.registry.cli_common import EXIT_OK, add_node_arguments, add_weighting_arguments, build_node
 from semla.registry._limits import MAX_CLASS_NAME_CHARS, MAX_CLASSES, MAX_UPSAMPLE_ELEMENTS
 from semla.registry.logs import LOG_FORMAT_ENV, LOG_FORMATS, resolve_log_format, uvicorn_log_config
 from semla.registry.metrics import install_http_metrics
@@ -69,9 +69,11 @@ from semla.registry.retrieval import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
     DISTANCES,
+    DEFAULT_WEIGHTING,
     TEMPERATURE_RANGE,
     temperature_ok,
 )
+from semla.registry.weighting import MAX_GUARD_Z, WEIGHTINGS, check_guard_z, list_weightings
 from semla.schemas.api import MAX_TEMPERATURE, MIN_TEMPERATURE
 from semla.schemas.errors import InvalidInputError, RegistryError, SemlaError
 
@@ -101,7 +103,8 @@ class ServeSettings:
         max_images: most images in one request.
         max_queue: most images waiting; beyond it requests get 503 ``busy``.
         refresh_seconds: period of the background ``node.pull()``; 0 disables it.
-        top_k, temperature, distance: retrieval defaults when a request gives none.
+        top_k, temperature, distance, weighting, guard, guard_z: retrieval defaults when a request
+            gives none (temperature None: the weighting scheme's own).
         body_limits: how fast a request body must arrive (slower ones get 408 and are cut off).
         metrics: serve Prometheus metrics at ``/metrics`` (and count requests and batches).
     """
@@ -113,8 +116,11 @@ class ServeSettings:
     max_queue: int = 1024
     refresh_seconds: float = 60.0
     top_k: int = DEFAULT_TOP_K
-    temperature: float = DEFAULT_TEMPERATURE
+    temperature: float | None = DEFAULT_TEMPERATURE
     distance: str = DEFAULT_DISTANCE
+    weighting: str = DEFAULT_WEIGHTING
+    guard: bool = False
+    guard_z: float | None = None
     body_limits: BodyLimits = BodyLimits()
     metrics: bool = True
 
@@ -133,6 +139,10 @@ class ServeSettings:
             problems.append(f"temperature must lie in {TEMPERATURE_RANGE}")
         if self.distance not in DISTANCES:
             problems.append(f"distance must be one of {', '.join(DISTANCES)}")
+        if self.weighting not in WEIGHTINGS:
+            problems.append(f"weighting must be one of {', '.join(list_weightings())}")
+        if self.guard_z is not None and not _guard_z_ok(self.guard_z):
+            problems.append(f"guard_z must lie in [0, {MAX_GUARD_Z:g}]")
         if problems:
             raise InvalidInputError("invalid serve settings: " + "; ".join(problems))
 
@@ -187,7 +197,7 @@ def decode_rle(rle: dict[str, list[list[int]]], classes: list[str], height: int,
 class _Job:
     image: np.ndarray
     classes: list[str]
-    key: tuple[int, float, str]  # (top_k, temperature, distance): one node.segment call per value
+    key: tuple  # the retrieval options as sorted (name, value) pairs: one node.segment call per value
     future: concurrent.futures.Future
     enqueued: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -305,20 +315,20 @@ class _Worker:
         groups: dict[tuple, list[_Job]] = {}
         for job in batch:
             groups.setdefault(job.key, []).append(job)
-        for (top_k, temperature, distance), jobs in groups.items():
+        for key, jobs in groups.items():
             jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
             if jobs:
-                self._segment(jobs, top_k, temperature, distance, isolate=True)
+                self._segment(jobs, dict(key), isolate=True)
 
-    def _segment(self, jobs: list[_Job], top_k: int, temperature: float, distance: str, *, isolate: bool) -> None:
+    def _segment(self, jobs: list[_Job], options: dict[str, Any], *, isolate: bool) -> None:
         started = time.monotonic()
         try:
-            preds = self.node.segment([j.image for j in jobs], [j.classes for j in jobs], top_k=top_k,
-                                      temperature=temperature, distance=distance, batch_size=len(jobs))
+            preds = self.node.segment([j.image for j in jobs], [j.classes for j in jobs], batch_size=len(jobs),
+                                      **options)
         except InvalidInputError as exc:
             if isolate and len(jobs) > 1:  # one image's problem must not fail its batch-mates
                 for job in jobs:
-                    self._segment([job], top_k, temperature, distance, isolate=False)
+                    self._segment([job], options, isolate=False)
                 return
             self._fail(jobs, exc)
             return
@@ -380,7 +390,7 @@ class _Form:
     fields: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-_FIELDS = ("classes", "top_k", "temperature", "distance", "format")
+_FIELDS = ("classes", "top_k", "temperature", "distance", "weighting", "guard", "guard_z", "format")
 
 
 def _form_part(max_images: int):
@@ -421,9 +431,28 @@ async def _read_form(request: Request, settings: ServeSettings) -> _Form:
 class _Params:
     classes: list[str]
     top_k: int
-    temperature: float
+    temperature: float | None
     distance: str
     format: str
+    weighting: str = DEFAULT_WEIGHTING
+    guard: bool = False
+    guard_z: float | None = None
+
+    def options(self) -> tuple:
+        """The retrieval options as a hashable batching key (sorted (name, value) pairs)."""
+        return tuple(sorted({"top_k": self.top_k, "temperature": self.temperature, "distance": self.distance,
+                             "weighting": self.weighting, "guard": self.guard, "guard_z": self.guard_z}.items()))
+
+
+def _guard_z_ok(value: float) -> bool:
+    try:
+        check_guard_z(value)
+    except InvalidInputError:
+        return False
+    return True
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def _parse_params(fields: dict[str, str], settings: ServeSettings) -> _Params:
@@ -438,9 +467,11 @@ def _parse_params(fields: dict[str, str], settings: ServeSettings) -> _Params:
                                  "tokens)", code="bad_classes")
     try:
         top_k = int(fields.get("top_k") or settings.top_k)
-        temperature = float(fields.get("temperature") or settings.temperature)
+        temperature = float(fields["temperature"]) if fields.get("temperature") else settings.temperature
+        guard_z = float(fields["guard_z"]) if fields.get("guard_z") else settings.guard_z
     except ValueError:
-        raise UnprocessableError("top_k must be an integer and temperature a number", code="bad_parameter") from None
+        raise UnprocessableError("top_k must be an integer, temperature and guard_z numbers",
+                                 code="bad_parameter") from None
     if not 1 <= top_k <= MAX_TOP_K:
         raise UnprocessableError(f"top_k must be in [1, {MAX_TOP_K}], got {top_k}", code="bad_parameter")
     if not temperature_ok(temperature):
@@ -451,7 +482,17 @@ def _parse_params(fields: dict[str, str], settings: ServeSettings) -> _Params:
     fmt = fields.get("format") or "png"
     if fmt not in FORMATS:
         raise UnprocessableError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}", code="bad_parameter")
-    return _Params(classes, top_k, temperature, distance, fmt)
+    weighting = fields.get("weighting") or settings.weighting
+    if weighting not in WEIGHTINGS:
+        raise UnprocessableError(f"unknown weighting {weighting[:64]!r}; valid: {', '.join(list_weightings())}",
+                                 code="unknown_weighting")
+    guard_text = (fields.get("guard") or "").strip().lower()
+    if guard_text and guard_text not in _TRUE + _FALSE:
+        raise UnprocessableError("guard must be true or false", code="bad_parameter")
+    guard = guard_text in _TRUE if guard_text else settings.guard
+    if guard_z is not None and not _guard_z_ok(guard_z):
+        raise UnprocessableError(f"guard_z must lie in [0, {MAX_GUARD_Z:g}], got {guard_z}", code="bad_parameter")
+    return _Params(classes, top_k, temperature, distance, fmt, weighting, guard, guard_z)
 
 
 def _decode_image(filename: str, data: bytes) -> np.ndarray:
@@ -490,6 +531,7 @@ class SegmentResult(BaseModel):
     mask_png: str | None = None
     rle: dict[str, list[list[int]]] | None = None
     contributions: list[ContributionOut]
+    base_weight: float = 0.0
     timings_ms: Timings
 
 
@@ -506,6 +548,7 @@ def _result(filename: str, done: _Done, fmt: str) -> dict[str, Any]:
     else:
         out["rle"] = encode_rle(pred.mask, pred.classes)
     out["contributions"] = [dataclasses.asdict(c) for c in pred.contributions]
+    out["base_weight"] = round(pred.base_weight, 6)
     out["timings_ms"] = {"queue": round(done.queue_ms, 3), "compute": round(done.compute_ms, 3),
                          "batch_size": done.batch_size}
     return out
@@ -528,8 +571,16 @@ _SEGMENT_BODY = {
                         "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K,
                                   "description": "adapters fused per image (capped at the library size)"},
                         "temperature": {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": MAX_TEMPERATURE,
-                                        "description": "softmax temperature T of w = softmax(-d/T)"},
+                                        "description": "softmax temperature of the weighting (default: the "
+                                                       "scheme's own)"},
                         "distance": {"type": "string", "enum": list(DISTANCES)},
+                        "weighting": {"type": "string", "enum": list_weightings(),
+                                      "description": "fusion weighting scheme (default calibrated)"},
+                        "guard": {"type": "boolean",
+                                  "description": "give the base model weight when an image lies outside the "
+                                                 "library; base_weight in each result"},
+                        "guard_z": {"type": "number", "minimum": 0, "maximum": MAX_GUARD_Z,
+                                    "description": "the base's position in spread units (default: the library's)"},
                         "format": {"type": "string", "enum": list(FORMATS), "default": "png",
                                    "description": "png: base64 greyscale PNG of class indices; "
                                                   "rle: {class: [[start, length], ...]} over the row-major mask"},
@@ -617,7 +668,7 @@ def create_app(node: "Node", settings: ServeSettings = ServeSettings()) -> FastA
         if not form.images:
             raise UnprocessableError("send at least one file part named images", code="no_images")
         arrays = await run_in_threadpool(lambda: [_decode_image(name, data) for name, data in form.images])
-        key = (params.top_k, params.temperature, params.distance)
+        key = params.options()
         jobs = [_Job(a, params.classes, key, concurrent.futures.Future()) for a in arrays]
         worker.submit(jobs)
         done = await asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs))
@@ -659,7 +710,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                              max_upload_bytes=args.max_upload_bytes, max_images=args.max_images,
                              refresh_seconds=args.refresh_seconds, top_k=args.top_k, temperature=args.temperature,
-                             metrics=args.metrics)
+                             weighting=args.weighting, guard=args.guard, guard_z=args.guard_z, metrics=args.metrics)
     log_config = uvicorn_log_config(resolve_log_format(args.log_format))  # a bad value fails before the pull
     node = build_node(args, max_index_age=args.max_index_age)
     app = create_app(node, settings)
@@ -690,7 +741,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=defaults.top_k,
                    help=f"default adapters fused per image (default {defaults.top_k})")
     p.add_argument("--temperature", type=float, default=defaults.temperature,
-                   help=f"default softmax temperature (default {defaults.temperature})")
+                   help="default softmax temperature of the weighting (default: the scheme's own)")
+    add_weighting_arguments(p)
     p.add_argument("--log-format", choices=LOG_FORMATS, default=None,
                    help=f"text: uvicorn's log lines; json: one JSON object per line (env {LOG_FORMAT_ENV}, "
                    "default text)")

@@ -10,6 +10,12 @@ count come from :func:`semla.registry.privacy.dp_centroid` (unit-norm clipping, 
 on sum and count, analytic calibration) and the manifest's privacy block records mechanism
 ``gaussian``, ε, δ and the clip norm. The noise seed (``dp_seed``, default fresh OS entropy) is
 never the published training seed: whoever knows the seed can subtract the noise.
+
+The manifest (schema 2) also carries the ``spread`` of the training embeddings around their
+nearest centroid (:func:`compute_spread`: quantiles 0.5/0.9/0.99 of the distances). Under DP it
+is a Gaussian-noised histogram (:func:`semla.registry.privacy.dp_spread`) whose share of the
+owner's (ε, δ) is taken from the same budget: the manifest's ``privacy.epsilon`` is the whole
+release (centroid, count and spread), which is what the registry's ledger charges.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ __all__ = [
     "train_adapter",
     "embed_images",
     "compute_centroids",
+    "compute_spread",
+    "nearest_centroid_distances",
     "segmentation_loss",
     "batches",
     "prepare_tensors",
@@ -76,6 +84,28 @@ def compute_centroids(embeddings: torch.Tensor, k: int = 1, seed: int = 0, iters
             if len(members):
                 cents[j] = F.normalize(members.mean(0), dim=0)
     return cents.float().numpy()
+
+
+def nearest_centroid_distances(embeddings: torch.Tensor | np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Euclidean distance (N,) of each unit embedding to its nearest centroid (unit vectors)."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    c = np.asarray(centroids, dtype=np.float64)
+    c = c / np.linalg.norm(c, axis=1, keepdims=True)
+    return np.sqrt(np.clip(2.0 - 2.0 * (x @ c.T).max(axis=1), 0.0, None))
+
+
+def compute_spread(embeddings: torch.Tensor | np.ndarray, centroids: np.ndarray, *,
+                   dp: privacy.Budget | None = None, count: int | None = None,
+                   rng: np.random.Generator | int | None = None) -> dict[str, Any]:
+    """The manifest's ``spread`` block: quantiles 0.5/0.9/0.99 of the distances of the training
+    embeddings to their nearest (published) centroid; with ``dp``, a Gaussian histogram release
+    of that budget, recorded with the published ``count``."""
+    distances = nearest_centroid_distances(embeddings, centroids)
+    if dp is None:
+        return privacy.exact_spread(distances).manifest_block()
+    return privacy.dp_spread(distances, dp.epsilon, dp.delta, count=count if count is not None else len(distances),
+                             rng=rng).manifest_block()
 
 
 def batches(n: int, batch_size: int, steps: int, seed: int):
@@ -208,18 +238,21 @@ def write_adapter(
     sample_count: int,
     privacy: dict[str, Any],
     training: dict[str, Any],
+    spread: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write LoRA tensors as an unsigned bundle with the manifest fields every adapter carries.
 
     Args:
         centroids: (k, E) unit vectors in the base model's retrieval space.
         privacy / training: the manifest's privacy and training blocks.
+        spread: the ``spread`` block (:func:`compute_spread`): a schema-2 manifest; None writes
+            schema 1 (no spread; nodes use the library's default for it).
 
     Raises:
         InvalidInputError: ``out`` exists, or the fields do not form a valid manifest.
     """
     fields = {
-        "schema_version": 1,
+        "schema_version": 1 if spread is None else 2,
         "name": name,
         "version": version,
         "base_model": model.ref.model_dump(mode="json"),
@@ -237,6 +270,8 @@ def write_adapter(
         "training": training,
         "created_at": _utc_now(),
     }
+    if spread is not None:
+        fields["spread"] = spread
     weights = save_safetensors(state, metadata={"format": "pt"})
     return write_bundle(out, weights=weights, adapter_config=adapter_config, manifest_fields=fields)
 
@@ -275,11 +310,15 @@ def train_adapter(
     sample_count = len(data)
     if config.dp_epsilon is None:
         centroids = compute_centroids(embeddings, k=config.centroids, seed=config.seed)
+        spread = compute_spread(embeddings, centroids)
     else:
-        release = privacy.dp_centroid(embeddings.double().numpy(), config.dp_epsilon, config.dp_delta,
-                                      rng=config.dp_seed)
+        # one budget for the whole release: the spread's share first, the centroid and count the rest
+        for_centroid, for_spread = privacy.split_for_spread(config.dp_epsilon, config.dp_delta)
+        rng = np.random.default_rng(config.dp_seed)
+        release = privacy.dp_centroid(embeddings.double().numpy(), for_centroid.epsilon, for_centroid.delta, rng=rng)
         centroids = release.centroid[None]  # (1, E)
         sample_count = privacy.published_count(release.count, config.min_samples)
+        spread = compute_spread(embeddings, centroids, dp=for_spread, count=sample_count, rng=rng)
         privacy_block.update(mechanism="gaussian", epsilon=float(config.dp_epsilon), delta=float(config.dp_delta),
                              clip_norm=release.clip_norm)
     with torch.no_grad():
@@ -297,6 +336,6 @@ def train_adapter(
         model.eval()
     return write_adapter(
         out, model, state, adapter_config_json(model, lora), name=name, version=config.version, vocabulary=data.classes,
-        domain=domain, centroids=centroids, sample_count=sample_count, privacy=privacy_block,
+        domain=domain, centroids=centroids, sample_count=sample_count, privacy=privacy_block, spread=spread,
         training={"steps": config.steps, "lr": float(config.lr), "batch_size": config.batch_size, "seed": config.seed},
     )

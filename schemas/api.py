@@ -21,6 +21,7 @@ __all__ = [
     "MIN_TEMPERATURE",
     "MAX_TEMPERATURE",
     "MAX_EMBEDDING_ABS",
+    "MAX_GUARD_Z",
     "RetrieveResponse",
     "RetrievedAdapter",
     "RevokeRequest",
@@ -115,6 +116,17 @@ class AdapterSummary(_Api):
     centroids: list[list[float]]
     created_at: str
     revoked: bool = False
+    #: The signed manifest's spread quantiles [q50, q90, q99] (schema 2); absent for version-1
+    #: manifests (the key is left out entirely, so documents listing only version-1 adapters
+    #: keep their exact bytes). A node re-checks it against the signed manifest, like the centroids.
+    spread: list[float] | None = Field(default=None, min_length=3, max_length=3, exclude_if=lambda v: v is None)
+
+    @field_validator("spread")
+    @classmethod
+    def _spread_values(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not all(math.isfinite(x) and 0.0 <= x <= 2.0 for x in v):
+            raise ValueError("spread quantiles must be finite numbers in [0, 2]")
+        return v
 
 
 class UploadReceipt(_Api):
@@ -128,6 +140,8 @@ class UploadReceipt(_Api):
 #: between unit vectors lie in [0, 2], so T in [1e-3, 1e3] keeps every weight finite.
 MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 1e3
+#: guard_z (the base's position in the ``calibrated`` weighting's spread units) lies in [0, MAX_GUARD_Z].
+MAX_GUARD_Z = 1e3
 #: Largest |value| of a query embedding component (embeddings are normalised anyway; this keeps
 #: the square sum finite in float32).
 MAX_EMBEDDING_ABS = 1e6
@@ -139,8 +153,17 @@ class RetrieveRequest(_Api):
     embedding: list[float] = Field(min_length=2, max_length=4096, description="the query image's embedding")
     base_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$", description="only adapters of this base model")
     top_k: int = Field(default=5, ge=1, le=100)
-    temperature: float = Field(default=0.05, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
+    temperature: float | None = Field(default=None, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE,
+                                      description="the weighting's temperature; null: the scheme's default "
+                                                  "(calibrated 0.5 in spread units, neg-distance and paper 0.05)")
     distance: Literal["euclidean", "cosine"] = "euclidean"
+    weighting: str = Field(default="calibrated", min_length=1, max_length=64,
+                           description="weighting scheme: calibrated (default), neg-distance or paper; "
+                                       "an unknown name is a 400 unknown_weighting")
+    guard: bool = Field(default=False, description="the base model (a zero adapter) takes part in the softmax; "
+                                                   "the adapters' weights then sum to 1 - base_weight")
+    guard_z: float | None = Field(default=None, ge=0, le=MAX_GUARD_Z,
+                                  description="the base's position in spread units; null: the library's default")
 
     @field_validator("embedding")
     @classmethod
@@ -161,9 +184,15 @@ class RetrievedAdapter(_Api):
 
 
 class RetrieveResponse(_Api):
-    """Nearest adapters first; weights = softmax(-distance / T) over them, summing to 1."""
+    """Nearest adapters first, with their fusion weights under the requested weighting scheme.
+
+    The weights sum to ``1 - base_weight``: ``base_weight`` is 0 without the guard, and with it
+    the share of the base model (a zero adapter), so fusing exactly with these weights already
+    means fusing with the base."""
 
     results: list[RetrievedAdapter]
+    base_weight: float = 0.0
+    weighting: str = "calibrated"
 
 
 class RevokeRequest(_Api):

@@ -31,6 +31,8 @@ __all__ = [
     "FileEntry",
     "Manifest",
     "Privacy",
+    "Spread",
+    "SPREAD_QUANTILES",
     "TrainingProvenance",
     "UpdatePrivacy",
     "signing_payload",
@@ -40,7 +42,11 @@ __all__ = [
     "ROTATION_CONTEXT",
 ]
 
-MANIFEST_SCHEMA_VERSION = 1
+#: The schema new manifests are written in. Version 2 adds the signed ``spread``; version-1
+#: manifests (no ``spread``) stay valid and keep their exact canonical bytes.
+MANIFEST_SCHEMA_VERSION = 2
+#: Schema versions a verifier accepts.
+MANIFEST_SCHEMA_VERSIONS = (1, 2)
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 MANIFEST_FILE = "manifest.json"
@@ -131,6 +137,51 @@ class Privacy(_Frozen):
         return self
 
 
+#: The quantiles a spread publishes, in this order.
+SPREAD_QUANTILES = (0.5, 0.9, 0.99)
+
+
+class Spread(_Frozen):
+    """How spread an adapter's training embeddings are around its centroids (schema 2).
+
+    The quantiles 0.5, 0.9 and 0.99 of the euclidean distances between each training image's
+    unit embedding (frozen base, as for the centroid) and its nearest published centroid, in
+    [0, 2]. Nodes measure a query's distance in units of this spread (the ``calibrated``
+    weighting) and give the base model weight when a query lies beyond it (the guard).
+
+    ``mechanism`` ``"none"``: exact quantiles of ``count`` distances. ``"gaussian-histogram"``
+    (when the centroid is under DP): the quantiles of a histogram of the distances released with
+    Gaussian noise, ``epsilon``/``delta`` being its share of the manifest's ``privacy`` budget
+    (which covers centroid, count and spread together), ``bins`` equal bins over [0, 2];
+    ``count`` is then the published (noisy) sample count.
+    """
+
+    distance: Literal["euclidean"] = "euclidean"
+    q50: _Finite = Field(ge=0, le=2)
+    q90: _Finite = Field(ge=0, le=2)
+    q99: _Finite = Field(ge=0, le=2)
+    count: int = Field(ge=1, le=MAX_SAMPLE_COUNT)
+    mechanism: Literal["none", "gaussian-histogram"] = "none"
+    epsilon: _Finite | None = Field(default=None, gt=0, le=MAX_EPSILON)
+    delta: _Finite | None = Field(default=None, gt=0, lt=1)
+    bins: int | None = Field(default=None, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Spread":
+        if not self.q50 <= self.q90 <= self.q99:
+            raise ValueError(f"spread quantiles must be ordered q50 <= q90 <= q99, got {self.q50}, {self.q90}, {self.q99}")
+        noisy = (self.epsilon, self.delta, self.bins)
+        if self.mechanism == "none" and any(v is not None for v in noisy):
+            raise ValueError("spread mechanism 'none' cannot carry epsilon/delta/bins")
+        if self.mechanism == "gaussian-histogram" and any(v is None for v in noisy):
+            raise ValueError("spread mechanism 'gaussian-histogram' needs epsilon, delta and bins")
+        return self
+
+    @property
+    def quantiles(self) -> tuple[float, float, float]:
+        return (self.q50, self.q90, self.q99)
+
+
 class UpdatePrivacy(_Frozen):
     """Gaussian DP on the federated LoRA updates: each client's update clipped to ``clip_norm``
     (L2 over all its LoRA tensors), Gaussian noise of std ``noise_multiplier * clip_norm`` added
@@ -173,7 +224,7 @@ class FileEntry(_Frozen):
 class Manifest(_Frozen):
     """Everything a node needs to decide whether to trust, retrieve and load an adapter."""
 
-    schema_version: Literal[1] = MANIFEST_SCHEMA_VERSION
+    schema_version: Literal[1, 2] = MANIFEST_SCHEMA_VERSION
     name: str = Field(pattern=NAME_PATTERN)
     version: int = Field(ge=1, le=2**53)
     #: Key id of the signer; empty in a bundle that has not been signed yet.
@@ -190,6 +241,10 @@ class Manifest(_Frozen):
     training: TrainingProvenance
     files: dict[str, FileEntry]
     created_at: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
+    #: Schema 2 only (required there): the spread of the training embeddings around the centroids.
+    #: Absent from version-1 manifests, whose nodes use the library's default (see
+    #: :func:`semla.registry.weighting.fill_spreads`).
+    spread: Spread | None = Field(default=None, exclude_if=lambda v: v is None)
 
     @field_validator("files")
     @classmethod
@@ -219,6 +274,24 @@ class Manifest(_Frozen):
         return names
 
     @model_validator(mode="after")
+    def _spread_vs_version(self) -> "Manifest":
+        if self.schema_version == 1 and self.spread is not None:
+            raise ValueError("a schema_version 1 manifest has no spread (it came with version 2)")
+        if self.schema_version >= 2 and self.spread is None:
+            raise ValueError(f"schema_version {self.schema_version} requires spread")
+        if self.spread is not None:
+            gaussian = self.privacy.mechanism == "gaussian"
+            if gaussian != (self.spread.mechanism == "gaussian-histogram"):
+                raise ValueError("the spread is released under DP exactly when the centroid is "
+                                 f"(privacy {self.privacy.mechanism!r}, spread {self.spread.mechanism!r})")
+            if gaussian:
+                if not ((self.spread.epsilon or 0.0) < (self.privacy.epsilon or 0.0)
+                        and (self.spread.delta or 0.0) < (self.privacy.delta or 0.0)):
+                    raise ValueError("spread.epsilon/delta are a share of privacy.epsilon/delta and must be "
+                                     "smaller than them")
+        return self
+
+    @model_validator(mode="after")
     def _samples_vs_privacy(self) -> "Manifest":
         if self.sample_count < self.privacy.min_samples:
             raise ValueError(
@@ -235,7 +308,11 @@ class Manifest(_Frozen):
 
     # -- encoding -----------------------------------------------------------------------------
     def to_canonical(self) -> bytes:
-        """Canonical JSON of this manifest (what is written to manifest.json and signed)."""
+        """Canonical JSON of this manifest (what is written to manifest.json and signed).
+
+        A version-1 manifest has no ``spread`` key at all, so its bytes are exactly those it
+        was signed with before schema 2 existed.
+        """
         return canonical_json(self.model_dump(mode="json"))
 
     @classmethod

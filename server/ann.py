@@ -28,12 +28,12 @@ import numpy as np
 
 from semla.registry.retrieval import (
     DEFAULT_DISTANCE,
-    DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
+    DEFAULT_WEIGHTING,
     CentroidTable,
     _check,
-    _softmax_neg,
     retrieve_numpy,
+    weigh_numpy,
 )
 
 __all__ = [
@@ -135,8 +135,11 @@ class CentroidIndex:
         queries: np.ndarray,
         *,
         top_k: int = DEFAULT_TOP_K,
-        temperature: float = DEFAULT_TEMPERATURE,
+        temperature: float | None = None,
         distance: str = DEFAULT_DISTANCE,
+        weighting: str = DEFAULT_WEIGHTING,
+        guard: bool = False,
+        guard_z: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Same contract as :func:`~semla.registry.retrieval.retrieve_numpy`.
 
@@ -145,7 +148,7 @@ class CentroidIndex:
             weights (Q, k) float32), k = min(top_k, number of adapters). Distances are the
             exact brute-force distances of the returned adapters; ties keep the lower index.
         """
-        _check(distance, top_k, temperature)
+        _check(distance, top_k, temperature, weighting, guard_z)
         table = self.table
         q = _unit(queries)
         if q.shape[1] != table.vectors.shape[1]:
@@ -165,7 +168,8 @@ class CentroidIndex:
                                                                     distance=distance)
                 continue
             idx[i], dist[i] = self._rerank(q[i], cand, k, distance)
-        return idx, dist, _softmax_neg(dist, temperature)
+        return idx, dist, weigh_numpy(dist, idx, table, temperature=temperature, distance=distance,
+                                      weighting=weighting, guard=guard, guard_z=guard_z)
 
     def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int, distance: str) -> tuple[np.ndarray, np.ndarray]:
         """Exact adapter distances (min over all their centroids) for ``cand``; top-k of them."""

@@ -2,7 +2,8 @@
 
 The ORM models live here; the schema itself is built and changed only by the Alembic
 migrations shipped in ``semla/server/migrations`` (``0001``: the first tables; ``0002``: revocation; ``0003``: key rotation;
-``0004``: the DP ε of each adapter's centroid, the publishers' privacy ledger).
+``0004``: the DP ε of each adapter's centroid, the publishers' privacy ledger; ``0005``: each
+adapter's signed spread).
 :func:`upgrade` migrates a database to the head revision (``semla-server db upgrade``);
 :func:`check_schema` is what the server runs at start: it refuses a database whose revision
 is not this code's head, and creates the schema itself only in an empty SQLite database (the
@@ -126,6 +127,9 @@ class Adapter(Base):
     #: the publisher's privacy ledger is the sum over its rows (revoking refunds nothing).
     privacy_epsilon: Mapped[float | None] = mapped_column(Float, nullable=True, default=None)
     privacy_delta: Mapped[float | None] = mapped_column(Float, nullable=True, default=None)
+    #: The manifest's spread quantiles [q50, q90, q99] as canonical JSON text (schema 2), None for
+    #: version-1 manifests.
+    spread: Mapped[str | None] = mapped_column(Text, nullable=True, default=None)
 
     files: Mapped[list["AdapterFile"]] = relationship(
         back_populates="adapter", cascade="all, delete-orphan", passive_deletes=True

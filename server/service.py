@@ -45,6 +45,7 @@ from semla.registry import keys as _keys
 from semla.registry.basecheck import card_for, verify_against_card
 from semla.registry.bundle import check_bundle, sha256_bytes
 from semla.registry.retrieval import CentroidTable, retrieve_numpy
+from semla.registry.weighting import base_weight_of, check_weighting
 from semla.schemas import (
     ADAPTER_WEIGHTS_FILE,
     BUNDLE_FILES,
@@ -158,6 +159,7 @@ def _summary(row: Adapter) -> AdapterSummary:
         sample_count=row.sample_count,
         manifest_sha256=row.manifest_sha256,
         centroids=strict_json_loads(row.centroids, what="stored centroids"),
+        spread=None if row.spread is None else strict_json_loads(row.spread, what="stored spread"),
         created_at=iso_utc(row.created_at),
         revoked=row.revoked_at is not None,
     )
@@ -386,6 +388,7 @@ class RegistryService:
             centroids=canonical_json(manifest.centroids.vectors).decode("utf-8"),
             privacy_epsilon=manifest.privacy.epsilon,
             privacy_delta=manifest.privacy.delta,
+            spread=None if manifest.spread is None else canonical_json(list(manifest.spread.quantiles)).decode("utf-8"),
         )
         row.files = [
             AdapterFile(filename=name, sha256=digests[name], size=len(files[name])) for name in BUNDLE_FILES
@@ -647,8 +650,10 @@ class RegistryService:
 
         Raises:
             NotFoundError: no adapter of this base model.
-            InvalidInputError: the embedding's dimension differs from the centroids'.
+            InvalidInputError: the embedding's dimension differs from the centroids', or an
+                unknown weighting scheme (``unknown_weighting``).
         """
+        check_weighting(body.weighting)  # before any table is built: a bad name is the caller's 400
         table, summaries, index = self._centroid_table(body.base_fingerprint)
         dim = table.vectors.shape[1]
         if len(body.embedding) != dim:
@@ -657,13 +662,14 @@ class RegistryService:
         query = np.asarray([body.embedding], dtype=np.float64)
         query /= np.abs(query).max()  # scaled, then normalised in float64: no overflow in float32
         query = (query / np.linalg.norm(query)).astype(np.float32)
-        options = {"top_k": body.top_k, "temperature": body.temperature, "distance": body.distance}
+        options = {"top_k": body.top_k, "temperature": body.temperature, "distance": body.distance,
+                   "weighting": body.weighting, "guard": body.guard, "guard_z": body.guard_z}
         idx, dist, weights = index.search(query, **options) if index is not None else retrieve_numpy(query, table, **options)
         return RetrieveResponse(results=[
             RetrievedAdapter(name=summaries[i].name, version=summaries[i].version, publisher=summaries[i].publisher,
                              distance=float(d), weight=float(w))
             for i, d, w in zip(idx[0].tolist(), dist[0].tolist(), weights[0].tolist())
-        ])
+        ], base_weight=float(base_weight_of(weights)[0]), weighting=body.weighting)
 
     def _centroid_table(self, fingerprint: str) -> tuple[CentroidTable, list[AdapterSummary], Any]:
         """The centroid table of one base (with an ANN index above ``ann.ANN_THRESHOLD``
@@ -678,7 +684,7 @@ class RegistryService:
                                  self.base_cards.cards().get(fingerprint))
         if not summaries:
             raise NotFoundError(f"no adapter for base model {fingerprint[:12]}")
-        table = CentroidTable.from_lists([a.centroids for a in summaries])
+        table = CentroidTable.from_lists([a.centroids for a in summaries], [a.spread for a in summaries])
         from semla.server import ann  # faiss is imported with it: on the first retrieval only
 
         index = ann.CentroidIndex.build(table) if ann.choose(table) == "ann" else None

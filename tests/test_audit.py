@@ -140,6 +140,7 @@ def test_the_listing_names_every_file_tensor_and_field(files):
                   "centroids.vectors = 1 unit vector(s) x 8 floats", f"publisher = \"{manifest['publisher']}\""):
         assert field in text
     assert "summary: 1 centroid(s) of 8 floats from 64 samples (minimum 50)" in text
+    assert "spread: none (manifest schema 1;" in text  # the factory's bundles are schema 1
     assert "flags: none" in text
     as_json = report.to_json()
     assert as_json["manifest"] == manifest and as_json["adapter_config"] == json.loads(files[ADAPTER_CONFIG_FILE])
@@ -316,6 +317,10 @@ def test_train_with_dp_then_audit_on_the_command_line(tmp_path, fog_data):
     report = json.loads(audit.stdout)
     assert report["summary"]["privacy"] == {"mechanism": "gaussian", "epsilon": 4.0, "delta": 1e-5,
                                             "clip_norm": 1.0, "min_samples": 50}
+    spread = report["summary"]["spread"]  # schema 2: the spread, released under the same DP budget
+    assert report["summary"]["schema_version"] == 2
+    assert spread["mechanism"] == "gaussian-histogram" and spread["epsilon"] == pytest.approx(0.8)
+    assert 0.0 <= spread["q50"] <= spread["q90"] <= spread["q99"] <= 2.0
     assert report["ok"], report["flags"]  # a freshly trained bundle carries nothing to flag
     assert audit.returncode == 0
     refused = subprocess.run([str(bin_dir / "semla-client"), "train", "--data", str(fog_data), "--out",

@@ -121,6 +121,13 @@ def test_full_loop_on_loopback(tmp_path, registry):
         (["semla-node", "explain", "{small}/images/00000.png", "--registry", "http://127.0.0.1:9", "--classes", "a",
           "--temperature", "0", "--out", "{tmp}/x"], "--temperature"),
         (["semla-client", "publish", "{tmp}/b", "--registry", "http://127.0.0.1:9"], "not a bundle directory"),
+        (["semla-node", "segment", "{small}/images/00000.png", "--registry", "http://127.0.0.1:9", "--classes", "a",
+          "--weighting", "softmax"], "valid: calibrated, neg-distance, paper"),
+        (["semla-node", "explain", "{small}/images/00000.png", "--registry", "http://127.0.0.1:9", "--classes", "a",
+          "--guard-z", "2", "--out", "{tmp}/x"], "--guard-z needs --guard"),
+        (["semla-node", "fuse", "{small}/images/00000.png", "--registry", "http://127.0.0.1:9", "--out", "{tmp}/f",
+          "--guard", "--guard-z", "-1"], "--guard-z"),
+        (["semla-node", "serve", "--registry", "http://127.0.0.1:9", "--weighting", "nearest"], "weighting"),
     ],
 )
 def test_bad_input_gets_one_line_and_nothing_half_written(tmp_path, args, fragment):

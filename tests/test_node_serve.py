@@ -208,7 +208,7 @@ class FakeNode:
         self.threads.add(threading.get_ident())
         return {"status": "ok", "adapters": 1}
 
-    def segment(self, images, classes, *, top_k, temperature, distance, batch_size):
+    def segment(self, images, classes, *, top_k, temperature, distance, batch_size, **weighting):
         from semla.registry.node import Contribution, Prediction
         from semla.schemas.errors import RegistryError
 

@@ -196,7 +196,7 @@ def test_migration_0004_keeps_existing_adapters_at_zero_spend(tmp_path):
                           "domain, sample_count, centroids, created_at) VALUES ('old', 1, :k, :s, :s, '', 60, '[]', "
                           "'2026-01-01 00:00:00')"), {"k": kid, "s": "0" * 64})
     assert current_revision(engine) == "0003"
-    assert upgrade(engine) == head_revision() == "0004"
+    assert upgrade(engine) == head_revision() == "0005"
     columns = {c["name"] for c in inspect(engine).get_columns("adapters")}
     assert {"privacy_epsilon", "privacy_delta"} <= columns
     engine.dispose()

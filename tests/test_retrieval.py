@@ -32,7 +32,7 @@ def test_numpy_and_torch_agree(distance, per_adapter):
 def test_distance_is_min_over_centroids_and_weights_follow_softmax():
     e = np.eye(3, dtype=np.float32)
     table = CentroidTable.from_lists([[e[0]], [e[1], e[2]]])
-    idx, dist, w = retrieve_numpy(e[2:3], table, top_k=5, temperature=0.5)
+    idx, dist, w = retrieve_numpy(e[2:3], table, top_k=5, temperature=0.5, weighting="neg-distance")
     assert idx.tolist() == [[1, 0]]  # capped at the library size, nearest first
     assert np.allclose(dist, [[0.0, np.sqrt(2)]], atol=1e-6)
     expected = np.exp(-dist[0] / 0.5) / np.exp(-dist[0] / 0.5).sum()
