@@ -13,8 +13,8 @@ without training, better than the base model and better than merging everything?
    every method segments the target's held-out test set with the target's class list:
    ``base`` (no adapter), ``oracle`` (the target's own adapter: the upper bound), ``uniform``
    (all library adapters at equal weight, exact fusion), ``nearest`` (the single nearest
-   adapter) and ``semla`` (top-k, softmax(-d / T), exact per-image fusion; DESIGN §4 defaults:
-   euclidean, k 5, T 0.05). Reported: mIoU per domain and method, averages, the share of the
+   adapter) and ``semla`` (top-k, exact per-image fusion; DESIGN §4 defaults: euclidean, k 5,
+   the ``calibrated`` weighting of :mod:`semla.registry.weighting` at its own temperature). Reported: mIoU per domain and method, averages, the share of the
    base→oracle gap that SemLA closes, and on how many domains SemLA beats uniform and nearest.
 3. **Ablations**, averaged over the same leave-one-out targets: top-k, temperature, distance,
    centroids per adapter (1 vs k-means 4, computed by the same function ``train --centroids 4``
@@ -121,7 +121,8 @@ class Config:
     n_train: int = 100
     n_test: int = 40
     top_k: int = 5
-    temperature: float = 0.05
+    temperature: float | None = None  # None: the weighting scheme's own default
+    weighting: str = "calibrated"  # DESIGN §4's default scheme (semla.registry.weighting)
     distance: str = "euclidean"
     seed: int = 0
     top_ks: tuple[int, ...] = (1, 3, 5, 10, 0)  # 0: the whole library
@@ -249,6 +250,7 @@ class Bench:
         self.adapters = {d: node.adapter(node.library[self.index[d]]) for d in cfg.domains}
         self.centroids = {d: np.asarray(node.library[self.index[d]].centroids, dtype=np.float32)
                           for d in cfg.domains}
+        self.spreads = {d: node.library[self.index[d]].spread for d in cfg.domains}  # None: schema 1
         self.targets = {d: self.prepare(d, *data.test_set(d, cfg.n_test)) for d in cfg.domains}
         self._train_embeddings: dict[str, torch.Tensor] = {}
 
@@ -302,10 +304,10 @@ class Bench:
                  distance: str | None = None, centroids: dict[str, np.ndarray] | None = None):
         cfg = self.cfg
         cents = centroids or self.centroids
-        table = CentroidTable.from_lists([cents[d] for d in lib])
+        table = CentroidTable.from_lists([cents[d] for d in lib], [self.spreads[d] for d in lib])
         k = top_k or len(lib)
         idx, _, weights = retrieve_torch(self.targets[target].query, table, top_k=min(k, len(lib)),
-                                         temperature=temperature or cfg.temperature,
+                                         temperature=temperature or cfg.temperature, weighting=cfg.weighting,
                                          distance=distance or cfg.distance)
         return idx, weights
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import inspect
 import json
 import math
 import sys
@@ -72,9 +71,9 @@ class PaperConfig(sb.Config):
     min_samples: int = 50
     # the nested leave-one-out grid: calibrated temperature (in units of the library's scale) x top-k,
     # then the guard's threshold (in units of the nearest adapter's spread)
-    temperatures: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.0)
-    top_ks: tuple[int, ...] = (1, 3, 5, 0)
-    guard_zs: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
+    temperatures: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)  # calibrated: in units of the adapters' spreads
+    top_ks: tuple[int, ...] = (1, 3, 5, 0)  # 0: the whole library
+    guard_zs: tuple[float | None, ...] = (None, 1.0, 2.0, 3.0, 5.0)  # None: the library's own default
 
 
 PAPER = sb.generated("paper-shaped", synth_paper, synth_paper.classes, lambda d: synth_paper.get_domain(d).description)
@@ -123,50 +122,21 @@ def base_stage(cfg: PaperConfig, workdir: Path, progress: bool) -> tuple[Path, f
 # -- 2. weighting ---------------------------------------------------------------------------------------
 
 
-def _has_schemes() -> bool:
-    return "weighting" in inspect.signature(retrieve_torch).parameters
-
-
-def _weights(d: torch.Tensor, weighting: str, temperature: float, scale: float) -> torch.Tensor:
-    """The schemes of DESIGN §4 on (Q, k) distances (used until the registry provides them)."""
-    if weighting == "paper":
-        return torch.softmax((1.0 / d.clamp(min=1e-6)) / temperature, dim=1)
-    if weighting == "calibrated":
-        return torch.softmax(-d / (temperature * scale), dim=1)
-    return torch.softmax(-d / temperature, dim=1)
-
-
 class PaperBench(sb.Bench):
     """The pulled library, test sets, and inner (training-image) sets for the nested leave-one-out."""
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
         self.inner = {d: self.prepare(d, *self.data.train_set(d, self.cfg.n_inner)) for d in self.cfg.domains}
-        # each adapter's spread: the 90th percentile of its training embeddings' distances to its centroid
-        self.spread = {}
-        for d in self.cfg.domains:
-            emb = torch.nn.functional.normalize(self.train_embeddings(d).float(), dim=1)
-            c = torch.as_tensor(self.centroids[d][0])
-            self.spread[d] = float(torch.quantile((emb - c).norm(dim=1), 0.9))
 
-    def weigh(self, queries: torch.Tensor, lib: Sequence[str], *, weighting: str, temperature: float,
-              top_k: int, guard_z: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(idx, weights) over ``lib`` for each query; with the guard the weights sum to 1 − base weight."""
-        table = CentroidTable.from_lists([self.centroids[d] for d in lib])
+    def weigh(self, queries: torch.Tensor, lib: Sequence[str], *, weighting: str, temperature: float | None,
+              top_k: int, guard: bool = False, guard_z: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(idx, weights) over ``lib`` for each query, by :mod:`semla.registry.weighting` with each adapter's
+        published spread; with the guard the weights sum to 1 − the base's weight (the base is a zero adapter)."""
+        table = CentroidTable.from_lists([self.centroids[d] for d in lib], [self.spreads[d] for d in lib])
         k = min(top_k or len(lib), len(lib))
-        if _has_schemes():
-            idx, _, w = retrieve_torch(queries, table, top_k=k, temperature=temperature, weighting=weighting,
-                                       guard=guard_z is not None, guard_z=guard_z)
-            return idx, w
-        idx, dist, _ = retrieve_torch(queries, table, top_k=k, temperature=0.05)
-        cents = torch.as_tensor(table.vectors)
-        gaps = torch.cdist(cents, cents) + torch.eye(len(cents)) * 1e9
-        scale = float(gaps.min(dim=1).values.median()) if len(cents) > 1 else 1.0
-        w = _weights(dist, weighting, temperature, scale)
-        if guard_z is not None:  # a query beyond z spreads of its nearest adapter gives weight to the base
-            spread = torch.tensor([self.spread[lib[j]] for j in idx[:, 0].tolist()])
-            base_w = (dist[:, 0] / (guard_z * spread) - 1.0).clamp(0.0, 1.0)
-            w = w * (1.0 - base_w)[:, None]
+        idx, _, w = retrieve_torch(queries, table, top_k=k, temperature=temperature, weighting=weighting,
+                                   distance=self.cfg.distance, guard=guard, guard_z=guard_z)
         return idx, w
 
     def fused(self, target: str | sb.Target, lib: Sequence[str], **kw) -> float:
@@ -189,8 +159,9 @@ class PaperBench(sb.Bench):
         grid = {(T, k): score(weighting="calibrated", temperature=T, top_k=k)
                 for T in self.cfg.temperatures for k in self.cfg.top_ks}
         T, k = max(grid, key=lambda key: (grid[key], -key[0]))
-        guards = {z: score(weighting="calibrated", temperature=T, top_k=k, guard_z=z) for z in self.cfg.guard_zs}
-        z = max(guards, key=lambda key: (guards[key], key))
+        guards = {z: score(weighting="calibrated", temperature=T, top_k=k, guard=True, guard_z=z)
+                  for z in self.cfg.guard_zs}
+        z = max(guards, key=lambda key: (guards[key], key if key is not None else -1.0))
         return {"temperature": T, "top_k": k, "guard_z": z, "inner_domains": len(inner),
                 "inner_hmean": round(grid[(T, k)], 4), "inner_hmean_guard": round(guards[z], 4)}
 
@@ -201,7 +172,7 @@ class PaperBench(sb.Bench):
         default = {"weighting": "calibrated", "temperature": chosen["temperature"], "top_k": chosen["top_k"]}
         out["semla_paper"] = self.fused(target, lib, **PAPER_WEIGHTING)
         out["semla"] = self.fused(target, lib, **default)
-        out["semla_guard"] = self.fused(target, lib, **default, guard_z=chosen["guard_z"])
+        out["semla_guard"] = self.fused(target, lib, **default, guard=True, guard_z=chosen["guard_z"])
         return {m: out[m] for m in METHODS}
 
 
@@ -292,9 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrained", default=None, help="base weights: skips the base stage (a real CLIP needs it)")
     parser.add_argument("--steps", type=int, help="adapter training steps (default 300; quick 8)")
     parser.add_argument("--n-train", type=int, help="training images per domain (default 100; quick 10)")
-    parser.add_argument("--n-test", type=int, help="test images per domain (default 40; quick 6)")
-    parser.add_argument("--n-inner", type=int, help="training images per domain for the nested leave-one-out (12; quick 4)")
-    parser.add_argument("--base-images", type=int, help="source images per scene type (default 1500; quick 12)")
+    parser.add_argument("--n-test", type=int, help="test images per domain (default 40; quick 4)")
+    parser.add_argument("--n-inner", type=int, help="training images per domain for the nested leave-one-out (12; quick 3)")
+    parser.add_argument("--base-images", type=int, help="source images per scene type (default 1500; quick 8)")
     parser.add_argument("--base-steps", type=int, help="base training steps (default 2500; quick 12)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/semla-paper"), help="cache (base, data, adapters, keys)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
@@ -316,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("leave-one-out needs at least two domains")
     if args.base != TINY and args.pretrained is None:
         parser.error(f"--base {args.base} needs --pretrained PATH (only {TINY} is trained here)")
-    quick = dict(steps=8, n_train=10, n_test=6, n_inner=4, base_images=12, base_steps=12, min_samples=8,
-                 temperatures=(0.25, 1.0), top_ks=(1, 0), guard_zs=(1.5,)) if args.quick else {}
+    quick = dict(steps=8, n_train=10, n_test=4, n_inner=3, base_images=8, base_steps=12, min_samples=8,
+                 temperatures=(0.5, 2.0), top_ks=(1, 0), guard_zs=(None, 2.0)) if args.quick else {}
     over = {k: v for k, v in (("steps", args.steps), ("n_train", args.n_train), ("n_test", args.n_test),
                               ("n_inner", args.n_inner), ("base_images", args.base_images),
                               ("base_steps", args.base_steps)) if v}
@@ -349,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                    "base_fingerprint": base.ref.fingerprint,
                    "seeds": {d: data.seeds(d) for d in cfg.domains},
                    "classes": {d: bench.targets[d].classes for d in cfg.domains},
-                   "weighting_from": "semla.registry.retrieval" if _has_schemes() else "benchmark fallback (DESIGN §4)"},
+},
         "datasets": None if real is not None else {
             d: {"dataset": synth_paper.get_domain(d).dataset,
                 "like": synth_paper.DATASETS[synth_paper.get_domain(d).dataset].like,
@@ -359,9 +330,10 @@ def main(argv: list[str] | None = None) -> int:
             "base": "no adapter", "oracle": "the target's own adapter (upper bound)",
             "uniform": "every library adapter at weight 1/n, exact fusion", "nearest": "the nearest adapter alone",
             "semla_paper": "the released code's softmax((1/d)/T), T 0.05, top-5",
-            "semla": "the default: calibrated softmax(-d/(T s)), s the library's median nearest-centroid distance; "
-                     "T and k chosen by nested leave-one-out",
-            "semla_guard": "the default with the guard: weight to the base beyond z spreads of the nearest adapter",
+            "semla": "the default: calibrated, softmax(-z/T) with z the distance in units of each adapter's published "
+                     "spread (semla.registry.weighting); T and k chosen by nested leave-one-out",
+            "semla_guard": "the default with the guard: the base (a zero adapter) enters the softmax at guard_z, "
+                           "chosen by nested leave-one-out (null: the library's own default)",
         },
         "selection": {
             "procedure": "nested leave-one-out on training images: for each target t and each library domain i "
