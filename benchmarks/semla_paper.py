@@ -231,6 +231,33 @@ def plot(results: dict, out_dir: Path) -> list[str]:
     return [name]
 
 
+def markdown(results: dict) -> str:
+    """The README's tables from a results file: per domain, means, gap closed, wins, the summary."""
+    rep, doms = results["report"], list(results["per_domain"])
+    ds = results.get("datasets") or {}
+    head = "| domain | like | " + " | ".join(METHODS) + " | gap closed (default) |"
+    lines = [head, "|" + "---|" * (len(METHODS) + 3)]
+    for d in doms:
+        r, g = results["per_domain"][d], rep["gap_closed"][DEFAULT]["per_domain"][d]
+        best = max(r[m] for m in METHODS[2:])
+        cells = [f"**{r[m]:.3f}**" if m in METHODS[2:] and r[m] == best else f"{r[m]:.3f}" for m in METHODS]
+        lines.append(f"| {d} | {ds.get(d, {}).get('like', '')} | " + " | ".join(cells) + f" | {'–' if g is None else f'{g:.2f}'} |")
+    for label, key in (("mean", "mean"), ("harmonic mean", "hmean")):
+        lines.append(f"| **{label}** | | " + " | ".join(f"{rep[key][m]:.3f}" for m in METHODS) + " | |")
+    lines += ["", "| method | gap closed (hmean) | gap closed (mean) | wins vs base | wins vs uniform | wins vs nearest |",
+              "|---|---|---|---|---|---|"]
+    for m in ("uniform", "nearest", "semla_paper", "semla", "semla_guard"):
+        g = rep["gap_closed"][m]
+        w = rep["wins"].get(m, {})
+        lines.append(f"| {m} | {g['of_hmean']} | {g['of_mean']} | {w.get('base', '')} | {w.get('uniform', '')} | "
+                     f"{w.get('nearest', '')} |")
+    s = results["summary"]
+    lines += ["", f"summary (default): gap closed {s['gap_closed_hmean']} (hmean), {s['gap_closed_mean']} (mean); "
+              f"beats uniform on {s['wins_vs_uniform']}/{len(doms)}, nearest on {s['wins_vs_nearest']}/{len(doms)}; "
+              f"worst drop vs base {s['worst_drop_vs_base']}"]
+    return "\n".join(lines)
+
+
 def _parse_data(values: Sequence[str], parser: argparse.ArgumentParser) -> dict[str, tuple[Path, Path]]:
     dirs = {}
     for v in values:
@@ -272,7 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-name", default=None, help="default semla_paper.json (quick: semla_paper-quick.json)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--table", type=Path, metavar="JSON", help="print the README's markdown tables from a results file")
     args = parser.parse_args(argv)
+    if args.table is not None:
+        print(markdown(json.loads(args.table.read_text())))
+        return 0
 
     real = _parse_data(args.data, parser) if args.data else None
     if real is not None:
