@@ -13,8 +13,8 @@ without training, better than the base model and better than merging everything?
    every method segments the target's held-out test set with the target's class list:
    ``base`` (no adapter), ``oracle`` (the target's own adapter: the upper bound), ``uniform``
    (all library adapters at equal weight, exact fusion), ``nearest`` (the single nearest
-   adapter) and ``semla`` (top-k, softmax(-d / T), exact per-image fusion; DESIGN §4 defaults:
-   euclidean, k 5, T 0.05). Reported: mIoU per domain and method, averages, the share of the
+   adapter) and ``semla`` (top-k, exact per-image fusion; DESIGN §4 defaults: euclidean, k 5,
+   the ``calibrated`` weighting of :mod:`semla.registry.weighting` at its own temperature). Reported: mIoU per domain and method, averages, the share of the
    base→oracle gap that SemLA closes, and on how many domains SemLA beats uniform and nearest.
 3. **Ablations**, averaged over the same leave-one-out targets: top-k, temperature, distance,
    centroids per adapter (1 vs k-means 4, computed by the same function ``train --centroids 4``
@@ -43,7 +43,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,7 +55,8 @@ from tqdm.auto import tqdm  # noqa: E402
 from semla.client import cli as client_cli  # noqa: E402
 from semla.client.publish import publish_bundle  # noqa: E402
 from semla.registry import keys, synth  # noqa: E402
-from semla.registry.data import load_dataset, miou  # noqa: E402
+from semla.registry.basecard import compute_base_card  # noqa: E402
+from semla.registry.data import miou  # noqa: E402
 from semla.registry.fusion import LoraAdapter  # noqa: E402
 from semla.registry.http import RegistryClient  # noqa: E402
 from semla.registry.model import DenseClip, load_base  # noqa: E402
@@ -73,13 +74,56 @@ QUICK_DOMAINS = 3
 
 
 @dataclasses.dataclass(frozen=True)
+class DataSource:
+    """Where a benchmark's domains come from: a synthetic generator or real dataset folders.
+
+    ``train_dir(domain, n, out)`` returns a folder ``semla-client train`` reads (writing it to
+    ``out`` if it must); ``train_set`` / ``test_set(domain, n)`` return ``(images, masks)``;
+    ``key(domain)`` is what a cached adapter depends on besides the settings.
+    """
+
+    name: str
+    classes: Callable[[str], list[str]]
+    description: Callable[[str], str]
+    key: Callable[[str], dict]
+    train_dir: Callable[[str, int, Path], Path]
+    train_set: Callable[[str, int], tuple[list, list]]
+    test_set: Callable[[str, int], tuple[list, list]]
+    seeds: Callable[[str], dict | None] = lambda domain: None
+
+
+def generated(name: str, module, classes: Callable[[str], list[str]], description: Callable[[str], str]) -> DataSource:
+    """A :class:`DataSource` over a generator module with ``split_seeds``, ``render`` and ``write_dataset``."""
+
+    def split(domain: str, n: int, which: int) -> tuple[list, list]:
+        seed = module.split_seeds(domain)[which]
+        images, masks = zip(*(module.render(domain, seed, i) for i in range(n)))
+        return list(images), list(masks)
+
+    def train_dir(domain: str, n: int, out: Path) -> Path:
+        if out.exists():
+            shutil.rmtree(out)
+        return module.write_dataset(domain, n, module.split_seeds(domain)[0], out)
+
+    return DataSource(
+        name, classes, description, key=lambda d: {"train_seed": module.split_seeds(d)[0]}, train_dir=train_dir,
+        train_set=lambda d, n: split(d, n, 0), test_set=lambda d, n: split(d, n, 1),
+        seeds=lambda d: dict(zip(("train", "test"), module.split_seeds(d))))
+
+
+SYNTH = generated("unique-shift", synth, lambda d: list(synth.get_scene(synth.get_domain(d).scene).classes),
+                  lambda d: synth.get_domain(d).description)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     domains: tuple[str, ...]
     steps: int = 300
     n_train: int = 100
     n_test: int = 40
     top_k: int = 5
-    temperature: float = 0.05
+    temperature: float | None = None  # None: the weighting scheme's own default
+    weighting: str = "calibrated"  # DESIGN §4's default scheme (semla.registry.weighting)
     distance: str = "euclidean"
     seed: int = 0
     top_ks: tuple[int, ...] = (1, 3, 5, 10, 0)  # 0: the whole library
@@ -90,38 +134,39 @@ class Config:
     library_draws: int = 3
     kmeans: int = 4
 
-    def training_key(self, domain: str, base_fingerprint: str) -> str:
+    def training_key(self, domain: str, base_fingerprint: str, data: DataSource = SYNTH, **extra) -> str:
         """What a cached bundle depends on: change any of it and the adapter is retrained."""
-        train_seed, _ = synth.split_seeds(domain)
         blob = json.dumps({"domain": domain, "steps": self.steps, "n_train": self.n_train, "seed": self.seed,
-                           "train_seed": train_seed, "base": base_fingerprint}, sort_keys=True)
+                           **data.key(domain), "base": base_fingerprint, **extra}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # -- 1. adapters through the real path -----------------------------------------------------------
 
 
-def train_adapters(cfg: Config, workdir: Path, base_fingerprint: str, progress: bool) -> tuple[dict[str, Path], list[str]]:
-    """Train (or reuse) one bundle per domain with ``semla-client train``: (bundles, domains trained now)."""
+def train_adapters(cfg: Config, workdir: Path, base_fingerprint: str, progress: bool, data: DataSource = SYNTH,
+                   extra_args: Sequence[str] = ()) -> tuple[dict[str, Path], list[str]]:
+    """Train (or reuse) one bundle per domain with ``semla-client train``: (bundles, domains trained now).
+
+    ``extra_args`` go to ``semla-client train`` (e.g. ``--base``, ``--pretrained``) and into the cache key.
+    """
     bundles: dict[str, Path] = {}
     todo = []
     for domain in cfg.domains:
-        out = workdir / "bundles" / f"{domain}-{cfg.training_key(domain, base_fingerprint)}"
+        key = cfg.training_key(domain, base_fingerprint, data, **({"args": list(extra_args)} if extra_args else {}))
+        out = workdir / "bundles" / f"{domain}-{key}"
         bundles[domain] = out
         if not (out / "manifest.json").is_file():
             todo.append(domain)
     bar = tqdm(todo, desc="train adapters", unit="adapter", disable=not progress or not todo)
     for domain in bar:
         bar.set_postfix(domain=domain)
-        data = workdir / "data" / domain
-        if data.exists():
-            shutil.rmtree(data)
-        synth.write_dataset(domain, cfg.n_train, synth.split_seeds(domain)[0], data)
+        folder = data.train_dir(domain, cfg.n_train, workdir / "data" / domain)
         tmp = bundles[domain].with_name(bundles[domain].name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        argv = ["train", "--data", str(data), "--out", str(tmp), "--name", domain, "--steps", str(cfg.steps),
-                "--seed", str(cfg.seed), "--domain", synth.get_domain(domain).description]
+        argv = ["train", "--data", str(folder), "--out", str(tmp), "--name", domain, "--steps", str(cfg.steps),
+                "--seed", str(cfg.seed), "--domain", data.description(domain), *extra_args]
         err = io.StringIO()
         with contextlib.redirect_stdout(io.StringIO()), \
                 (contextlib.nullcontext() if progress else contextlib.redirect_stderr(err)):
@@ -141,18 +186,42 @@ def publish_all(bundles: dict[str, Path], client: RegistryClient, token: str, wo
         publish_bundle(bundle, client, key=key)
 
 
-def pull_library(cfg: Config, workdir: Path, bundles: dict[str, Path], base: DenseClip) -> "Bench":
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """Set environment variables for the child processes started inside, then restore them."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def pull_library(cfg: Config, workdir: Path, bundles: dict[str, Path], base: DenseClip, data: DataSource = SYNTH,
+                 bench_cls: type | None = None) -> "Bench":
     """Publish every bundle to a fresh registry on loopback; a node pulls the signed index and
-    downloads and verifies every adapter (the registry stops afterwards; the node keeps them)."""
+    downloads and verifies every adapter (the registry stops afterwards; the node keeps them).
+
+    The registry is given the base's card (``semla-server bases add`` does the same), so a base
+    other than the bundled one (a retrained semla-tiny, a real CLIP) is accepted."""
     for sub in ("registry", "node-cache"):
         shutil.rmtree(workdir / sub, ignore_errors=True)
+    card = compute_base_card(base)
+    (workdir / "registry" / "bases").mkdir(parents=True)
+    (workdir / "registry" / "bases" / f"{card.fingerprint[:16]}.json").write_bytes(card.to_json() + b"\n")
     token = os.urandom(16).hex()
-    with local_registry(workdir / "registry", token, log=workdir / "server.log") as url:
+    floor = getattr(cfg, "min_samples", None)  # a smaller sample floor (smoke tests) for this registry only
+    env = {"SEMLA_MIN_SAMPLES": str(floor)} if floor is not None else {}
+    with _environ(env), local_registry(workdir / "registry", token, log=workdir / "server.log") as url:
         client = RegistryClient(url)
         publish_all(bundles, client, token, workdir)
-        node = Node(client, base=base, cache_dir=workdir / "node-cache")
+        node = Node(client, base=base, cache_dir=workdir / "node-cache", card=card)
         node.pull()
-        return Bench(node, cfg, workdir)
+        return (bench_cls or Bench)(node, cfg, workdir, data)
 
 
 # -- 2. evaluation ---------------------------------------------------------------------------------
@@ -172,8 +241,8 @@ class Target:
 class Bench:
     """The pulled library plus the test sets; every method is a weight matrix over the library."""
 
-    def __init__(self, node: Node, cfg: Config, workdir: Path) -> None:
-        self.node, self.cfg, self.workdir = node, cfg, workdir
+    def __init__(self, node: Node, cfg: Config, workdir: Path, data: DataSource = SYNTH) -> None:
+        self.node, self.cfg, self.workdir, self.data = node, cfg, workdir, data
         self.names = [s.name for s in node.library]
         self.index = {n: i for i, n in enumerate(self.names)}
         missing = [d for d in cfg.domains if d not in self.index]
@@ -182,22 +251,21 @@ class Bench:
         self.adapters = {d: node.adapter(node.library[self.index[d]]) for d in cfg.domains}
         self.centroids = {d: np.asarray(node.library[self.index[d]].centroids, dtype=np.float32)
                           for d in cfg.domains}
-        self.targets: dict[str, Target] = {}
-        for d in cfg.domains:
-            _, test_seed = synth.split_seeds(d)
-            images, masks = zip(*(synth.render(d, test_seed, i) for i in range(cfg.n_test)))
-            classes = list(synth.get_scene(synth.get_domain(d).scene).classes)
-            pixels, query = node.embed(list(images))
-            self.targets[d] = Target(classes, pixels, query, node.text(classes), list(masks))
+        self.spreads = {d: node.library[self.index[d]].spread for d in cfg.domains}  # None: schema 1
+        self.targets = {d: self.prepare(d, *data.test_set(d, cfg.n_test)) for d in cfg.domains}
         self._train_embeddings: dict[str, torch.Tensor] = {}
+
+    def prepare(self, domain: str, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> Target:
+        """Images of a domain, embedded once: pixels, retrieval queries, the class names' text embeddings."""
+        classes = self.data.classes(domain)
+        pixels, query = self.node.embed(list(images))
+        return Target(classes, pixels, query, self.node.text(classes), list(masks))
 
     def train_embeddings(self, domain: str) -> torch.Tensor:
         """Frozen-base retrieval embeddings (N, D) of the domain's training images, computed once."""
         if domain not in self._train_embeddings:
-            data = self.workdir / "data" / domain
-            if not data.is_dir():  # adapters came from the cache of an earlier run
-                synth.write_dataset(domain, self.cfg.n_train, synth.split_seeds(domain)[0], data)
-            self._train_embeddings[domain] = embed_images(self.node.base, load_dataset(data).images)
+            images, _ = self.data.train_set(domain, self.cfg.n_train)
+            self._train_embeddings[domain] = embed_images(self.node.base, images)
         return self._train_embeddings[domain]
 
     def library(self, target: str, pool: Sequence[str] | None = None) -> list[str]:
@@ -206,10 +274,10 @@ class Bench:
 
     # one forward per (target, weights) ------------------------------------------------------
     @torch.no_grad()
-    def miou(self, target: str, lib: Sequence[str] | None, idx: torch.Tensor | None = None,
+    def miou(self, target: str | Target, lib: Sequence[str] | None, idx: torch.Tensor | None = None,
              weights: torch.Tensor | None = None, fusion: str = "exact") -> float:
-        """mIoU on the target's test set; ``idx``/``weights`` (B, k) index into ``lib``."""
-        t = self.targets[target]
+        """mIoU on the target's test set (or on a given :class:`Target`); ``idx``/``weights`` (B, k) index into ``lib``."""
+        t = target if isinstance(target, Target) else self.targets[target]
         if lib is None:  # the base model
             dense = self.node.fused_dense(t.pixels, None)
         elif fusion == "exact":
@@ -237,10 +305,10 @@ class Bench:
                  distance: str | None = None, centroids: dict[str, np.ndarray] | None = None):
         cfg = self.cfg
         cents = centroids or self.centroids
-        table = CentroidTable.from_lists([cents[d] for d in lib])
+        table = CentroidTable.from_lists([cents[d] for d in lib], [self.spreads[d] for d in lib])
         k = top_k or len(lib)
         idx, _, weights = retrieve_torch(self.targets[target].query, table, top_k=min(k, len(lib)),
-                                         temperature=temperature or cfg.temperature,
+                                         temperature=temperature or cfg.temperature, weighting=cfg.weighting,
                                          distance=distance or cfg.distance)
         return idx, weights
 
@@ -348,6 +416,42 @@ def run_ablations(bench: Bench, cfg: Config, progress: bool) -> dict:
 # -- 3. report -------------------------------------------------------------------------------------
 
 
+def hmean(values) -> float:
+    """Harmonic mean (as the paper reports); 0 if any value is 0."""
+    values = [float(v) for v in values]
+    if not values:
+        return float("nan")
+    if min(values) <= 0:
+        return 0.0
+    return round(len(values) / sum(1.0 / v for v in values), 4)
+
+
+def _share(part: float, whole: float) -> float | None:
+    return round(part / whole, 4) if whole > 1e-9 else None
+
+
+def headline(per_domain: dict[str, dict[str, float]], method: str, uniform: str = "uniform",
+             nearest: str = "nearest") -> dict:
+    """The summary keys both benchmarks report for their default method.
+
+    ``gap_closed_hmean`` / ``gap_closed_mean``: (method − base) / (oracle − base) of the harmonic /
+    arithmetic means over domains; ``wins_vs_*``: domains where the method is strictly better;
+    ``worst_drop_vs_base``: the largest base − method over domains, 0 if the method is never below.
+    """
+    doms = list(per_domain)
+    col = lambda m: [per_domain[d][m] for d in doms]  # noqa: E731
+    h = {m: hmean(col(m)) for m in ("base", "oracle", method)}
+    a = {m: float(np.mean(col(m))) for m in ("base", "oracle", method)}
+    return {
+        "method": method,
+        "gap_closed_hmean": _share(h[method] - h["base"], h["oracle"] - h["base"]),
+        "gap_closed_mean": _share(a[method] - a["base"], a["oracle"] - a["base"]),
+        "wins_vs_uniform": sum(per_domain[d][method] > per_domain[d][uniform] for d in doms),
+        "wins_vs_nearest": sum(per_domain[d][method] > per_domain[d][nearest] for d in doms),
+        "worst_drop_vs_base": round(max([0.0] + [per_domain[d]["base"] - per_domain[d][method] for d in doms]), 4),
+    }
+
+
 def summarise(per_domain: dict[str, dict[str, float]]) -> dict:
     doms = list(per_domain)
     avg = {m: _mean(per_domain[d][m] for d in doms) for m in METHODS}
@@ -369,6 +473,7 @@ def summarise(per_domain: dict[str, dict[str, float]]) -> dict:
         "semla_beats_nearest": len(beats_n),
         "semla_beats_both": len(set(beats_u) & set(beats_n)),
         "domains": len(doms),
+        **{k: v for k, v in headline(per_domain, "semla").items() if k != "method"},
         "goal": "SemLA closes >= 70 % of the base->oracle gap on average and beats uniform and nearest "
                 "on >= 16 of 20 domains",
     }
@@ -460,6 +565,21 @@ def plot(results: dict, bench: Bench, out_dir: Path) -> list[str]:
     return written
 
 
+def provenance(script: str, argv: list[str] | None, device) -> dict:
+    """The command line that made a result and the machine it ran on."""
+    return {"command": (f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
+            "machine": {"device": str(device), "threads": torch.get_num_threads(), "platform": platform.platform(),
+                        "torch": torch.__version__}}
+
+
+def print_table(per_domain: dict[str, dict[str, float]], methods: Sequence[str], footer: dict[str, dict] = {},
+                first: int = 14, width: int = 9) -> None:
+    """Domains by methods on stdout, then one line per ``footer`` entry (e.g. averages)."""
+    print(f"{'domain':{first}s}" + "".join(f"{m:>{width}s}" for m in methods))
+    for d, r in {**per_domain, **footer}.items():
+        print(f"{d:{first}s}" + "".join(f"{r[m]:{width}.3f}" for m in methods))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
@@ -508,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     node = bench.node
     results: dict = {
         "config": {**dataclasses.asdict(cfg), "base_fingerprint": node.base.ref.fingerprint,
-                   "seeds": {d: dict(zip(("train", "test"), synth.split_seeds(d))) for d in cfg.domains},
+                   "seeds": {d: SYNTH.seeds(d) for d in cfg.domains},
                    "classes": {d: bench.targets[d].classes for d in cfg.domains}},
         "per_domain": {},
     }
@@ -517,18 +637,13 @@ def main(argv: list[str] | None = None) -> int:
     results["summary"] = summarise(results["per_domain"])
     results["ablations"] = {} if args.no_ablations else run_ablations(bench, cfg, progress)
     results["plots"] = [] if args.no_plots else plot(results, bench, args.out_dir)
-    results["command"] = ("python benchmarks/semla_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    results["machine"] = {"device": str(node.device), "threads": torch.get_num_threads(),
-                          "platform": platform.platform(), "torch": torch.__version__}
+    results.update(provenance("semla_benchmark.py", argv, node.device))
     results["seconds"] = {"training": round(t_train, 1), "total": round(time.perf_counter() - t0, 1)}
     results["trained_this_run"] = trained  # the rest came from the work dir's cache
     name = args.json_name or ("semla-quick.json" if args.quick else "semla.json")
     (args.out_dir / name).write_text(json.dumps(results, indent=2) + "\n")
     s = results["summary"]
-    print(f"{'domain':14s}" + "".join(f"{m:>9s}" for m in METHODS))
-    for d, r in results["per_domain"].items():
-        print(f"{d:14s}" + "".join(f"{r[m]:9.3f}" for m in METHODS))
-    print(f"{'average':14s}" + "".join(f"{s['average_miou'][m]:9.3f}" for m in METHODS))
+    print_table(results["per_domain"], METHODS, {"average": s["average_miou"]})
     print(f"gap closed: {s['gap_closed_of_averages']} of the averages, {s['gap_closed_mean_of_domains']} mean per domain; "
           f"SemLA beats uniform on {s['semla_beats_uniform']}/{s['domains']}, nearest on "
           f"{s['semla_beats_nearest']}/{s['domains']}, both on {s['semla_beats_both']}")

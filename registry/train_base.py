@@ -58,12 +58,17 @@ def _render_source(n: int, seed: int, size: int):
 
 
 def train_base(out: Path, *, n_images: int = 3000, steps: int = 2500, batch_size: int = 32, lr: float = 1e-3,
-               seed: int = 0, progress: bool = True) -> dict:
+               seed: int = 0, progress: bool = True, source=None) -> dict:
+    """Train semla-tiny from scratch and write its weights to ``out``.
+
+    ``source(n, seed, size) -> (images, masks, classes)`` renders the training set (default: the
+    clean domains of :mod:`semla.registry.synth`); ``n_images`` is passed as ``n``.
+    """
     torch.manual_seed(seed)
     model = load_base(TINY, "none")
     for p in model.parameters():
         p.requires_grad_(True)
-    images, masks_np, classes = _render_source(n_images, seed=10_000 + seed, size=model.image_size)
+    images, masks_np, classes = (source or _render_source)(n_images, seed=10_000 + seed, size=model.image_size)
     pixels = model.pixels(images)
     masks = torch.from_numpy(np.stack(masks_np)).long()
     present = torch.zeros(len(masks), len(classes))
