@@ -5,7 +5,7 @@ the LoRA weights and config are one shared blob each, as identical files are sto
 starts ``semla-server`` on loopback, and drives each endpoint with concurrent client threads:
 ``GET /healthz`` (the trivial endpoint), ``GET /v1/adapters?name=`` (one adapter), the manifest
 fetch, ``POST /v1/retrieve`` (brute force over N centroids), plus a few requests of the full
-listing and of the signed index (N entries each). Results: benchmarks/results/server.json.
+listing (N entries) and of the TUF timestamp. Results: benchmarks/results/server.json.
 
     python benchmarks/server_load.py                 # 100k adapters, SQLite and PostgreSQL
     python benchmarks/server_load.py --n 5000 --backends sqlite   # quick
@@ -171,9 +171,9 @@ def run_backend(name: str, url: str | None, n: int, clients: int, requests: int)
         out["manifest_fetch"] = drive(lambda h: h.get(f"{base}/v1/adapters/{next(pick)}/1/manifest"), clients, requests)
         out["retrieve"] = drive(lambda h: h.post(base + "/v1/retrieve", json=body), clients, requests // 4)
         out["full_listing"] = drive(lambda h: h.get(base + "/v1/adapters"), 1, 3)
-        out["signed_index"] = drive(lambda h: h.get(base + "/v1/index"), 1, 3)
+        out["tuf_timestamp"] = drive(lambda h: h.get(base + "/tuf/metadata/timestamp.json"), clients, requests)
         trivial = out["trivial_healthz"]["req_per_s"]
-        for k in ("get_one_adapter", "manifest_fetch", "retrieve", "full_listing", "signed_index"):
+        for k in ("get_one_adapter", "manifest_fetch", "retrieve", "full_listing", "tuf_timestamp"):
             out[k]["share_of_trivial_req_per_s"] = round(out[k]["req_per_s"] / trivial, 3)
         return out
     finally:

@@ -19,22 +19,16 @@ import httpx
 
 from semla.schemas import (
     AdapterSummary,
-    IndexKey,
-    JsonLimits,
     KeyPublic,
     PrivacyLedger,
     UploadReceipt,
-    strict_json_loads,
 )
 from semla.schemas.errors import RegistryError
 
-__all__ = ["RegistryClient", "INDEX_JSON_LIMITS", "PAGE_SIZE", "MAX_PAGES"]
+__all__ = ["RegistryClient", "PAGE_SIZE", "MAX_PAGES"]
 
 T = TypeVar("T")
 
-#: The signed index is parsed within these bounds before its signature is checked, so a hostile
-#: registry or network cannot crash a node with a deeply nested or oversized document.
-INDEX_JSON_LIMITS = JsonLimits(max_bytes=1 << 30, max_depth=8, max_containers=10**7)
 #: Items asked for per page of a listing (the registry serves at most 1000).
 PAGE_SIZE = 500
 #: Pages one listing may take before the client gives up (a registry that never stops paging).
@@ -151,19 +145,6 @@ class RegistryClient:
     def upload(self, files: Mapping[str, bytes]) -> UploadReceipt:
         parts = [(name, (name, data, "application/octet-stream")) for name, data in files.items()]
         return UploadReceipt.model_validate(self._request("POST", "/v1/adapters", files=parts).json())
-
-    def signed_index(self) -> dict:
-        """The registry's signed index snapshot, as raw JSON (the node verifies it).
-
-        Raises:
-            ManifestError: the document exceeds :data:`INDEX_JSON_LIMITS` or is not strict JSON.
-        """
-        return strict_json_loads(self._request("GET", "/v1/index").content, what="the registry's index",
-                                 limits=INDEX_JSON_LIMITS)
-
-    def registry_key(self) -> bytes:
-        """The registry's raw public key as it announces it (pin it; better: get it out of band)."""
-        return bytes.fromhex(IndexKey.model_validate(self._request("GET", "/v1/registry-key").json()).public_key)
 
     def rotate_key(self, old_key_id: str, new_public_key_hex: str, signature: bytes) -> KeyPublic:
         r = self._request("POST", "/v1/keys/rotate", json={

@@ -47,14 +47,7 @@ from semla.schemas.api import (
     RetrieveResponse,
     RevokeRequest,
     RotateRequest,
-    INDEX_CONTEXT,
-    ROOT_ROTATION_CONTEXT,
-    RootRotation,
-    root_rotation_payload,
     IndexKey,
-    IndexSignature,
-    IndexSigned,
-    SignedIndex,
     UploadReceipt,
 )
 
@@ -97,13 +90,6 @@ __all__ = [
     "RetrieveResponse",
     "RevokeRequest",
     "RotateRequest",
-    "INDEX_CONTEXT",
-    "ROOT_ROTATION_CONTEXT",
-    "RootRotation",
-    "root_rotation_payload",
     "IndexKey",
-    "IndexSignature",
-    "IndexSigned",
-    "SignedIndex",
     "UploadReceipt",
 ]

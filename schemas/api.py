@@ -7,8 +7,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from semla.schemas._canonical import canonical_json
-
 __all__ = [
     "AdapterSummary",
     "ErrorBody",
@@ -33,13 +31,6 @@ __all__ = [
     "RevokeRequest",
     "RotateRequest",
     "IndexKey",
-    "IndexSigned",
-    "IndexSignature",
-    "SignedIndex",
-    "INDEX_CONTEXT",
-    "ROOT_ROTATION_CONTEXT",
-    "RootRotation",
-    "root_rotation_payload",
     "UploadReceipt",
 ]
 
@@ -225,52 +216,11 @@ class RevokeRequest(_Api):
                            description="Ed25519 signature (hex) over semla-revoke-v1 + canonical {name, version}")
 
 
-#: Prefix of the bytes a registry signs for an index snapshot (then canonical JSON of ``signed``).
-INDEX_CONTEXT = b"semla-index-v1\n"
-
-
 class IndexKey(_Api):
+    """A publisher key as the TUF key list (``keys/publishers.json``) names it."""
+
     key_id: str
     public_key: str
-
-
-class IndexSigned(_Api):
-    """What the registry signs (after TUF's snapshot/timestamp roles, in one document)."""
-
-    type: Literal["semla-index"] = "semla-index"
-    version: int = Field(ge=0, description="increases with every change of the library")
-    expires: str = Field(description="UTC; nodes refuse the snapshot after this")
-    adapters: list[AdapterSummary]
-    keys: list[IndexKey] = Field(description="the active publisher keys")
-
-
-class IndexSignature(_Api):
-    keyid: str
-    sig: str
-
-
-#: Prefix of the bytes an old registry key signs to hand over to a new one.
-ROOT_ROTATION_CONTEXT = b"semla-root-rotate-v1\n"
-
-
-class RootRotation(_Api):
-    """The registry's key handed over: signed by the old key, so a node pinned to any earlier
-    key can follow the chain to the current one."""
-
-    old_key_id: str = Field(pattern=r"^[0-9a-f]{16}$")
-    new_public_key: str = Field(pattern=r"^[0-9a-f]{64}$")
-    signature: str = Field(pattern=r"^[0-9a-f]{128}$")
-
-
-def root_rotation_payload(old_key_id: str, new_public_key_hex: str) -> bytes:
-    return ROOT_ROTATION_CONTEXT + canonical_json({"new_public_key": new_public_key_hex, "old_key_id": old_key_id})
-
-
-class SignedIndex(_Api):
-    signed: IndexSigned
-    signatures: list[IndexSignature]
-    #: Every rotation of the registry key so far, oldest first (self-authenticating).
-    root_rotations: list[RootRotation] = []
 
 
 class RotateRequest(_Api):

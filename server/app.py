@@ -20,7 +20,6 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
-from semla.registry.keys import load_or_create_key
 from semla.registry.asgi import (
     ERROR_RESPONSES,
     BodyGuard,
@@ -41,15 +40,12 @@ from semla.schemas import (
     RetrieveResponse,
     RevokeRequest,
     RotateRequest,
-    IndexKey,
-    SignedIndex,
     UploadReceipt,
 )
 from semla.schemas.errors import FileSetError
 from semla.server.service import RegistryService
 from semla.server.bases import BaseCardStore
 from semla.server.blobs import BlobStore
-from semla.server.rootkey import load_rotations
 from semla.server.db import check_schema, make_engine, make_sessionmaker
 from semla.server.metrics import install_metrics
 from semla.server.paging import DEFAULT_LIMIT, MAX_CURSOR_CHARS, MAX_LIMIT, Page
@@ -262,26 +258,6 @@ def list_adapters(
                   AdapterSummary)
 
 
-@router.get(
-    "/v1/index",
-    tags=["index"],
-    summary="The library as a snapshot signed by the registry key",
-    description="`signed` = {version (increases with every change), expires, adapters (newest live version "
-    "per name, with centroids), keys (active publisher keys)}; `signatures` = Ed25519 by the registry key "
-    "over `semla-index-v1\\n` + canonical JSON of `signed`. Nodes pin the registry key and refuse a lower "
-    "version (rollback), an expired snapshot (freeze) or a bad signature.",
-    responses={404: ERROR_RESPONSES},
-)
-def signed_index(service: ServiceDep) -> SignedIndex:
-    return service.signed_index()
-
-
-@router.get("/v1/registry-key", tags=["index"], summary="The registry's public key (pin it out of band)",
-            responses={404: ERROR_RESPONSES})
-def registry_key(service: ServiceDep) -> IndexKey:
-    return service.registry_key()
-
-
 @router.post(
     "/v1/keys/rotate",
     tags=["keys"],
@@ -444,9 +420,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.blobs = blobs
     sessions = make_sessionmaker(engine)
     app.state.service = RegistryService(
-        sessions, blobs, registry_key=load_or_create_key(settings.resolved_registry_key_file),
-        index_ttl_seconds=settings.index_ttl_seconds, uploads_per_minute=settings.uploads_per_minute,
-        root_rotations=load_rotations(settings.resolved_registry_key_file),
+        sessions, blobs, uploads_per_minute=settings.uploads_per_minute,
         min_samples=settings.min_samples, epsilon_budget=settings.epsilon_budget,
         base_cards=BaseCardStore(settings.base_cards_dir),
     )

@@ -1,5 +1,10 @@
 """``semla-server``: run the registry with uvicorn; ``semla-server db upgrade``: migrate its database;
-``semla-server bases add CARD.json`` / ``bases list``: the base models it accepts adapters for.
+``semla-server bases add CARD.json`` / ``bases list``: the base models it accepts adapters for;
+``semla-server sweep``: delete orphan blobs; ``semla-server tuf init|rotate-root|rebuild``: the
+TUF metadata's root keys (offline files, k of n) and a full re-sign from the database.
+
+Each command is one handler in :data:`COMMANDS` (name → function of the parsed arguments and
+the settings).
 
 Every flag defaults to its ``SEMLA_*`` environment variable (via :class:`ServerSettings`); a
 flag given on the command line wins. Bad settings, an unreachable database or a database
@@ -10,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -24,7 +29,7 @@ from semla.server.settings import (
     ServerSettings,
 )
 
-__all__ = ["main", "build_parser"]
+__all__ = ["COMMANDS", "main", "build_parser"]
 
 #: flag dest → (ServerSettings field, help text)
 _FLAGS = {
@@ -40,6 +45,17 @@ _FLAGS = {
                    "(time, level, logger, message; access lines add client, method, path, status) "
                    "(env SEMLA_LOG_FORMAT, default text)"),
 }
+
+
+def _root_key_options(command: argparse.ArgumentParser, *keys: tuple[str, str, str]) -> None:
+    """``--threshold``, ``--generate`` and one repeatable key-file option per (flag, dest, help)."""
+    for flag, dest, text in keys:
+        command.add_argument(flag, dest=dest, type=Path, action="append", required=True, metavar="KEY", help=text)
+    command.add_argument("--threshold", type=int, default=1, metavar="K",
+                         help="root keys (of the new set) that must sign each root (default 1)")
+    command.add_argument("--generate", action="store_true",
+                         help="create the new root key files that do not exist yet (with KEY.pub beside each); "
+                         "only for the new keys")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,13 +97,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--min-age", type=float, default=3600.0, metavar="SECONDS",
                        help="only delete files at least this old (default 3600)")
-    rotate = commands.add_parser(
-        "rotate-registry-key", help="replace the registry's signing key, signed over by the old one",
-        description="Generate a new registry key and a statement, signed by the old key, naming it. Nodes "
-        "pinned to an older key follow the chain. Restart every replica afterwards.",
+    tuf = commands.add_parser(
+        "tuf", help="the TUF metadata nodes update through: root keys, root rotation, rebuild",
+        description="The registry signs its library as TUF metadata (DATA_DIR/tuf). Root keys are files the "
+        "operator keeps offline; k of n of them sign each root. Online keys (timestamp, snapshot, targets, "
+        "bins) stay in DATA_DIR/tuf/keys. A registry started without `tuf init` creates a repository with one "
+        "root key in DATA_DIR/tuf/root-keys: move it offline, or rotate to k-of-n keys with `tuf rotate-root`.",
     )
-    rotate.add_argument("--data-dir", dest="data_dir", metavar="PATH", default=argparse.SUPPRESS,
-                        help=_FLAGS["data_dir"][2])
+    tuf_commands = tuf.add_subparsers(dest="tuf_command", metavar="ACTION", required=True)
+    tuf_init = tuf_commands.add_parser(
+        "init", help="create the TUF repository with k-of-n root keys (before the first start)",
+        description="Write version 1 of root, targets, snapshot, timestamp and the hashed bins, then sign the "
+        "library already in the database. A registry key from before TUF (DATA_DIR/registry.key and the keys "
+        "it was rotated from) also signs the first root, so nodes pinned to it accept it.",
+    )
+    _root_key_options(tuf_init, ("--root-key", "root_keys", "a root private key file (repeat for each of the n keys)"))
+    rotate_root = tuf_commands.add_parser(
+        "rotate-root", help="sign a new root with new root keys (the old threshold of old keys must sign)",
+        description="Write root N+1 naming the new root keys and threshold, signed by the old root keys given "
+        "and by K of the new ones. Nodes follow it at their next refresh and refuse one that the old "
+        "threshold did not sign.",
+    )
+    _root_key_options(rotate_root,
+                      ("--old-key", "old_keys", "a current root private key file (repeat up to its threshold)"),
+                      ("--new-key", "new_keys", "a new root private key file (repeat for each of the n keys)"))
+    tuf_rebuild = tuf_commands.add_parser(
+        "rebuild", help="re-sign every bin, shard and the key list from the database",
+        description="Recompute the TUF targets from the database and sign what differs (after a failed "
+        "re-sign was logged, or a restore). Safe while replicas run: it takes the publish lock.",
+    )
     bases = commands.add_parser(
         "bases", help="the base models adapters may be published for (base cards)",
         description="Every upload is checked against the card of the base model it names; an adapter for a "
@@ -103,10 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     bases_list = bases_commands.add_parser("list", help="list the known base cards",
                                            description="One line per card: arch, fingerprint, embedding, "
                                            "number of LoRA targets, bounds, bundled or added.")
-    for command in (bases_add, bases_list):
+    for command in (bases_add, bases_list, rotate_root):
         command.add_argument("--data-dir", dest="data_dir", metavar="PATH", default=argparse.SUPPRESS,
                              help=_FLAGS["data_dir"][2])
-    for command in (up, sweep):
+    for command in (up, sweep, tuf_init, tuf_rebuild):
         for dest in ("database_url", "data_dir"):
             flag, metavar, text = _FLAGS[dest]
             # SUPPRESS: a value given before the command (semla-server --data-dir X db upgrade) stays.
@@ -176,37 +214,74 @@ def _bases(args: argparse.Namespace, settings: ServerSettings) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``semla-server``; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    overrides = {dest: getattr(args, dest) for dest in _FLAGS if getattr(args, dest, None) is not None}
-    try:
-        settings = ServerSettings(**overrides)
-    except ValidationError as exc:
-        return _fail(_settings_error(exc))
-    serving = args.command is None
-    try:
-        if serving or settings.database_url is None:  # db upgrade of a server database: no data dir
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return _fail(f"cannot create data directory {settings.data_dir}: {exc.strerror}")
-    if args.command == "db":
-        return _db_upgrade(settings)
-    if args.command == "bases":
-        return _bases(args, settings)
-    if args.command == "rotate-registry-key":
-        from semla.server.rootkey import rotate_registry_key
+def _tuf_keys(paths: Sequence[Path], generate: bool) -> list:
+    """The private keys at ``paths``; with ``generate``, the missing ones are created first."""
+    from semla.registry import keys as _keys
 
-        key_file = settings.resolved_registry_key_file
-        if not key_file.exists():
-            return _fail(f"no registry key at {key_file}; start the registry once to create it")
-        from semla.registry.keys import key_id
+    found = []
+    for path in paths:
+        if generate and not path.exists():
+            _keys.save_keypair(_keys.generate_key(), path)
+            print(f"created root key {path} (public key {path}.pub): keep it offline")
+        found.append(_keys.load_private_key(path))
+    return found
 
-        rotation = rotate_registry_key(key_file)
-        print(f"rotated the registry key {rotation.old_key_id} to "
-              f"{key_id(bytes.fromhex(rotation.new_public_key))}; restart every replica")
+
+def _tuf(args: argparse.Namespace, settings: ServerSettings) -> int:
+    from semla.schemas.errors import SemlaError
+    from semla.server.tufrepo import TufRepository
+
+    directory = settings.data_dir / "tuf"
+    try:
+        if args.tuf_command == "rotate-root":
+            repo = TufRepository(directory, timestamp_ttl=settings.index_ttl_seconds)
+            version = repo.rotate_root(_tuf_keys(args.old_keys, False), _tuf_keys(args.new_keys, args.generate),
+                                       args.threshold)
+            print(f"wrote root version {version} ({args.threshold} of {len(args.new_keys)} root keys); nodes "
+                  "follow it at their next refresh")
+            return 0
+        if args.tuf_command == "init":
+            from semla.server.tufsync import legacy_keys
+
+            root_keys = _tuf_keys(args.root_keys, args.generate)
+            legacy = legacy_keys(settings.resolved_registry_key_file)
+            TufRepository.create(directory, root_keys, args.threshold, legacy_keys=legacy,
+                                 timestamp_ttl=settings.index_ttl_seconds)
+            print(f"created the TUF repository in {directory}: root signed by {args.threshold} of "
+                  f"{len(root_keys)} root keys" + (f" and the {len(legacy)} registry key(s) nodes pinned before TUF"
+                                                   if legacy else ""))
+        version = _tuf_resign(settings, directory)
+        print(f"signed the library from the database: snapshot version {version}")
         return 0
+    except SemlaError as exc:
+        return _fail(exc.message)
+    except SchemaError as exc:
+        return _fail(str(exc))
+    except (SQLAlchemyError, ImportError) as exc:
+        return _fail(f"cannot open the database: {str(exc).splitlines()[0]}")
 
+
+def _tuf_resign(settings: ServerSettings, directory: Path) -> int:
+    """Re-sign every bin from the database under the publish locks; the snapshot version now."""
+    from semla.server.db import check_schema, make_engine, make_sessionmaker
+    from semla.server.service.core import lock_publishing
+    from semla.server.tufrepo import TufRepository
+    from semla.server.tufsync import TufSync
+
+    repo = TufRepository(directory, timestamp_ttl=settings.index_ttl_seconds)
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        check_schema(engine, upgrade_if_empty=engine.dialect.name == "sqlite")
+        with make_sessionmaker(engine)() as session:
+            lock_publishing(session)
+            TufSync(repo).rebuild(session)
+            session.commit()  # ends the transaction: releases the advisory lock
+    finally:
+        engine.dispose()
+    return repo.snapshot_version()
+
+
+def _serve_or_sweep(args: argparse.Namespace, settings: ServerSettings) -> int:
     import logging.config
 
     from semla.registry.logs import uvicorn_log_config
@@ -233,6 +308,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=True,
                 log_config=uvicorn_log_config(settings.log_format))
     return 0
+
+
+#: command name (None: serve) → handler(args, settings) returning the exit status.
+COMMANDS: dict[str | None, Callable[[argparse.Namespace, ServerSettings], int]] = {
+    None: _serve_or_sweep,
+    "sweep": _serve_or_sweep,
+    "db": lambda args, settings: _db_upgrade(settings),
+    "bases": _bases,
+    "tuf": _tuf,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``semla-server``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    overrides = {dest: getattr(args, dest) for dest in _FLAGS if getattr(args, dest, None) is not None}
+    try:
+        settings = ServerSettings(**overrides)
+    except ValidationError as exc:
+        return _fail(_settings_error(exc))
+    try:
+        if args.command in (None, "tuf") or settings.database_url is None:  # db upgrade of a server database: no data dir
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return _fail(f"cannot create data directory {settings.data_dir}: {exc.strerror}")
+    return COMMANDS[args.command](args, settings)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -86,7 +86,7 @@ class LibraryCollector(Collector):
             "up": _gauge("db_up", "1 when the last scrape could read the database"),
             "adapters": _gauge("library_adapters", "adapter names in the index (newest live version of each)"),
             "versions": _gauge("adapter_versions", "adapter versions stored, revoked ones included"),
-            "index": _gauge("index_version", "version of the signed index (rises with every change)"),
+            "index": _gauge("index_version", "version of the library (the counter that rises with every change)"),
             "epsilon": _gauge("epsilon_spent", f"DP epsilon spent on centroids per signing key (the "
                               f"{MAX_KEY_SERIES} biggest; the rest summed as key_id={OTHER_KEYS})", ["key_id"]),
             "budget": _gauge("epsilon_budget", "DP epsilon each publisher may spend (absent: no limit)"),

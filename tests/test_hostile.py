@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as save_safetensors
 from test_node_serve import png_bytes
+from tuf_view import tuf_view
 
 from semla.registry import keys, synth
 from semla.registry.basecheck import bundled_cards, check_against_card
@@ -175,7 +176,7 @@ def _segment(node_url: str, images, **fields) -> list[dict]:
 
 
 def registry_state(stack) -> dict:
-    """Rows per table, every blob file and the signed index's adapter list."""
+    """Rows per table, every blob file and the adapter list nodes see through TUF."""
     from sqlalchemy import func, select
 
     from semla.server.db import Adapter, AdapterFile, Publisher
@@ -184,9 +185,10 @@ def registry_state(stack) -> dict:
     with app.state.engine.connect() as conn:
         rows = {t.__tablename__: conn.scalar(select(func.count()).select_from(t)) for t in (Publisher, Adapter, AdapterFile)}
     blobs = sorted(p.name for p in app.state.blobs.root.rglob("*") if p.is_file())
-    index = httpx.get(stack["registry"] + "/v1/index", timeout=30).json()["signed"]
-    return {"rows": rows, "blobs": blobs, "index": [(a["name"], a["version"]) for a in index["adapters"]],
-            "index_version": index["version"]}
+    with httpx.Client(timeout=30) as http:
+        view = tuf_view(http, stack["registry"])
+    return {"rows": rows, "blobs": blobs, "index": [(a.name, a.version) for a in view.library()],
+            "index_version": view.version}
 
 
 def node_answers_unchanged(stack) -> None:
@@ -260,7 +262,7 @@ def test_retrieval_weights_are_finite_at_the_temperature_bounds(stack):
 def test_node_under_attack_answers_honest_domains_unchanged(stack, monkeypatch):
     """The registry's card check is bypassed, so every hostile adapter is stored and listed; the
     node's own check leaves each out (with its reason in /healthz) and answers as before."""
-    import semla.server.service as service
+    import semla.server.service.publishing as service
 
     monkeypatch.setattr(service, "card_for", lambda fingerprint, cards: None)
     monkeypatch.setattr(service, "verify_against_card", lambda card, manifest, weights: {})

@@ -3,7 +3,7 @@ before it costs memory or leaves a trace, and the trust rules hold against rotat
 damaged keys.
 
 The matrix has one row per failure class: the exact status and error code, and the registry's
-state afterwards (table rows, blob files, the signed index's version and adapters) unchanged.
+state afterwards (table rows, blob files, the TUF snapshot version and adapters) unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
+from tuf_view import tuf_view
 
 from semla.registry import keys
 from semla.registry.asgi import DOCS_ASSETS_URL, BodyLimits
@@ -33,7 +34,7 @@ from semla.schemas import (
     rotation_payload,
     strict_json_loads,
 )
-from semla.schemas.errors import ManifestError, RegistryError, VerificationError
+from semla.schemas.errors import ManifestError, RegistryError, SemlaError, VerificationError
 from semla.server import ServerSettings, create_app
 from semla.server.db import Adapter, AdapterFile, Publisher
 from semla.server.local import serve_in_thread
@@ -66,12 +67,12 @@ def upload(client: TestClient, files: dict[str, bytes]) -> httpx.Response:
 
 
 def state(client: TestClient, data_dir: Path) -> dict:
-    """Rows per table, every blob file, and the signed index's version and adapters."""
+    """Rows per table, every blob file, and the TUF snapshot version and adapters a node sees."""
     with client.app.state.engine.connect() as conn:
         rows = {t.__tablename__: conn.scalar(select(func.count()).select_from(t)) for t in (Publisher, Adapter, AdapterFile)}
     blobs = sorted(str(p.relative_to(data_dir)) for p in (data_dir / "blobs").rglob("*") if p.is_file())
-    signed = client.get("/v1/index").json()["signed"]
-    return {"rows": rows, "blobs": blobs, "index": (signed["version"], signed["adapters"])}
+    view = tuf_view(client, str(client.base_url))
+    return {"rows": rows, "blobs": blobs, "index": (view.version, [a.model_dump() for a in view.library()])}
 
 
 def assert_error(resp: httpx.Response, status: int, code: str) -> str:
@@ -259,37 +260,65 @@ def node_registry(tmp_path, trained_bundle):
     return client, http
 
 
-class Failing(RegistryClient):
-    """A registry client whose index request answers with ``status`` once ``failing`` is set."""
+def failing_client(http: TestClient, url: str) -> RegistryClient:
+    """A registry client whose TUF requests answer ``client.failing`` (an HTTP status) once it is set."""
 
-    failing = 0
+    def answer(request: httpx.Request) -> httpx.Response:
+        if client.failing and request.url.path.startswith("/tuf/"):
+            return httpx.Response(client.failing, content=b"registry down")
+        r = http.request(request.method, str(request.url), content=request.read())
+        headers = {k: v for k, v in r.headers.items() if k.lower() not in ("content-length", "content-encoding")}
+        return httpx.Response(r.status_code, headers=headers, content=r.content)
 
-    def signed_index(self) -> dict:
-        if self.failing:
-            raise RegistryError("registry down", code="http_error", status=self.failing)
-        return super().signed_index()
+    client = RegistryClient(url, client=httpx.Client(transport=httpx.MockTransport(answer)))
+    client.failing = 0
+    return client
 
 
 @pytest.mark.parametrize("damage", ["garbage", "short", "binary", "unreadable"])
-def test_a_damaged_pin_is_an_error_never_a_new_trust_on_first_use(node_registry, tiny_base, tmp_path, damage):
+def test_a_damaged_saved_root_is_an_error_never_a_new_trust_on_first_use(node_registry, tiny_base, tmp_path, damage):
     from semla.registry.node import Node
 
     client, _ = node_registry
     cache = tmp_path / "cache"
     node = Node(client, base=copy.deepcopy(tiny_base), cache_dir=cache)
     node.pull()
-    pin = node._pin_path()
-    good = pin.read_bytes()
+    root = node._index.directory / "metadata" / "root.json"
+    good = root.read_bytes()
     if damage == "unreadable":
-        pin.unlink()
-        pin.mkdir()  # reading a directory fails like an unreadable file, also as root
+        root.unlink()
+        root.mkdir()  # reading a directory fails like an unreadable file, also as root
     else:
-        pin.write_bytes({"garbage": b"not a key\n", "short": good[:20], "binary": b"\xff\xfe" * 40}[damage])
-    with pytest.raises(VerificationError) as info:
+        root.write_bytes({"garbage": b"not a root\n", "short": good[:20], "binary": b"\xff\xfe" * 40}[damage])
+    with pytest.raises(SemlaError) as info:
         Node(client, base=node.base, cache_dir=cache).pull()
-    assert info.value.code == "pin_unreadable"
+    expected = ("cache_error", RegistryError) if damage == "unreadable" else ("tuf_invalid", VerificationError)
+    assert (info.value.code, type(info.value)) == expected, info.value
     if damage != "unreadable":
-        assert pin.read_bytes() != good  # nothing was re-pinned behind the operator's back
+        assert root.read_bytes() != good  # the registry's root was not trusted again behind the operator's back
+
+
+@pytest.mark.parametrize("damage", ["garbage", "short", "unreadable"])
+def test_a_damaged_registry_key_pin_is_an_error_never_a_new_trust_on_first_use(node_registry, tiny_base, tmp_path,
+                                                                                damage):
+    """A node upgraded from before TUF keeps its registry-key pin: damaged, it is refused, not skipped."""
+    from semla.registry.node import Node
+
+    client, _ = node_registry
+    node = Node(client, base=copy.deepcopy(tiny_base), cache_dir=tmp_path / "cache")
+    pin = node._pin_path()
+    pin.parent.mkdir(parents=True)
+    if damage == "unreadable":
+        pin.mkdir()
+    else:
+        pin.write_bytes({"garbage": b"not a key\n", "short": b"ab" * 10}[damage])
+    with pytest.raises(VerificationError) as info:
+        node.pull()
+    assert info.value.code == "pin_unreadable"
+    from semla.registry.tufindex import directory_for
+
+    trusted = directory_for(tmp_path / "cache", client.url) / "metadata" / "root.json"
+    assert not trusted.exists()  # no root trusted on first use
 
 
 @pytest.mark.parametrize("status", [500, 502, 503])
@@ -298,7 +327,7 @@ def test_a_5xx_registry_counts_as_unreachable_and_the_node_serves_from_its_cache
     from semla.registry.node import Node
 
     client, http = node_registry
-    failing = Failing(client.url, client=http)
+    failing = failing_client(http, client.url)
     node = Node(failing, base=copy.deepcopy(tiny_base), cache_dir=tmp_path / "cache")
     library = [(a.name, a.version) for a in node.pull()]
     failing.failing = status
@@ -308,7 +337,7 @@ def test_a_5xx_registry_counts_as_unreachable_and_the_node_serves_from_its_cache
     failing.failing = 0
     again.pull()
     assert not again.offline
-    fresh = Failing(client.url, client=http)
+    fresh = failing_client(http, client.url)
     fresh.failing = status
     with pytest.raises(RegistryError) as info:  # nothing cached: an error, not a crash
         Node(fresh, base=node.base, cache_dir=tmp_path / "empty").pull()
@@ -418,11 +447,15 @@ def test_node_docs_load_no_external_asset(tiny_base, tmp_path):
     _docs_are_offline(TestClient(create_node_app(node)))
 
 
-def test_a_hostile_index_is_refused_before_parsing():
+def test_hostile_tuf_metadata_is_refused_before_parsing(tmp_path):
+    """A first root nested 100k deep (or larger than the root cap) is refused, never parsed into memory."""
+    from semla.registry.tufindex import TufIndex
+
     def answer(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=b'{"signed":' + b"[" * 100_000)
 
-    client = RegistryClient("http://registry.test", client=httpx.Client(transport=httpx.MockTransport(answer)))
-    with pytest.raises(VerificationError) as info:
-        client.signed_index()
-    assert info.value.code == "json_too_deep"
+    http = httpx.Client(transport=httpx.MockTransport(answer))
+    with pytest.raises(SemlaError) as info:
+        TufIndex(http, "http://registry.test", tmp_path / "tuf").refresh()
+    assert info.value.code in ("tuf_invalid", "registry_key"), info.value
+    assert not (tmp_path / "tuf" / "metadata" / "root.json").exists()

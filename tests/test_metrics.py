@@ -22,10 +22,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from test_server import assert_error, make_client, register, upload
+from tuf_view import snapshot_version
 
 from semla.registry import keys
 from semla.registry.logs import JsonFormatter, resolve_log_format, uvicorn_log_config
 from semla.schemas.errors import InvalidInputError
+from semla.server.db import library_version
 
 BIN_DIR = Path(sys.executable).parent
 TOKEN = "metrics-test-token"
@@ -66,7 +68,9 @@ def test_registry_counts_requests_per_route_template_and_uploads_by_code(tmp_pat
         assert client.get("/v1/adapters/city-streets").status_code == 200
         assert client.get("/v1/adapters/no-such-adapter").status_code == 404
         assert client.get("/no/such/path").status_code == 404
-        index_version = client.get("/v1/index").json()["signed"]["version"]
+        with client.app.state.engine.connect() as conn:
+            index_version = library_version(conn)  # the library counter
+        assert snapshot_version(client) > 1  # nodes see the change in the TUF metadata
         after = scrape(client)
 
     def moved(name: str, **labels: str) -> float:

@@ -18,6 +18,7 @@ from pathlib import Path
 import bundle_factory
 import httpx
 import pg
+from tuf_view import snapshot_version
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select, text
 
@@ -233,7 +234,7 @@ def test_two_replicas_share_one_database_and_one_blob_store(pg_url, tmp_path):
         resp = httpx.post(a + "/v1/keys", json={"public_key": keys.public_bytes(key).hex()}, headers=AUTH, timeout=30)
         assert resp.status_code == 201, resp.text
         assert [k["key_id"] for k in httpx.get(b + "/v1/keys", timeout=30).json()] == [keys.key_id(key)]
-        version_before = httpx.get(b + "/v1/index", timeout=30).json()["signed"]["version"]
+        version_before = snapshot_version(httpx.Client(timeout=30), b)
 
         # 8 concurrent uploads: 4 distinct names alternating between replicas, plus two races on
         # one name+version sent to both replicas (identical bytes, and two different bundles).
@@ -269,9 +270,9 @@ def test_two_replicas_share_one_database_and_one_blob_store(pg_url, tmp_path):
             codes = sorted(r.status_code for (n, _, _), r in zip(jobs, responses) if n == race)
             assert codes == [201, 409], (race, codes)
         assert sorted(acked) == ["alpha", "bravo", "charlie", "delta", "race-diff", "race-same"]
-        # The library version rose by exactly one per accepted upload (none for a lost race), on both.
+        # The snapshot nodes see rose by exactly one per accepted upload (none for a lost race), on both.
         for base in (a, b):
-            version = httpx.get(base + "/v1/index", timeout=30).json()["signed"]["version"]
+            version = snapshot_version(httpx.Client(timeout=30), base)
             assert version == version_before + len(acked), (base, version, version_before)
 
         trusted = {keys.key_id(key): keys.public_bytes(key)}

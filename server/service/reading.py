@@ -1,0 +1,111 @@
+"""Reading the library: the paged listing, an adapter's versions, and the stored files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select
+
+from semla.schemas import BUNDLE_FILES, AdapterSummary
+from semla.schemas.errors import GoneError, NotFoundError, StorageError
+from semla.server.db import Adapter, AdapterFile, Publisher
+from semla.server.paging import DEFAULT_LIMIT, Page, adapters_scope, check_limit, decode_cursor, encode_cursor
+from semla.server.service.core import ServiceCore
+from semla.server.service.library import _newest_live, _plain_rows, _summary
+
+__all__ = ["ReadingPart"]
+
+
+class ReadingPart(ServiceCore):
+    """Listings and files."""
+
+    # -- queries --------------------------------------------------------------------------------
+    def list_adapters(self, *, name: str | None = None, domain: str | None = None, search: str | None = None,
+                      cursor: str | None = None, limit: int = DEFAULT_LIMIT) -> Page[AdapterSummary]:
+        """One page of the newest live version of every adapter name, by name, optionally filtered.
+
+        Revoked versions and the adapters of revoked (inactive) publisher keys are left out, so
+        they vanish from every node's retrieval at its next pull. The filters apply to that
+        newest version: ``name`` (exact), ``domain`` (substring, any case), ``search`` (every
+        whitespace-separated word occurs in the name or the domain, any case).
+
+        Raises:
+            InvalidInputError: ``bad_cursor`` (not a cursor of this listing with these filters)
+                or ``bad_limit``.
+        """
+        limit = check_limit(limit)
+        words = sorted(set((search or "").lower().split()))
+        scope = adapters_scope(name, domain, words)
+        after = decode_cursor(cursor, "adapters", scope) if cursor is not None else None
+        stmt = _newest_live(after=after is not None)
+        if name is not None:
+            stmt = stmt.where(Adapter.name == name)
+        if domain:
+            stmt = stmt.where(Adapter.domain.icontains(domain, autoescape=True))
+        for word in words:
+            stmt = stmt.where(Adapter.name.icontains(word, autoescape=True)
+                              | Adapter.domain.icontains(word, autoescape=True))
+        with self._sessions() as session:
+            rows = _plain_rows(session, stmt.order_by(Adapter.name).limit(limit + 1),
+                               {"after": after} if after is not None else None)
+        items = [_summary(row) for row in rows[:limit]]
+        return Page(items, encode_cursor("adapters", items[-1].name, scope) if len(rows) > limit else None)
+
+
+    def adapter_versions(self, name: str, *, cursor: str | None = None,
+                         limit: int = DEFAULT_LIMIT) -> Page[AdapterSummary]:
+        """One page of the stored versions of ``name`` (revoked ones included), newest first.
+
+        Raises:
+            NotFoundError: no adapter has this name.
+            InvalidInputError: ``bad_cursor`` or ``bad_limit``.
+        """
+        limit = check_limit(limit)
+        scope = {"name": name}
+        before = decode_cursor(cursor, "versions", scope) if cursor is not None else None
+        stmt = select(Adapter).where(Adapter.name == name)
+        if before is not None:
+            stmt = stmt.where(Adapter.version < before)
+        with self._sessions() as session:
+            rows = list(session.scalars(stmt.order_by(Adapter.version.desc()).limit(limit + 1)))
+            if not rows and (before is None or session.scalar(select(Adapter.id).where(Adapter.name == name)
+                                                               .limit(1)) is None):
+                raise NotFoundError(f"no adapter named {name!r}")
+        items = [_summary(row) for row in rows[:limit]]
+        return Page(items, encode_cursor("versions", items[-1].version, scope) if len(rows) > limit else None)
+
+    def file_path(self, name: str, version: int, filename: str, *, include_revoked: bool = False) -> Path:
+        """Path of the stored blob for one bundle file (looked up by sha from the database).
+
+        Revoked versions are not served (``GoneError``) unless ``include_revoked`` (the
+        registry's own pages show what was revoked and why).
+
+        Raises:
+            NotFoundError: unknown file name, adapter or version.
+            GoneError: ``revoked``: the version, or its publisher key, was revoked.
+            RuntimeError: the database names a blob the store does not hold (storage damage).
+        """
+        if filename not in BUNDLE_FILES:
+            raise NotFoundError(f"no bundle file {filename!r}; bundle files are {', '.join(BUNDLE_FILES)}")
+        with self._sessions() as session:
+            found = session.execute(
+                select(AdapterFile.sha256, Adapter.revoked_at, Publisher.active)
+                .join(Adapter, AdapterFile.adapter_id == Adapter.id)
+                .join(Publisher, Adapter.publisher_key_id == Publisher.key_id)
+                .where(Adapter.name == name, Adapter.version == version, AdapterFile.filename == filename)
+            ).first()
+        if found is None:
+            raise NotFoundError(f"no adapter {name!r} version {version}")
+        digest, revoked_at, key_active = found
+        if revoked_at is not None and not include_revoked:
+            raise GoneError(f"{name} version {version} was revoked by its publisher")
+        if not key_active and not include_revoked:
+            raise GoneError(f"the publisher key of {name} version {version} was revoked")
+        if not self._blobs.exists(digest):
+            raise StorageError(f"blob {digest} of {name} v{version}/{filename} is missing from the store")
+        return self._blobs.path(digest)
+
+    def file_bytes(self, name: str, version: int, filename: str, *, include_revoked: bool = False) -> bytes:
+        """Like :meth:`file_path`, returning the bytes."""
+        return self.file_path(name, version, filename, include_revoked=include_revoked).read_bytes()

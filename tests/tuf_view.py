@@ -1,0 +1,24 @@
+"""What a node sees of a registry, read through its TUF metadata (tests' helper)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import httpx
+
+from semla.registry.tufindex import TufIndex
+
+
+def snapshot_version(http: httpx.Client, base: str = "") -> int:
+    """The snapshot version the registry's timestamp names (rises with every change of the library)."""
+    timestamp = json.loads(http.get(base + "/tuf/metadata/timestamp.json").content)
+    return timestamp["signed"]["meta"]["snapshot.json"]["version"]
+
+
+def tuf_view(http: httpx.Client, url: str, directory: Path | None = None) -> TufIndex:
+    """A fresh node's verified view (``.version``, ``.library()``, ``.keys``) after one refresh."""
+    index = TufIndex(http, url, Path(directory or tempfile.mkdtemp(prefix="tuf-view-")))
+    index.refresh()
+    return index
