@@ -54,6 +54,8 @@ def start(data_dir: Path, port: int, database: str | None) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
+@pytest.mark.ci_slow  # a real loop: a registry killed mid-upload, restarted, consistent (make test-slow)
 def test_sigkill_during_concurrent_uploads(tmp_path, database):
     key = keys.generate_key()
     bundles = {
