@@ -11,9 +11,12 @@ For each library size and database it bulk-loads N synthetic signed adapters, st
   under 50 ms);
 * **publish**: latency p50/p99 of real signed uploads (``POST /v1/adapters``, full verification)
   into the full library, one after another;
-* **node sync** (hooks): bytes and time of a node's cold start and of its refresh after 1, 100 and
-  10,000 new adapters. The TUF node sync fills these through :data:`NODE_SYNC_HOOKS`; until it
-  is registered the rows say ``not measured``.
+* **node sync**: bytes and time of a node's cold start and of its refresh after 1, 100 and
+  10,000 new adapters (``--refresh-counts``), each through a :class:`~semla.registry.tufindex.TufIndex`
+  (``tuf.ngclient``) against the running server, the bytes counted at its fetcher by kind
+  (metadata, shards, the key list); the cold start's bytes beside the raw centroid bytes
+  (adapters × D × 4) and the metadata it had to read (the goal: at most 1.5×). The new adapters
+  are real signed uploads (``POST /v1/adapters``), published before each refresh's clock starts.
 
 How the library is filled (fast, and still signed): ``n_keys`` Ed25519 publisher keys (one per
 250 adapters, at least 4); one manifest template validated by the ``Manifest`` schema and
@@ -26,7 +29,10 @@ adapters a batch, while the main process inserts each batch through the registry
 the library version is raised by one per key and per adapter, as if each had been registered
 and published; then ``ANALYZE`` (a bulk load leaves the planner without statistics, which a
 live database's autovacuum keeps; PostgreSQL plans a listing page as a scan of the whole table
-without them). A base card whose embedding is ``--dim``-d is installed.
+without them). A base card whose embedding is ``--dim``-d is installed. Last, the TUF repository
+is built from the database as the server's first start would build it
+(:func:`~semla.server.tufsync.ensure_repository`: one root key, then ``TufSync.rebuild``, every
+bin and shard signed and written), timed on its own.
 
     python benchmarks/index_scale.py                          # 10k, 100k, 1M SQLite; 100k PostgreSQL
     python benchmarks/index_scale.py --sizes 10k --pg-sizes 10k
@@ -44,10 +50,12 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +74,7 @@ from server_load import drive, start_server  # noqa: E402
 
 from semla.registry import keys  # noqa: E402
 from semla.registry.bundle import sha256_bytes  # noqa: E402
+from semla.registry.tufindex import BoundedFetcher, TufIndex  # noqa: E402
 from semla.schemas import (  # noqa: E402
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
@@ -77,24 +86,41 @@ from semla.schemas import (  # noqa: E402
 )
 from semla.schemas.basecard import EmbeddingSpec  # noqa: E402
 from semla.server.bases import BaseCardStore  # noqa: E402
-from semla.server.db import Adapter, AdapterFile, LibraryVersion, Publisher, make_engine, upgrade  # noqa: E402
+from semla.server.db import (  # noqa: E402
+    Adapter,
+    AdapterFile,
+    LibraryVersion,
+    Publisher,
+    make_engine,
+    make_sessionmaker,
+    upgrade,
+)
 from semla.server.paging import adapters_scope, encode_cursor  # noqa: E402
+from semla.server.tufsync import ensure_repository  # noqa: E402
 
 EMBEDDING = "bench-clip"
 #: Adapters per synthetic publisher key.
 ADAPTERS_PER_KEY = 250
 BATCH = 5000
-#: Where the TUF static metadata will be served (measured once the server answers 200 there).
+#: The TUF static metadata a node polls first on every refresh (a read endpoint like the others).
 TUF_METADATA_PATH = "/tuf/metadata/timestamp.json"
-#: The node-sync rows, in order: what each measures.
-NODE_SYNC_ROWS = {
-    "cold_start": "a node with an empty cache syncs the whole library",
-    "refresh_after_1": "a synced node refreshes after 1 new adapter",
-    "refresh_after_100": "a synced node refreshes after 100 new adapters",
-    "refresh_after_10000": "a synced node refreshes after 10,000 new adapters",
-}
+#: How many new adapters each measured refresh follows (``--refresh-counts``).
+REFRESH_COUNTS = (1, 100, 10_000)
+
+
+def node_sync_rows(counts: tuple[int, ...] = REFRESH_COUNTS) -> dict[str, str]:
+    """The node-sync rows, in order: what each measures."""
+    rows = {"cold_start": "a node with an empty cache syncs the whole library"}
+    for k in counts:
+        rows[f"refresh_after_{k}"] = f"a synced node refreshes after {k:,} new adapter{'' if k == 1 else 's'}"
+    return rows
+
+
+NODE_SYNC_ROWS = node_sync_rows()
 #: The goals of issue 12 this benchmark checks.
-GOALS = {"read_share_of_healthz_min": 0.5, "read_p99_ms_max": 50.0, "publish_p50_ms_max_at_1m": 200.0}
+GOALS = {"read_share_of_healthz_min": 0.5, "read_p99_ms_max": 50.0, "publish_p50_ms_max_at_1m": 200.0,
+         "refresh_after_1_bytes_max_at_1m": 1_000_000, "refresh_after_1_s_max_at_1m": 2.0,
+         "cold_start_payload_over_raw_centroids_max": 1.5}
 
 
 @dataclass
@@ -113,20 +139,7 @@ class Library:
     weights: bytes = b""
     config: bytes = b""
     published: int = 0
-
-
-@dataclass
-class SyncContext:
-    """What a node-sync hook gets: a running registry over a full library, and a way to grow it."""
-
-    base_url: str
-    library: Library
-    workdir: Path
-    publish_new: Callable[[int], float]  # publish k new signed adapters over HTTP; returns seconds
-
-
-#: name → fn(SyncContext) → row dict (``bytes``, ``seconds``, ...); filled by the TUF node sync.
-NODE_SYNC_HOOKS: dict[str, Callable[[SyncContext], dict]] = {}
+    bulk_added: int = 0
 
 
 def parse_size(text: str) -> int:
@@ -144,6 +157,16 @@ def parse_size(text: str) -> int:
 
 def _sizes(text: str) -> list[int]:
     return [parse_size(t) for t in text.split(",") if t.strip()]
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of counts: {text!r} (e.g. 1,100,10000)") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("counts must be positive")
+    return counts
 
 
 def _unit_rows(rng: np.random.Generator, n: int, dim: int) -> list[list[float]]:
@@ -275,10 +298,67 @@ def bulk_fill(backend: str, url: str, data_dir: Path, n: int, dim: int, seed: in
             conn.execute(text("SELECT setval(pg_get_serial_sequence('adapters', 'id'), :n)"), {"n": n})
     with engine.begin() as conn:  # planner statistics, as autovacuum/ANALYZE keep them on a live database
         conn.execute(text("ANALYZE"))
+    t_tuf = time.perf_counter()
+    build_tuf(data_dir, engine)
+    tuf_s = time.perf_counter() - t_tuf
     engine.dispose()
     return lib, {"seconds": round(time.perf_counter() - t0, 1), "keys": n_keys, "workers": workers,
-                 "sign_and_blobs_s": round(made, 1), "insert_s": round(insert_s, 1),
+                 "sign_and_blobs_s": round(made, 1), "insert_s": round(insert_s, 1), "tuf_build_s": round(tuf_s, 1),
                  "adapters_per_s": round(n / (time.perf_counter() - t0), 1)}
+
+
+def build_tuf(data_dir: Path, engine) -> None:
+    """The data dir's TUF repository, built from the database as the server's first start builds
+    it: the registry key (what nodes pinned before TUF signs the first root), then
+    ``ensure_repository`` (one root key; ``TufSync.rebuild``: every bin and shard signed)."""
+    keys.load_or_create_key(data_dir / "registry.key")
+    ensure_repository(data_dir / "tuf", make_sessionmaker(engine), legacy_key_file=data_dir / "registry.key",
+                      timestamp_ttl=86400)
+
+
+def bulk_add(lib: Library, k: int, workers: int = 1) -> dict:
+    """Add ``k`` new signed adapters to a running registry the way the fill does (rows and blobs,
+    no upload), then sync their TUF bins in one ``TufSync.changed`` call, as a second writer on
+    the data dir would (under the repository's file lock); the library version rises by ``k``."""
+    from semla.server.tufrepo import TufRepository
+    from semla.server.tufsync import TufSync
+
+    engine = make_engine(lib.url)
+    with engine.connect() as conn:
+        max_id = conn.execute(text("SELECT COALESCE(MAX(id), 0) FROM adapters")).scalar_one()
+    start0 = lib.n + lib.bulk_added  # names adapter-NNNNNNN past the filled ones
+    shared = {"sample_count": lib.template["sample_count"],
+              **{f: (m["sha256"], m["size"]) for f, m in lib.files_meta.items()}}
+    raw_keys = [key.private_bytes_raw() for key in lib.signers]
+    jobs = [(start, min(BATCH, start0 + k - start), 1, _template_text(lib.template), raw_keys, lib.dim,
+             lib.data_dir / "blobs", shared) for start in range(start0, start0 + k, BATCH)]
+    names: list[str] = []
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        for rows, files in (pool.map(_make_batch, jobs) if pool is not None else map(_make_batch, jobs)):
+            shift = max_id - start0  # ids after every row the server wrote
+            for row in rows:
+                row["id"] += shift
+            for f in files:
+                f["adapter_id"] += shift
+            with engine.begin() as conn:
+                conn.execute(insert(Adapter), rows)
+                conn.execute(insert(AdapterFile), files)
+            names += [row["name"] for row in rows]
+    with engine.begin() as conn:
+        conn.execute(update(LibraryVersion).values(version=LibraryVersion.version + k))
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT setval(pg_get_serial_sequence('adapters', 'id'), "
+                              "(SELECT MAX(id) FROM adapters))"))
+    inserted = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    with make_sessionmaker(engine)() as session:
+        TufSync(TufRepository(lib.data_dir / "tuf")).changed(session, names)
+    synced = time.perf_counter() - t1
+    engine.dispose()
+    lib.bulk_added += k
+    return {"how": "bulk rows + one TufSync.changed (not uploads)", "insert_s": round(inserted, 1),
+            "tuf_sync_s": round(synced, 1)}
 
 
 def new_bundle(lib: Library, rng: random.Random) -> dict[str, bytes]:
@@ -328,11 +408,9 @@ def measure_reads(lib: Library, base: str, clients: int, requests: int) -> dict:
                                         params={"limit": 100, "cursor": encode_cursor("adapters", next(pages), scope)}),
         "manifest": lambda h: h.get(f"{base}/v1/adapters/{next(manifests)}/1/manifest"),
         "retrieve": lambda h: h.post(base + "/v1/retrieve", json=next(queries)),
+        "tuf_metadata": lambda h: h.get(base + TUF_METADATA_PATH),
     }
-    if httpx.get(base + TUF_METADATA_PATH, timeout=60).status_code == 200:
-        endpoints["tuf_metadata"] = lambda h: h.get(base + TUF_METADATA_PATH)
-    else:
-        out["tuf_metadata"] = {"status": f"not measured: the server does not serve {TUF_METADATA_PATH} yet"}
+    httpx.get(base + TUF_METADATA_PATH, timeout=60).raise_for_status()
     for name, fn in endpoints.items():
         drive(fn, clients, clients * 4)  # warm connections and caches
         out[name] = drive(fn, clients, requests)
@@ -347,27 +425,98 @@ def measure_reads(lib: Library, base: str, clients: int, requests: int) -> dict:
     return out
 
 
-def measure_node_sync(lib: Library, base: str, workdir: Path) -> dict:
-    """The node-sync rows: each from its hook in :data:`NODE_SYNC_HOOKS`, or ``not measured``."""
+class CountingFetcher(BoundedFetcher):
+    """The node's bounded fetcher, its bytes and requests tallied by kind of file."""
+
+    KINDS = ("top_metadata", "bin_metadata", "shards", "other_targets")
+
+    def __init__(self, client: httpx.Client) -> None:
+        super().__init__(client)
+        self.bytes_by_kind: Counter[str] = Counter()
+        self.requests_by_kind: Counter[str] = Counter()
+
+    @staticmethod
+    def kind(url: str) -> str:
+        path = httpx.URL(url).path
+        if "/tuf/metadata/" in path:
+            name = path.rsplit("/", 1)[1]
+            return "bin_metadata" if ".bins-" in name else "top_metadata"
+        return "shards" if "/tuf/targets/shards/" in path else "other_targets"
+
+    def _chunks(self, url: str) -> Iterator[bytes]:
+        kind = self.kind(url)
+        self.requests_by_kind[kind] += 1
+        for chunk in super()._chunks(url):
+            self.bytes_by_kind[kind] += len(chunk)
+            yield chunk
+
+
+def _timed_refresh(index: TufIndex, fetcher: CountingFetcher, expected: int) -> dict:
+    """One ``TufIndex.refresh()``: wall time, bytes and requests by kind, and a check that the node
+    now lists exactly the ``expected`` adapters."""
+    bytes0, requests0 = Counter(fetcher.bytes_by_kind), Counter(fetcher.requests_by_kind)
+    total0 = fetcher.bytes_downloaded
+    t0 = time.perf_counter()
+    changed = index.refresh()
+    seconds = time.perf_counter() - t0
+    got = sum(len(adapters) for _, adapters in index.bins.values())
+    if got != expected:
+        raise RuntimeError(f"the node lists {got} adapters after its refresh, the registry {expected}")
+    by_kind = {k: fetcher.bytes_by_kind[k] - bytes0[k] for k in CountingFetcher.KINDS}
+    metadata = by_kind["top_metadata"] + by_kind["bin_metadata"]
+    return {"bytes": fetcher.bytes_downloaded - total0, "seconds": round(seconds, 3),
+            "metadata_bytes": metadata, "shard_bytes": by_kind["shards"], "other_target_bytes": by_kind["other_targets"],
+            "bytes_by_kind": by_kind,
+            "requests": sum(fetcher.requests_by_kind.values()) - sum(requests0.values()),
+            "bins_changed": len(changed), "adapters_listed": got, "snapshot_version": index.version}
+
+
+def measure_node_sync(lib: Library, base: str, workdir: Path, counts: tuple[int, ...] = REFRESH_COUNTS, *,
+                      bulk_above: int = 1000, workers: int = 1) -> dict:
+    """A node (a :class:`TufIndex` over ``tuf.ngclient``, trusting the first root on first use)
+    syncs the full library from an empty cache, then refreshes after each of ``counts`` new
+    adapters, added before the refresh's clock starts: real signed uploads, or above
+    ``bulk_above`` the fill's bulk rows and one TUF sync (:func:`bulk_add`; each upload re-signs
+    the snapshot, so 10,000 uploads one by one take longer than the rest of the run)."""
     rng = random.Random(11)
-
-    def publish_new(k: int) -> float:
-        t0 = time.perf_counter()
+    what = node_sync_rows(counts)
+    rows: dict[str, dict] = {}
+    with httpx.Client(timeout=600) as client:
+        index = TufIndex(client, base, workdir)
+        index.fetcher = fetcher = CountingFetcher(client)
+        cold = _timed_refresh(index, fetcher, lib.n + lib.published)
+        centroids = sum(len(a.centroids) for _, adapters in index.bins.values() for a in adapters)
+        raw = centroids * lib.dim * 4
+        payload = cold["bytes"] - cold["metadata_bytes"]
+        cold.update(raw_centroid_bytes=raw, centroids=centroids,
+                    over_raw_plus_metadata=round(cold["bytes"] / (raw + cold["metadata_bytes"]), 3),
+                    payload_over_raw=round(payload / raw, 3),
+                    meets_goal=payload <= GOALS["cold_start_payload_over_raw_centroids_max"] * raw)
+        rows["cold_start"] = {"what": what["cold_start"], **cold}
         with httpx.Client(timeout=120) as http:
-            for _ in range(k):
-                publish(http, base, new_bundle(lib, rng))
-        return time.perf_counter() - t0
-
-    ctx = SyncContext(base_url=base, library=lib, workdir=workdir, publish_new=publish_new)
-    rows = {}
-    for name, what in NODE_SYNC_ROWS.items():
-        hook = NODE_SYNC_HOOKS.get(name)
-        rows[name] = {"what": what, **(hook(ctx) if hook else {"status": "not measured: no TUF node sync yet"})}
+            for k in counts:
+                t0 = time.perf_counter()
+                if k > bulk_above:
+                    added = bulk_add(lib, k, workers)
+                else:
+                    for _ in range(k):
+                        publish(http, base, new_bundle(lib, rng))
+                    added = {"how": "signed uploads (POST /v1/adapters), one after another"}
+                added["seconds"] = round(time.perf_counter() - t0, 1)
+                name = f"refresh_after_{k}"
+                row = _timed_refresh(index, fetcher, lib.n + lib.published + lib.bulk_added)
+                rows[name] = {"what": what[name], "new_adapters": k, **row, "added": added}
+                print(f"  node {name}: {row['bytes']:,} B in {row['seconds']} s", flush=True)
+    one = rows.get("refresh_after_1")
+    if one is not None:
+        one["meets_goal"] = (one["bytes"] < GOALS["refresh_after_1_bytes_max_at_1m"]
+                             and one["seconds"] < GOALS["refresh_after_1_s_max_at_1m"])
     return rows
 
 
 def run(backend: str, url: str | None, n: int, *, dim: int, clients: int, requests: int, publishes: int,
-        workers: int) -> dict:
+        workers: int, refresh_counts: tuple[int, ...] = REFRESH_COUNTS, bulk_above: int = 1000,
+        keep_data: bool = False) -> dict:
     data_dir = Path(tempfile.mkdtemp(prefix=f"semla-scale-{backend}-{n}-"))
     db_url = url or f"sqlite:///{data_dir / 'registry.db'}"
     print(f"[{backend} {n}] filling ...", flush=True)
@@ -380,11 +529,15 @@ def run(backend: str, url: str | None, n: int, *, dim: int, clients: int, reques
         result["read"] = measure_reads(lib, base, clients, requests)
         print(f"[{backend} {n}] reads done; publishing", flush=True)
         result["publish"] = measure_publish(lib, base, publishes)
-        result["node_sync"] = measure_node_sync(lib, base, data_dir / "node")
+        print(f"[{backend} {n}] publish done; node sync", flush=True)
+        result["node_sync"] = measure_node_sync(lib, base, data_dir / "node", refresh_counts,
+                                                bulk_above=bulk_above, workers=workers)
         return result
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+        if not keep_data:
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _summary_line(row: dict) -> str:
@@ -395,7 +548,21 @@ def _summary_line(row: dict) -> str:
         r = read.get(name, {})
         if "req_per_s" in r:
             parts.append(f"{name} {r['req_per_s']} req/s p99 {r['p99_ms']} ms")
+    for name, r in row.get("node_sync", {}).items():
+        if "bytes" in r:
+            parts.append(f"node {name} {r['bytes']:,} B {r['seconds']} s")
     return "; ".join(parts)
+
+
+def _merged(old: dict, new: dict) -> dict:
+    """``new`` with the rows of ``old`` it did not measure (by backend and size) and every command."""
+    measured = {(r["backend"], r["adapters"]) for r in new["results"]}
+    kept = [r for r in old.get("results", []) if (r["backend"], r["adapters"]) not in measured]
+    commands = old.get("command", [])
+    commands = [commands] if isinstance(commands, str) else list(commands)
+    order = {"sqlite": 0, "postgresql": 1}
+    results = sorted(kept + new["results"], key=lambda r: (r["adapters"], order.get(r["backend"], 2)))
+    return {**old, **new, "command": commands + [new["command"]], "results": results}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,23 +578,33 @@ def main(argv: list[str] | None = None) -> int:
                         help="processes that sign and write blobs during the fill (default: cores, at most 8)")
     parser.add_argument("--requests", type=int, default=None, help="requests per read endpoint (default 800)")
     parser.add_argument("--publishes", type=int, default=None, help="uploads timed into the full library (200)")
+    parser.add_argument("--refresh-counts", type=_counts, default=None,
+                        help="new adapters before each measured node refresh (default 1,100,10000; --quick 1,10)")
+    parser.add_argument("--bulk-above", type=int, default=1000,
+                        help="refresh counts above this are added in bulk with one TUF sync, not uploaded (1000)")
+    parser.add_argument("--keep-data", action="store_true", help="keep each filled data dir (deleted by default)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows already in --out whose backend and size this run does not measure")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
         sizes = args.sizes if args.sizes is not None else [1000]
         pg_sizes = args.pg_sizes if args.pg_sizes is not None else []
         requests, publishes = args.requests or 40, args.publishes or 10
+        refresh_counts = args.refresh_counts or (1, 10)
         out = args.out or Path(tempfile.mkdtemp(prefix="semla-scale-")) / "index_scale.json"
     else:
         sizes = args.sizes if args.sizes is not None else [10_000, 100_000, 1_000_000]
         pg_sizes = args.pg_sizes if args.pg_sizes is not None else [100_000]
         requests, publishes = args.requests or 800, args.publishes or 200
+        refresh_counts = args.refresh_counts or REFRESH_COUNTS
         out = args.out or ROOT / "benchmarks" / "results" / "index_scale.json"
     t0 = time.perf_counter()
     results = []
     for n in sorted(set(sizes) | set(pg_sizes)):
         options = {"dim": args.dim, "clients": args.clients, "requests": requests, "publishes": publishes,
-                   "workers": args.workers}
+                   "workers": args.workers, "refresh_counts": refresh_counts, "bulk_above": args.bulk_above,
+                   "keep_data": args.keep_data}
         if n in sizes:
             results.append(run("sqlite", None, n, **options))
             print(_summary_line(results[-1]), flush=True)
@@ -445,9 +622,10 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "what": "The registry with N synthetic signed adapters: req/s, p50 and p99 of each read endpoint beside "
                 "/healthz under the same load (clients threads, requests each, after a warm-up), publish latency "
-                "of real signed uploads into the full library (one after another), and the node-sync rows (cold "
-                "start; refresh after 1, 100, 10,000 new adapters) that the TUF node sync fills. Same machine, "
-                "one run: SQLite and PostgreSQL side by side at each size both are asked for.",
+                "of real signed uploads into the full library (one after another), and a node's TUF sync (a "
+                "TufIndex over tuf.ngclient against the server: cold start, then a refresh after each count of "
+                "new signed uploads; bytes counted at its fetcher by kind, wall time of refresh() alone). Same "
+                "machine, one run: SQLite and PostgreSQL side by side at each size both are asked for.",
         "how_filled": "bulk: n_keys Ed25519 keys (one per 250 adapters, >= 4); one manifest template validated by "
                       "the Manifest schema and encoded canonically, then per adapter its name, publisher, domain "
                       "and unit centroid spliced into the template's canonical bytes (checked equal to "
@@ -455,17 +633,23 @@ def main(argv: list[str] | None = None) -> int:
                       "written as content-addressed blobs, weights/config one shared blob each; that work in "
                       "`workers` processes, 5,000 adapters a batch, while the main process inserts each batch "
                       "through the registry's ORM tables (one INSERT per table and batch); the library version "
-                      "raised by one per key and adapter; then ANALYZE (planner statistics). Not through "
-                      "POST /v1/adapters (1M uploads one by one would take hours).",
+                      "raised by one per key and adapter; then ANALYZE (planner statistics); then the TUF "
+                      "repository built from the database as the server's first start builds it "
+                      "(semla.server.tufsync.ensure_repository: the registry key, one root key, TufSync.rebuild "
+                      "signing every bin and shard; fill.tuf_build_s). Not through POST /v1/adapters (1M "
+                      "uploads one by one would take hours).",
         "command": command,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "note": "server, load clients and database share the same cores"},
         "config": {"dim": args.dim, "clients": args.clients, "requests_per_endpoint": requests,
-                   "publishes": publishes},
+                   "publishes": publishes, "refresh_counts": list(refresh_counts),
+                   "bulk_above": args.bulk_above},
         "goals": GOALS,
         "seconds": round(time.perf_counter() - t0, 1),
         "results": results,
     }
+    if args.merge and out.exists():
+        doc = _merged(json.loads(out.read_text()), doc)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {out}")

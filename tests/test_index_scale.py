@@ -49,19 +49,37 @@ def test_bulk_fill_makes_a_library_of_verifiable_signed_adapters(bench, tmp_path
     assert retrieved.json()["results"][0]["name"] == listing[3]["name"]
 
 
-def test_quick_run_measures_reads_beside_healthz_and_publishing(bench, tmp_path):
+def test_quick_run_measures_reads_publishing_and_a_nodes_tuf_sync(bench, tmp_path):
     out = tmp_path / "scale.json"
-    assert bench.main(["--quick", "--sizes", "300", "--requests", "16", "--clients", "2", "--publishes", "4",
-                       "--out", str(out)]) == 0
+    assert bench.main(["--quick", "--sizes", "100", "--requests", "16", "--clients", "2", "--publishes", "4",
+                       "--refresh-counts", "1,3", "--bulk-above", "2", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     (row,) = doc["results"]
-    assert row["backend"] == "sqlite" and row["adapters"] == 300 and row["fill"]["keys"] == 4
-    for name in ("healthz", "one_adapter", "listing_page", "manifest", "retrieve"):
+    assert row["backend"] == "sqlite" and row["adapters"] == 100 and row["fill"]["keys"] == 4
+    assert row["fill"]["tuf_build_s"] >= 0 and "ensure_repository" in doc["how_filled"]
+    for name in ("healthz", "one_adapter", "listing_page", "manifest", "retrieve", "tuf_metadata"):
         assert row["read"][name]["requests"] == 16 and row["read"][name]["req_per_s"] > 0, name
-    assert "share_of_healthz_req_per_s" in row["read"]["retrieve"]
+    assert "share_of_healthz_req_per_s" in row["read"]["tuf_metadata"]
     assert row["publish"]["uploads"] == 4 and 0 < row["publish"]["p50_ms"] <= row["publish"]["p99_ms"]
-    assert set(row["node_sync"]) == set(bench.NODE_SYNC_ROWS)
+    sync = row["node_sync"]
+    assert list(sync) == list(bench.node_sync_rows((1, 3)))
+    cold, one, three = sync["cold_start"], sync["refresh_after_1"], sync["refresh_after_3"]
+    assert cold["adapters_listed"] == 100 + 5  # the fill, then 4 timed uploads and a warm-up
+    assert cold["bytes"] == sum(cold["bytes_by_kind"].values()) and cold["shard_bytes"] > 0
+    assert cold["raw_centroid_bytes"] == 105 * 64 * 4 and cold["payload_over_raw"] > 1
+    assert one["adapters_listed"] == 106 and one["bins_changed"] == 1 and one["shard_bytes"] > 0
+    assert one["bytes"] < cold["bytes"] and "uploads" in one["added"]["how"]
+    assert three["adapters_listed"] == 109 and 1 <= three["bins_changed"] <= 3 and "bulk" in three["added"]["how"]
     assert "INSERT" in doc["how_filled"]  # says how the library was filled
+
+
+def test_merge_keeps_the_rows_a_run_did_not_measure(bench):
+    old = {"command": "first", "results": [{"backend": "sqlite", "adapters": 10, "v": 1},
+                                           {"backend": "postgresql", "adapters": 10, "v": 1}]}
+    new = {"command": "second", "results": [{"backend": "sqlite", "adapters": 10, "v": 2}]}
+    merged = bench._merged(old, new)
+    assert merged["command"] == ["first", "second"]
+    assert [(r["backend"], r["v"]) for r in merged["results"]] == [("sqlite", 2), ("postgresql", 1)]
 
 
 def test_sizes_parse(bench):
