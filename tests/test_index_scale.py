@@ -49,6 +49,8 @@ def test_bulk_fill_makes_a_library_of_verifiable_signed_adapters(bench, tmp_path
     assert retrieved.json()["results"][0]["name"] == listing[3]["name"]
 
 
+@pytest.mark.slow
+@pytest.mark.ci_slow  # the scale benchmark's quick mode end to end: fill, reads, publish, a node's TUF sync
 def test_quick_run_measures_reads_publishing_and_a_nodes_tuf_sync(bench, tmp_path):
     out = tmp_path / "scale.json"
     assert bench.main(["--quick", "--sizes", "100", "--requests", "16", "--clients", "2", "--publishes", "4",
