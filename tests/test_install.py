@@ -7,7 +7,6 @@ dependencies from the package index, and starts ``semla-server`` on loopback fro
 from __future__ import annotations
 
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
@@ -15,21 +14,15 @@ import httpx
 import pytest
 
 from semla.server.local import local_registry
+from wheelbuild import build_wheel
 
-ROOT = Path(__file__).resolve().parents[1]
 NOT_ON_A_REGISTRY_HOST = ("torch", "torchvision", "open_clip", "peft", "flwr")
 
 
 @pytest.mark.slow
 @pytest.mark.ci_slow
 def test_bare_wheel_installs_without_torch_and_the_server_starts(tmp_path):
-    wheels = tmp_path / "wheels"
-    built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert built.returncode == 0, built.stderr
-    (wheel,) = wheels.glob("*.whl")
+    wheel = build_wheel(tmp_path)
     env_dir = tmp_path / "env"
     venv.create(env_dir, with_pip=True)
     bin_dir = env_dir / "bin"

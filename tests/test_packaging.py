@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from wheelbuild import build_wheel
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"registry": "semla.registry", "client": "semla.client", "server": "semla.server", "schemas": "semla.schemas"}
@@ -57,12 +58,7 @@ def test_server_imports_without_torch():
 
 
 def test_wheel_holds_every_subpackage_and_the_weights(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    (wheel,) = tmp_path.glob("*.whl")
+    wheel = build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     for required in ("semla/registry/node.py", "semla/client/cli.py", "semla/server/app.py", "semla/schemas/manifest.py",
                      "semla/registry/weights/semla-tiny.safetensors", "semla/registry/model_configs/semla-tiny.json",
