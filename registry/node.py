@@ -431,7 +431,8 @@ class Node:
         if table is None:
             return torch.zeros_like(dist)
         return weights_torch(dist, idx, table.spreads, weighting=weighting, temperature=temperature, guard=guard,
-                             guard_z=guard_z, distance=distance, spread_tensors=table.spread_tensors(dist.device, distance))
+                             guard_z=guard_z, distance=distance, spread_tensors=table.spread_tensors(dist.device, distance),
+                             units=table.units(distance))
 
     @torch.no_grad()
     def fused_dense(self, pixels: torch.Tensor, retrieval: Retrieval | None) -> torch.Tensor:

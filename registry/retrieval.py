@@ -96,7 +96,7 @@ class CentroidTable:
     owner: np.ndarray
     n_adapters: int
     spread: np.ndarray | None = None
-    _on_device: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @functools.cached_property
     def spreads(self) -> np.ndarray:
@@ -110,26 +110,33 @@ class CentroidTable:
             return np.zeros(self.n_adapters, dtype=bool)
         return np.isfinite(np.asarray(self.spread, dtype=np.float64)).all(axis=1)
 
+    def units(self, distance: str) -> "_weighting.Units":
+        """What the weights need of this library's spreads in ``distance``'s units, computed once."""
+        key = f"units:{distance}"
+        if key not in self._cache:
+            self._cache[key] = _weighting.library_units(self.spreads, distance)
+        return self._cache[key]
+
     def spread_tensors(self, device: Any, distance: str) -> tuple[Any, Any]:
         """(q50, s) per adapter as float32 torch tensors on ``device``, in ``distance``'s units."""
         import torch
 
         key = f"spread:{device}:{distance}"
-        if key not in self._on_device:
-            q50, s = _weighting._units(_weighting.spreads_for_distance(self.spreads, distance))
-            self._on_device[key] = (torch.as_tensor(q50, dtype=torch.float32, device=device),
-                                    torch.as_tensor(s, dtype=torch.float32, device=device))
-        return self._on_device[key]
+        if key not in self._cache:
+            units = self.units(distance)
+            self._cache[key] = (torch.as_tensor(units.q50, dtype=torch.float32, device=device),
+                                    torch.as_tensor(units.s, dtype=torch.float32, device=device))
+        return self._cache[key]
 
     def tensors(self, device: Any) -> tuple[Any, Any]:
         """(centroids, owner) as torch tensors on ``device``, copied there once per table."""
         import torch
 
         key = str(device)
-        if key not in self._on_device:
+        if key not in self._cache:
             owner = None if self.one_per_adapter else torch.as_tensor(self.owner, device=device)
-            self._on_device[key] = (torch.as_tensor(self.vectors, device=device), owner)
-        return self._on_device[key]
+            self._cache[key] = (torch.as_tensor(self.vectors, device=device), owner)
+        return self._cache[key]
 
     @functools.cached_property
     def one_per_adapter(self) -> bool:
@@ -224,7 +231,7 @@ def weigh_numpy(dist: np.ndarray, idx: np.ndarray, table: CentroidTable, *, temp
                 guard_z: float | None = None) -> np.ndarray:
     """The fusion weights of already retrieved adapters (``idx``, ``dist``: (Q, k)) of ``table``."""
     return _weighting.weights_numpy(dist, idx, table.spreads, weighting=weighting, temperature=temperature,
-                                    guard=guard, guard_z=guard_z, distance=distance)
+                                    guard=guard, guard_z=guard_z, distance=distance, units=table.units(distance))
 
 
 def retrieve_torch(
@@ -259,5 +266,6 @@ def retrieve_torch(
     dist, idx = torch.topk(d_adapter, k, dim=1, largest=False, sorted=True)
     weights = _weighting.weights_torch(dist, idx, table.spreads, weighting=weighting, temperature=temperature,
                                        guard=guard, guard_z=guard_z, distance=distance,
-                                       spread_tensors=table.spread_tensors(q.device, distance))
+                                       spread_tensors=table.spread_tensors(q.device, distance),
+                                       units=table.units(distance))
     return idx, dist, weights

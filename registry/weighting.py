@@ -80,6 +80,7 @@ __all__ = [
     "MIN_SPREAD",
     "PAPER_MIN_DISTANCE",
     "Scheme",
+    "Units",
     "WEIGHTINGS",
     "base_weight_of",
     "check_guard_z",
@@ -88,6 +89,7 @@ __all__ = [
     "default_temperature",
     "fill_spreads",
     "guard_base_distance",
+    "library_units",
     "list_weightings",
     "spreads_for_distance",
     "weights_numpy",
@@ -253,6 +255,24 @@ def guard_base_distance(spread: np.ndarray, guard_z: float) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
+class Units:
+    """What the weights need of a library's spreads, in one distance's units: computed once per
+    library and distance (:meth:`~semla.registry.retrieval.CentroidTable.units`), not per query."""
+
+    spread: np.ndarray  # (A, 3) in the distance's units
+    q50: np.ndarray  # (A,) offsets the logits take
+    s: np.ndarray  # (A,) units the logits take
+    default_guard_z: float
+
+
+def library_units(spread: np.ndarray, distance: str) -> Units:
+    """:class:`Units` of filled euclidean spreads (A, 3) for ``distance``."""
+    spread_d = spreads_for_distance(np.asarray(spread, dtype=np.float64), distance)
+    q50, s = _units(spread_d)
+    return Units(spread_d, q50, s, default_guard_z(spread_d))
+
+
+@dataclasses.dataclass(frozen=True)
 class _Prepared:
     scheme: Scheme
     temperature: float
@@ -262,37 +282,37 @@ class _Prepared:
 
 
 def _prepare(spread: np.ndarray, weighting: str, temperature: float | None, guard: bool,
-             guard_z: float | None, distance: str) -> _Prepared:
+             guard_z: float | None, distance: str, units: Units | None) -> _Prepared:
     scheme = check_weighting(weighting)
     check_guard_z(guard_z)
     t = scheme.default_temperature if temperature is None else float(temperature)
-    spread_d = spreads_for_distance(np.asarray(spread, dtype=np.float64), distance)
-    q50, s = _units(spread_d)
+    u = library_units(spread, distance) if units is None else units
     base_logit = None
     if guard:
-        g = default_guard_z(spread_d) if guard_z is None else float(guard_z)
+        g = u.default_guard_z if guard_z is None else float(guard_z)
         if scheme.z_units:
             base_logit = -g / t
         else:
-            d_base = np.array([[guard_base_distance(spread_d, g)]])
+            d_base = np.array([[guard_base_distance(u.spread, g)]])
             base_logit = float(scheme.logits_numpy(d_base, np.zeros_like(d_base), np.ones_like(d_base), t)[0, 0])
-    return _Prepared(scheme, t, q50, s, base_logit)
+    return _Prepared(scheme, t, u.q50, u.s, base_logit)
 
 
 def weights_numpy(dist: np.ndarray, idx: np.ndarray, spread: np.ndarray, *, weighting: str = DEFAULT_WEIGHTING,
                   temperature: float | None = None, guard: bool = False, guard_z: float | None = None,
-                  distance: str = "euclidean") -> np.ndarray:
+                  distance: str = "euclidean", units: Units | None = None) -> np.ndarray:
     """Fusion weights (Q, k) for the top-k adapters ``idx`` (Q, k) at distances ``dist`` (Q, k).
 
     Args:
         spread: (A, 3) filled euclidean spreads of every adapter (:func:`fill_spreads`).
+        units: ``library_units(spread, distance)`` already computed (a cache; computed when None).
         temperature: None: the scheme's default.
         guard, guard_z: give the base a place in the softmax (default position from the library).
 
     Returns:
         weights in ``dist``'s float dtype; each row sums to 1, or to ``1 - base weight`` with the guard.
     """
-    p = _prepare(spread, weighting, temperature, guard, guard_z, distance)
+    p = _prepare(spread, weighting, temperature, guard, guard_z, distance, units)
     d = np.asarray(dist, dtype=np.float64)
     idx = np.asarray(idx, dtype=np.int64)
     logits = p.scheme.logits_numpy(d, p.q50[idx], p.s[idx], p.temperature)
@@ -309,7 +329,8 @@ def weights_numpy(dist: np.ndarray, idx: np.ndarray, spread: np.ndarray, *, weig
 
 def weights_torch(dist: Any, idx: Any, spread: np.ndarray, *, weighting: str = DEFAULT_WEIGHTING,
                   temperature: float | None = None, guard: bool = False, guard_z: float | None = None,
-                  distance: str = "euclidean", spread_tensors: tuple[Any, Any] | None = None) -> Any:
+                  distance: str = "euclidean", spread_tensors: tuple[Any, Any] | None = None,
+                  units: Units | None = None) -> Any:
     """Torch twin of :func:`weights_numpy` (same formulas), on ``dist``'s device and dtype.
 
     Args:
@@ -318,7 +339,7 @@ def weights_torch(dist: Any, idx: Any, spread: np.ndarray, *, weighting: str = D
     """
     import torch
 
-    p = _prepare(spread, weighting, temperature, guard, guard_z, distance)
+    p = _prepare(spread, weighting, temperature, guard, guard_z, distance, units)
     if spread_tensors is None:
         spread_tensors = (torch.as_tensor(p.q50, dtype=torch.float32, device=dist.device),
                           torch.as_tensor(p.s, dtype=torch.float32, device=dist.device))
