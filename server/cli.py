@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         "request body (default 1 MiB); SEMLA_BODY_IDLE_TIMEOUT_S, SEMLA_BODY_GRACE_S and SEMLA_BODY_MIN_RATE: a "
         "request body pausing longer than the first (default 10 s) or, after the grace (default 10 s), arriving "
         "slower than the rate (default 16384 bytes/s) is answered 408 and its connection closed. "
-        "SEMLA_METRICS=false turns off /metrics (Prometheus). Access log on stdout, server log on stderr.",
+        "SEMLA_METRICS=false turns off /metrics (Prometheus). SEMLA_COMPUTE_THREADS: BLAS/OpenMP threads of the "
+        "server process (default 1: concurrent requests are the parallelism). Access log on stdout, server log on stderr.",
     )
     for dest, (flag, metavar, text) in _FLAGS.items():
         parser.add_argument(flag, dest=dest, metavar=metavar, default=None, help=text)
@@ -304,7 +305,9 @@ def _serve_or_sweep(args: argparse.Namespace, settings: ServerSettings) -> int:
         return 0
 
     import uvicorn
+    from threadpoolctl import threadpool_limits
 
+    threadpool_limits(settings.compute_threads)  # for the process's lifetime (BLAS, FAISS's OpenMP)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=True,
                 log_config=uvicorn_log_config(settings.log_format))
     return 0

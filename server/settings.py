@@ -51,6 +51,7 @@ class ServerSettings(BaseSettings):
             ``body_min_rate`` bytes/s on average; else 408 ``body_timeout`` and the connection closes.
         metrics: Serve ``/metrics`` (Prometheus) and count requests.
         log_format: ``text`` or ``json`` logs of ``semla-server`` (``SEMLA_LOG_FORMAT``).
+        compute_threads: BLAS/OpenMP threads of the ``semla-server`` process (``SEMLA_COMPUTE_THREADS``).
     """
 
     model_config = SettingsConfigDict(env_prefix="SEMLA_", extra="forbid", frozen=True)
@@ -85,6 +86,10 @@ class ServerSettings(BaseSettings):
     metrics: bool = True
     #: ``text`` (uvicorn's lines) or ``json`` (one object per line); read by ``semla-server``.
     log_format: Literal["text", "json"] = "text"
+    #: Threads one request's numerical work may use (BLAS, FAISS's OpenMP), set by ``semla-server``
+    #: for its process. Concurrent requests are the parallelism: with the libraries' default (one
+    #: thread per core each) eight concurrent retrievals on two cores ran 3x slower than with one.
+    compute_threads: int = Field(default=1, ge=1, le=1024)
 
     @field_validator("epsilon_budget", mode="before")
     @classmethod

@@ -16,6 +16,7 @@ import bundle_factory
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from sqlalchemy import func, select
 from tuf_view import tuf_view
 
@@ -155,6 +156,30 @@ def test_settings_from_env(tmp_path, monkeypatch):
     assert settings.admin_token is None
     assert settings.resolved_database_url == f"sqlite:///{tmp_path / 'd' / 'registry.db'}"
     assert "hunter2-secret" not in repr(ServerSettings(admin_token="hunter2-secret"))
+
+
+def test_server_process_limits_numerical_threads(tmp_path, monkeypatch):
+    """semla-server runs each request's BLAS/OpenMP work on SEMLA_COMPUTE_THREADS threads (concurrent
+    requests are the parallelism); 0 is refused before anything starts."""
+    import threadpoolctl
+    import uvicorn
+
+    from semla.server import cli
+
+    seen: list[set[int]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: seen.append(
+        {lib["num_threads"] for lib in threadpoolctl.threadpool_info()}))
+    monkeypatch.setenv("SEMLA_COMPUTE_THREADS", "1")
+    before = threadpoolctl.threadpool_info()
+    try:
+        assert cli.main(["--data-dir", str(tmp_path / "d")]) == 0
+    finally:
+        for lib in before:
+            threadpoolctl.threadpool_limits(lib["num_threads"], user_api=lib["user_api"])
+    assert seen == [{1}]
+    monkeypatch.setenv("SEMLA_COMPUTE_THREADS", "0")
+    with pytest.raises(ValidationError):
+        ServerSettings()
 
 
 def test_sqlite_runs_in_wal_mode_with_foreign_keys(client):
