@@ -129,7 +129,11 @@ def _paged(request: Request, page: Page, model: type) -> Response:
     headers = {}
     if page.next_cursor is not None:
         headers["Link"] = f'<{request.url.include_query_params(cursor=page.next_cursor)}>; rel="next"'
-    return Response(_LIST_ENCODERS[model].dump_json(page.items), media_type="application/json", headers=headers)
+    if page.items and isinstance(page.items[0], bytes):  # already JSON (the service's ``as_json``)
+        body = b"[" + b",".join(page.items) + b"]"
+    else:
+        body = _LIST_ENCODERS[model].dump_json(page.items)
+    return Response(body, media_type="application/json", headers=headers)
 
 
 AdapterName = Annotated[str, Path(pattern=NAME_PATTERN, description="adapter name", examples=["city-streets"])]
@@ -254,7 +258,7 @@ def list_adapters(
     cursor: Cursor = None,
     limit: Limit = DEFAULT_LIMIT,
 ) -> Response:
-    return _paged(request, service.list_adapters(name=name, domain=domain, cursor=cursor, limit=limit),
+    return _paged(request, service.list_adapters(name=name, domain=domain, cursor=cursor, limit=limit, as_json=True),
                   AdapterSummary)
 
 
@@ -341,7 +345,8 @@ def retrieve(body: RetrieveRequest, service: ServiceDep) -> RetrieveResponse:
 )
 def adapter_versions(request: Request, name: AdapterName, service: ServiceDep, cursor: Cursor = None,
                      limit: Limit = DEFAULT_LIMIT) -> Response:
-    return _paged(request, service.adapter_versions(name, cursor=cursor, limit=limit), AdapterSummary)
+    return _paged(request, service.adapter_versions(name, cursor=cursor, limit=limit, as_json=True),
+                  AdapterSummary)
 
 
 @router.get(

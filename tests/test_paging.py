@@ -279,3 +279,31 @@ def test_web_library_and_keys_pages_link_to_the_next_page(library, monkeypatch):
     keys_page = http.get("/keys").text
     assert keys_page.count("<tr id=") == 2 and 'rel="next"' in keys_page
     assert http.get("/keys", params={"after": "garbage"}).status_code == 400
+
+
+@pytest.mark.parametrize("spread, revoked, domain", [
+    (None, False, "fog roads"),
+    ("[0.125,0.5,1e-05]", True, 'quai "nord" — brouillard\\n\u00e9t\u00e9 \U0001f301'),
+])
+def test_listing_json_is_composed_equal_to_the_summary_model(spread, revoked, domain):
+    """The listing's items are composed from the stored JSON text (nothing parsed): they must read back
+    exactly as the AdapterSummary the model path builds, quotes, escapes, non-ASCII and spread included."""
+    import json
+    from datetime import datetime
+    from types import SimpleNamespace
+
+    from semla.server.service.library import _summary, summary_json
+
+    row = SimpleNamespace(name="a.b-c_1", version=7, publisher_key_id="0123456789abcdef", base_fingerprint="f" * 64,
+                          domain=domain, sample_count=123, manifest_sha256="e" * 64,
+                          centroids="[[0.6,-0.8],[1,0],[1.5e-07,0.25]]", spread=spread,
+                          created_at=datetime(2026, 3, 4, 5, 6, 7), revoked_at=datetime(2026, 3, 5) if revoked else None)
+    assert json.loads(summary_json(row)) == json.loads(_summary(row).model_dump_json())
+
+
+def test_listing_routes_answer_what_the_service_models_say(library):
+    http, _ = library
+    service = http.app.state.service
+    for path, models in [("/v1/adapters", service.list_adapters(limit=100).items),
+                         ("/v1/adapters/echo", service.adapter_versions("echo", limit=100).items)]:
+        assert http.get(path).json() == [m.model_dump(mode="json") for m in models]

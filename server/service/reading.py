@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 
@@ -12,9 +14,15 @@ from semla.schemas.errors import GoneError, NotFoundError, StorageError
 from semla.server.db import Adapter, AdapterFile, Publisher
 from semla.server.paging import DEFAULT_LIMIT, Page, adapters_scope, check_limit, decode_cursor, encode_cursor
 from semla.server.service.core import ServiceCore
-from semla.server.service.library import _newest_live, _plain_rows, _summary
+from semla.server.service.library import _newest_live, _plain_rows, _summary, summary_json
 
 __all__ = ["ReadingPart"]
+
+
+def _page(rows: list, limit: int, as_json: bool, cursor_after: Callable[[Any], str]) -> Page:
+    """The first ``limit`` of ``rows`` (one more was read, to tell whether a page follows)."""
+    items = [(summary_json if as_json else _summary)(row) for row in rows[:limit]]
+    return Page(items, cursor_after(rows[limit - 1]) if len(rows) > limit else None)
 
 
 class ReadingPart(ServiceCore):
@@ -22,8 +30,10 @@ class ReadingPart(ServiceCore):
 
     # -- queries --------------------------------------------------------------------------------
     def list_adapters(self, *, name: str | None = None, domain: str | None = None, search: str | None = None,
-                      cursor: str | None = None, limit: int = DEFAULT_LIMIT) -> Page[AdapterSummary]:
-        """One page of the newest live version of every adapter name, by name, optionally filtered.
+                      cursor: str | None = None, limit: int = DEFAULT_LIMIT,
+                      as_json: bool = False) -> Page[AdapterSummary] | Page[bytes]:
+        """One page of the newest live version of every adapter name, by name, optionally filtered
+        (``as_json``: each item as its JSON bytes, :func:`~semla.server.service.library.summary_json`).
 
         Revoked versions and the adapters of revoked (inactive) publisher keys are left out, so
         they vanish from every node's retrieval at its next pull. The filters apply to that
@@ -49,13 +59,13 @@ class ReadingPart(ServiceCore):
         with self._sessions() as session:
             rows = _plain_rows(session, stmt.order_by(Adapter.name).limit(limit + 1),
                                {"after": after} if after is not None else None)
-        items = [_summary(row) for row in rows[:limit]]
-        return Page(items, encode_cursor("adapters", items[-1].name, scope) if len(rows) > limit else None)
+        return _page(rows, limit, as_json, lambda last: encode_cursor("adapters", last.name, scope))
 
 
-    def adapter_versions(self, name: str, *, cursor: str | None = None,
-                         limit: int = DEFAULT_LIMIT) -> Page[AdapterSummary]:
-        """One page of the stored versions of ``name`` (revoked ones included), newest first.
+    def adapter_versions(self, name: str, *, cursor: str | None = None, limit: int = DEFAULT_LIMIT,
+                         as_json: bool = False) -> Page[AdapterSummary] | Page[bytes]:
+        """One page of the stored versions of ``name`` (revoked ones included), newest first
+        (``as_json`` as in :meth:`list_adapters`).
 
         Raises:
             NotFoundError: no adapter has this name.
@@ -68,12 +78,11 @@ class ReadingPart(ServiceCore):
         if before is not None:
             stmt = stmt.where(Adapter.version < before)
         with self._sessions() as session:
-            rows = list(session.scalars(stmt.order_by(Adapter.version.desc()).limit(limit + 1)))
+            rows = _plain_rows(session, stmt.order_by(Adapter.version.desc()).limit(limit + 1))
             if not rows and (before is None or session.scalar(select(Adapter.id).where(Adapter.name == name)
                                                                .limit(1)) is None):
                 raise NotFoundError(f"no adapter named {name!r}")
-        items = [_summary(row) for row in rows[:limit]]
-        return Page(items, encode_cursor("versions", items[-1].version, scope) if len(rows) > limit else None)
+        return _page(rows, limit, as_json, lambda last: encode_cursor("versions", last.version, scope))
 
     def file_path(self, name: str, version: int, filename: str, *, include_revoked: bool = False) -> Path:
         """Path of the stored blob for one bundle file (looked up by sha from the database).
