@@ -368,10 +368,12 @@ def main(argv: list[str] | None = None) -> int:
             "base": "no adapter", "oracle": "the target's own adapter (upper bound)",
             "uniform": "every library adapter at weight 1/n, exact fusion", "nearest": "the nearest adapter alone",
             "semla_paper": "the released code's softmax((1/d)/T), T 0.05, top-5",
-            "semla": "the default: calibrated, softmax(-z/T) with z the distance in units of each adapter's published "
-                     "spread (semla.registry.weighting); T and k chosen by nested leave-one-out",
-            "semla_guard": "the default with the guard: the base (a zero adapter) enters the softmax at guard_z, "
-                           "chosen by nested leave-one-out (null: the library's own default)",
+            "semla": "the default: calibrated, softmax(-z/T) with z the distance in the library's unit u (the "
+                     "median of the adapters' published q50; semla.registry.weighting); T and k chosen by nested "
+                     "leave-one-out",
+            "semla_guard": "the default with the guard: the base (a zero adapter) at guard_z, weighed against the "
+                           "nearest adapter (sigmoid(l_base - l_nearest)); guard_z chosen by nested leave-one-out "
+                           "(null: the library's own default)",
         },
         "selection": {
             "procedure": "nested leave-one-out on training images: for each target t and each library domain i "

@@ -35,18 +35,24 @@ Schemes (``T`` is the temperature; each scheme has its own default):
     four kinds of scene, looked near to every query it covered loosely and outweighed the
     specific adapter a query came from.
 
-**The guard.** With ``guard=True`` the base model enters the softmax as one more candidate, a
-zero adapter, at position ``guard_z`` (units of u)::
+**The guard.** With ``guard=True`` the base model, a zero adapter, is weighed against the
+*nearest* adapter, at position ``guard_z`` (units of u)::
 
     calibrated:     l_base = -guard_z / T
     other schemes:  l_base = the scheme's logit at d_base = guard_z * u
+    w_base = sigmoid(l_base - max_i l_i)         (max_i l_i: the nearest adapter's logit)
+    w_i    = (1 - w_base) * softmax(l)_i
 
 The returned adapter weights then sum to ``1 - w_base``: fusing exactly with them *is* fusing
-with the base at weight ``w_base`` (a zero adapter adds nothing). The default ``guard_z`` comes
-from the library: ``median_i(q99_i) / u + 1``, one unit beyond where nearly every training image
-of a typical adapter lies. A query far from every centroid gives the base most of the weight; a
-query at a centroid gives it ``exp(-guard_z / T) / (1 + exp(-guard_z / T) + ...)``, under 0.01
-at the default of a typical library (guard_z about 2.5).
+with the base at weight ``w_base`` (a zero adapter adds nothing). Whether the library covers a
+query is a question about its nearest adapter, so ``w_base`` does not depend on how many
+adapters share the rest: put into the softmax as one more candidate among twenty soft ones
+instead, the base kept a twentieth of the weight for a query that none of them covered. For
+``top_k`` 1 the two are the same. The default ``guard_z`` comes from the library:
+``median_i(q99_i) / u + 1``, one unit beyond where nearly every training image of a typical
+adapter lies. A query far from every centroid gives the base most of the weight; a query at a
+centroid gives it ``sigmoid(-guard_z / T)``, under 0.01 at the default of a typical library
+(guard_z about 2.5, T 0.5).
 
 **Version-1 adapters** publish no spread; :func:`fill_spreads` gives them a documented default
 from the library itself: the per-column median of the adapters that do publish one, or, when
@@ -307,7 +313,7 @@ def weights_numpy(dist: np.ndarray, idx: np.ndarray, spread: np.ndarray, *, weig
         spread: (A, 3) filled euclidean spreads of every adapter (:func:`fill_spreads`).
         units: ``library_units(spread, distance)`` already computed (a cache; computed when None).
         temperature: None: the scheme's default.
-        guard, guard_z: give the base a place in the softmax (default position from the library).
+        guard, guard_z: weigh the base against the nearest adapter (default position from the library).
 
     Returns:
         weights in ``dist``'s float dtype; each row sums to 1, or to ``1 - base weight`` with the guard.
@@ -316,15 +322,15 @@ def weights_numpy(dist: np.ndarray, idx: np.ndarray, spread: np.ndarray, *, weig
     d = np.asarray(dist, dtype=np.float64)
     idx = np.asarray(idx, dtype=np.int64)
     logits = p.scheme.logits_numpy(d, p.q50[idx], p.s[idx], p.temperature)
-    if p.base_logit is not None:
-        logits = np.concatenate([logits, np.full((len(d), 1), p.base_logit)], axis=1)
     if logits.shape[1] == 0:
         return np.zeros_like(np.asarray(dist))
-    logits = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(logits)
+    nearest = logits.max(axis=1, keepdims=True)
+    e = np.exp(logits - nearest)
     w = e / e.sum(axis=1, keepdims=True)
+    if p.base_logit is not None:  # 1 - w_base = sigmoid(nearest - l_base), without overflow
+        w = w * np.exp(-np.logaddexp(0.0, p.base_logit - nearest))
     dtype = np.asarray(dist).dtype if np.issubdtype(np.asarray(dist).dtype, np.floating) else np.float64
-    return w[:, : d.shape[1]].astype(dtype)
+    return w.astype(dtype)
 
 
 def weights_torch(dist: Any, idx: Any, spread: np.ndarray, *, weighting: str = DEFAULT_WEIGHTING,
@@ -345,12 +351,12 @@ def weights_torch(dist: Any, idx: Any, spread: np.ndarray, *, weighting: str = D
                           torch.as_tensor(p.s, dtype=torch.float32, device=dist.device))
     q50_all, s_all = spread_tensors
     logits = p.scheme.logits_torch(dist, q50_all[idx], s_all[idx], p.temperature)
-    if p.base_logit is not None:
-        base = torch.full((dist.shape[0], 1), p.base_logit, dtype=logits.dtype, device=logits.device)
-        logits = torch.cat([logits, base], dim=1)
     if logits.shape[1] == 0:
         return torch.zeros_like(dist)
-    return torch.softmax(logits, dim=1)[:, : dist.shape[1]].to(dist.dtype)
+    w = torch.softmax(logits, dim=1)
+    if p.base_logit is not None:  # 1 - w_base = sigmoid(nearest - l_base)
+        w = w * torch.sigmoid(logits.max(dim=1, keepdim=True).values - p.base_logit)
+    return w.to(dist.dtype)
 
 
 def base_weight_of(weights: np.ndarray) -> np.ndarray:

@@ -168,10 +168,11 @@ class RetrieveRequest(_Api):
     weighting: str = Field(default=DEFAULT_WEIGHTING, min_length=1, max_length=64,
                            description="weighting scheme: calibrated (default), neg-distance or paper; "
                                        "an unknown name is a 400 unknown_weighting")
-    guard: bool = Field(default=False, description="the base model (a zero adapter) takes part in the softmax; "
-                                                   "the adapters' weights then sum to 1 - base_weight")
+    guard: bool = Field(default=False, description="the base model (a zero adapter) is weighed against the nearest "
+                                                   "adapter; the adapters' weights then sum to 1 - base_weight")
     guard_z: float | None = Field(default=None, ge=0, le=MAX_GUARD_Z,
-                                  description="the base's position in spread units; null: the library's default")
+                                  description="the base's position in the library's distance unit u; null: the "
+                                              "library's default")
 
     @field_validator("embedding")
     @classmethod

@@ -132,11 +132,26 @@ def test_guard_at_a_centroid_gives_the_base_almost_nothing():
     assert g == pytest.approx(0.45 / 0.3 + 1.0)  # median q99 over the unit u = median q50, plus one unit
     base = 1.0 - w.sum()
     assert base < 0.01
-    assert base == pytest.approx(math.exp(-g / 0.5) / (1 + math.exp(-g / 0.5) + np.exp(
-        np.log(w[0, 1:] / w[0, 0])).sum()), rel=1e-3)
+    d1 = np.linalg.norm(np.asarray(cents[2][0]) - at[0])  # ~0: the query is the centroid
+    assert base == pytest.approx(1.0 / (1.0 + math.exp(g / 0.5 - (d1 / 0.3) / 0.5)), rel=1e-3)
     # the guard only adds the base: the adapters keep their weights relative to each other
     _, _, plain = retrieve_numpy(at, table, top_k=3)
     assert np.allclose(w / w.sum(), plain, atol=1e-5)
+
+
+def test_guard_weighs_the_base_against_the_nearest_adapter_whatever_k():
+    """The base's weight is sigmoid(l_base - l_nearest): the same for the top-1 and the top-5, so a
+    query no adapter covers is not diluted by many soft candidates; the adapters share the rest."""
+    table = _table()
+    for scheme in weighting.list_weightings():
+        weights = {k: retrieve_numpy(QUERY[None], table, top_k=k, weighting=scheme, guard=True, temperature=
+                                     None if scheme != "calibrated" else 4.0)[2] for k in (1, 2, 3)}
+        bases = [1.0 - w.sum() for w in weights.values()]
+        assert bases == pytest.approx([bases[0]] * 3, abs=1e-6) and 0.0 <= bases[0] < 1.0
+        assert bases[0] > 0.01 or scheme != "calibrated"  # paper/neg-distance on unit vectors: ~0
+        plain = retrieve_numpy(QUERY[None], table, top_k=3, weighting=scheme, temperature=
+                               None if scheme != "calibrated" else 4.0)[2]
+        assert np.allclose(weights[3], plain * (1.0 - bases[0]), atol=1e-6)
 
 
 def test_explicit_guard_z_moves_the_base():
