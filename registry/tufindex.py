@@ -74,6 +74,13 @@ MAX_SHARD_BYTES = 256 << 20
 MAX_KEYS_BYTES = 64 << 20
 #: Most adapters one shard may list.
 MAX_SHARD_ADAPTERS = 1 << 20
+#: Bins one ``tuf.ngclient.Updater`` verifies before the node starts a fresh one: ngclient keeps
+#: every delegated role it loaded in memory (about 3 GB for the 8192 bins of a million adapters),
+#: so a sync walks the bins in batches and memory stays bounded by one batch.
+BIN_BATCH = 512
+#: A sync whose snapshot moved under it (the registry changed mid-walk) starts again, at most
+#: this many times; the bins it already has at the new snapshot's versions are kept.
+MAX_SYNC_WALKS = 4
 
 
 def updater_config() -> UpdaterConfig:
@@ -342,38 +349,15 @@ class TufIndex:
         """
         self._metadata_dir.mkdir(parents=True, exist_ok=True)
         self._targets_dir.mkdir(parents=True, exist_ok=True)
+        known = dict(self.bins)  # (version, adapters) per bin, as verified so far
         try:
-            updater = Updater(str(self._metadata_dir), f"{self.url}/tuf/metadata/", str(self._targets_dir),
-                              f"{self.url}/tuf/targets/", fetcher=self.fetcher, config=updater_config(),
-                              bootstrap=self._bootstrap())
-            updater.refresh()
-            snapshot = Metadata[Snapshot].from_bytes((self._metadata_dir / "snapshot.json").read_bytes()).signed
-            top = Metadata[Targets].from_bytes((self._metadata_dir / "targets.json").read_bytes()).signed
-            timestamp = Metadata[Timestamp].from_bytes((self._metadata_dir / "timestamp.json").read_bytes()).signed
-            succinct = top.delegations.succinct_roles if top.delegations is not None else None
-            if succinct is None:
-                raise VerificationError("the registry's targets delegate to no hashed bins", code="tuf_invalid")
-            shards = shard_targets(succinct.bit_length, succinct.name_prefix)
-            bins: dict[str, tuple[int, list[AdapterSummary]]] = {}
-            changed = []
-            for name in succinct.get_roles():
-                meta = snapshot.meta.get(f"{name}.json")
-                if meta is None:
-                    raise VerificationError(f"the snapshot does not list bin {name}", code="tuf_invalid")
-                old = self.bins.get(name)
-                if old is not None and old[0] == meta.version:
-                    bins[name] = old
-                    continue
-                if meta.version == 1:  # a bin's first version is empty
-                    adapters: list[AdapterSummary] = []
-                else:
-                    info = updater.get_targetinfo(shards[name])
-                    adapters = [] if info is None else decode_shard(self._target(updater, info, MAX_SHARD_BYTES))
-                bins[name] = (meta.version, adapters)
-                if adapters or (old is not None and old[1]):
-                    changed.append(name)
-            info = updater.get_targetinfo(KEYS_TARGET)
-            keys = {} if info is None else decode_keys(self._target(updater, info, MAX_KEYS_BYTES))
+            for _ in range(MAX_SYNC_WALKS):
+                walked = self._walk(known)
+                if walked is not None:
+                    break
+            else:
+                raise RegistryError(f"the registry's library changed during {MAX_SYNC_WALKS} syncs in a row; "
+                                    "try again later", code="unreachable")
         except tuf_errors.RepositoryError as exc:
             raise _convert(exc) from None
         except tuf_errors.DownloadError as exc:
@@ -381,11 +365,64 @@ class TufIndex:
         except OSError as exc:
             raise RegistryError(f"cannot keep the registry's metadata in {self.directory}: {exc}",
                                 code="cache_error") from None
+        bins, keys, snapshot, timestamp = walked
+        changed = []
+        for name, (version, adapters) in bins.items():
+            old = self.bins.get(name)
+            if (old is None or old[0] != version) and (adapters or (old is not None and old[1])):
+                changed.append(name)
         self.bins, self.keys, self.changed = bins, keys, changed
         self.version = snapshot.version
         self.expires = timestamp.expires.timestamp()
         self._save(time.time())
         return changed
+
+    def _updater(self) -> tuple[Updater, Snapshot, Targets, Timestamp]:
+        """A fresh ngclient Updater, refreshed (timestamp from the registry; the snapshot and
+        targets from the node's trusted copies when still current), and what it now trusts."""
+        updater = Updater(str(self._metadata_dir), f"{self.url}/tuf/metadata/", str(self._targets_dir),
+                          f"{self.url}/tuf/targets/", fetcher=self.fetcher, config=updater_config(),
+                          bootstrap=self._bootstrap())
+        updater.refresh()
+        snapshot = Metadata[Snapshot].from_bytes((self._metadata_dir / "snapshot.json").read_bytes()).signed
+        top = Metadata[Targets].from_bytes((self._metadata_dir / "targets.json").read_bytes()).signed
+        timestamp = Metadata[Timestamp].from_bytes((self._metadata_dir / "timestamp.json").read_bytes()).signed
+        return updater, snapshot, top, timestamp
+
+    def _walk(self, known: dict[str, tuple[int, list[AdapterSummary]]]) -> tuple | None:
+        """Every bin at one snapshot, a fresh Updater after every :data:`BIN_BATCH` bins it
+        loaded; ``known`` (updated in place) spares the bins already held at the snapshot's
+        version. None: the snapshot changed between two batches (the caller walks again)."""
+        updater, snapshot, top, timestamp = self._updater()
+        succinct = top.delegations.succinct_roles if top.delegations is not None else None
+        if succinct is None:
+            raise VerificationError("the registry's targets delegate to no hashed bins", code="tuf_invalid")
+        shards = shard_targets(succinct.bit_length, succinct.name_prefix)
+        bins: dict[str, tuple[int, list[AdapterSummary]]] = {}
+        loaded = 0  # bins the current updater has loaded
+        for name in succinct.get_roles():
+            meta = snapshot.meta.get(f"{name}.json")
+            if meta is None:
+                raise VerificationError(f"the snapshot does not list bin {name}", code="tuf_invalid")
+            old = known.get(name)
+            if old is not None and old[0] == meta.version:
+                bins[name] = old
+                continue
+            adapters: list[AdapterSummary] = []  # a bin's first version is empty
+            if meta.version > 1:
+                if loaded == BIN_BATCH:  # let this updater's roles go: ngclient would keep them all
+                    updater, now, _, _ = self._updater()
+                    loaded = 0
+                    if now.version != snapshot.version:
+                        return None
+                info = updater.get_targetinfo(shards[name])
+                loaded += 1
+                if info is not None:
+                    adapters = decode_shard(self._target(updater, info, MAX_SHARD_BYTES))
+            bins[name] = known[name] = (meta.version, adapters)
+        info = updater.get_targetinfo(KEYS_TARGET)
+        keys = {} if info is None else decode_keys(self._target(updater, info, MAX_KEYS_BYTES))
+        return bins, keys, snapshot, timestamp
 
     def _target(self, updater: Updater, info: TargetFile, cap: int) -> bytes:
         if info.length > cap:

@@ -144,6 +144,40 @@ def test_node_refresh_downloads_only_what_changed_and_revocations_propagate(regi
     assert set(node.trusted_keys) == {keys.key_id(registry["key"])}
 
 
+def test_sync_walks_bins_in_batches_and_again_when_the_snapshot_moves(registry, tiny_base, tmp_path, monkeypatch):
+    """A fresh Updater after every BIN_BATCH bins it loaded (ngclient keeps every role it loaded);
+    a publish between two batches makes the walk begin again, so no sync mixes two snapshots."""
+    from semla.registry import tufindex
+
+    publish(registry, "rain", 1)
+    monkeypatch.setattr(tufindex, "BIN_BATCH", 1)
+    updaters = []
+    real = tufindex.TufIndex._updater
+
+    def counted(index):
+        updaters.append(1)
+        if len(updaters) == 2:  # between the first and the second bin of the first walk
+            publish(registry, "snow", 1)
+        return real(index)
+
+    walks = []
+    real_walk = tufindex.TufIndex._walk
+    monkeypatch.setattr(tufindex.TufIndex, "_updater", counted)
+    monkeypatch.setattr(tufindex.TufIndex, "_walk", lambda index, known: walks.append(real_walk(index, known))
+                        or walks[-1])
+    node = make_node(registry, tiny_base, tmp_path / "batched")
+    assert sorted(a.name for a in node.pull()) == ["fog", "rain", "snow"]
+    assert [w is None for w in walks] == [True, False]  # the first walk saw the snapshot move
+    assert len(updaters) >= 4  # one updater per loaded bin
+    updaters.clear()
+    node.pull()  # nothing changed: one updater, no bin loaded
+    assert len(updaters) == 1
+    cold = make_node(registry, tiny_base, tmp_path / "cold")
+    monkeypatch.setattr(tufindex.TufIndex, "_updater", real)
+    cold.pull()
+    assert listing(node) == listing(cold)
+
+
 @pytest.mark.slow
 def test_incremental_refresh_equals_a_cold_start(registry, tiny_base, tmp_path):
     rng = random.Random(12)
