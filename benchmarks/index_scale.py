@@ -70,7 +70,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bundle_factory  # noqa: E402
-from server_load import drive, start_server  # noqa: E402
+from server_load import TOKEN, drive, start_server  # noqa: E402
 
 from semla.registry import keys  # noqa: E402
 from semla.registry.bundle import sha256_bytes  # noqa: E402
@@ -250,6 +250,42 @@ def install_card(data_dir: Path, dim: int) -> None:
     BaseCardStore(data_dir / "bases").add(card.to_json())
 
 
+def _library(backend: str, url: str, data_dir: Path, n: int, dim: int, n_keys: int, seed: int = 0) -> Library:
+    """A library's description before its rows exist: fresh keys, the shared weights and config,
+    the manifest template and the names ``adapter-0000000 ..``."""
+    lib = Library(backend, url, data_dir, n, dim, signers=[keys.generate_key() for _ in range(n_keys)])
+    lib.weights, lib.config = bundle_factory.lora_weights(), json.dumps(bundle_factory.adapter_config()).encode()
+    lib.files_meta = {ADAPTER_WEIGHTS_FILE: {"sha256": sha256_bytes(lib.weights), "size": len(lib.weights)},
+                      ADAPTER_CONFIG_FILE: {"sha256": sha256_bytes(lib.config), "size": len(lib.config)}}
+    first = {**bundle_factory.manifest_fields(dim=dim), "publisher": keys.key_id(lib.signers[0]),
+             "files": lib.files_meta,
+             "centroids": {"embedding_model": EMBEDDING, "vectors": _unit_rows(np.random.default_rng(seed), 1, dim)}}
+    lib.template = json.loads(Manifest.model_validate(first).to_canonical())
+    lib.names = [f"adapter-{i:07d}" for i in range(n)]
+    return lib
+
+
+def reused_library(data_dir: Path, base: str) -> Library:
+    """The library of a SQLite data dir an earlier ``--keep-data`` run filled, served at ``base``:
+    its size and dimension from the database, and four fresh publisher keys registered through
+    the admin API (the fill's private keys are not kept) to sign what this run publishes."""
+    url = f"sqlite:///{data_dir / 'registry.db'}"
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        n = conn.execute(text("SELECT COUNT(*) FROM adapters WHERE name LIKE 'adapter-%'")).scalar_one()
+        published = conn.execute(text("SELECT COUNT(*) FROM adapters WHERE name LIKE 'new-%'")).scalar_one()
+        first = conn.execute(text("SELECT centroids FROM adapters ORDER BY id LIMIT 1")).scalar_one_or_none()
+    engine.dispose()
+    if not n or first is None:
+        raise SystemExit(f"{data_dir} holds no library filled by this benchmark")
+    lib = _library("sqlite", url, data_dir, n, len(json.loads(first)[0]), 4)
+    lib.published = published
+    for key in lib.signers:
+        httpx.post(base + "/v1/keys", json={"public_key": keys.public_bytes(key).hex(), "label": "bench (reused)"},
+                   headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120).raise_for_status()
+    return lib
+
+
 def bulk_fill(backend: str, url: str, data_dir: Path, n: int, dim: int, seed: int = 0,
               workers: int = 1) -> tuple[Library, dict]:
     """Fill an empty registry with ``n`` synthetic signed adapters (see the module docstring);
@@ -260,19 +296,11 @@ def bulk_fill(backend: str, url: str, data_dir: Path, n: int, dim: int, seed: in
     install_card(data_dir, dim)
     engine = make_engine(url)
     n_keys = max(4, n // ADAPTERS_PER_KEY)
-    lib = Library(backend, url, data_dir, n, dim, signers=[keys.generate_key() for _ in range(n_keys)])
-    lib.weights, lib.config = bundle_factory.lora_weights(), json.dumps(bundle_factory.adapter_config()).encode()
+    lib = _library(backend, url, data_dir, n, dim, n_keys, seed)
     blob_root = data_dir / "blobs"
     for prefix in range(256):
         (blob_root / "sha256" / f"{prefix:02x}").mkdir(parents=True, exist_ok=True)
     w_sha, c_sha = _write_blob(blob_root, lib.weights), _write_blob(blob_root, lib.config)
-    lib.files_meta = {ADAPTER_WEIGHTS_FILE: {"sha256": w_sha, "size": len(lib.weights)},
-                      ADAPTER_CONFIG_FILE: {"sha256": c_sha, "size": len(lib.config)}}
-    first = {**bundle_factory.manifest_fields(dim=dim), "publisher": keys.key_id(lib.signers[0]),
-             "files": lib.files_meta,
-             "centroids": {"embedding_model": EMBEDDING, "vectors": _unit_rows(np.random.default_rng(seed), 1, dim)}}
-    lib.template = json.loads(Manifest.model_validate(first).to_canonical())
-    lib.names = [f"adapter-{i:07d}" for i in range(n)]
     with engine.begin() as conn:
         conn.execute(insert(Publisher), [{"key_id": keys.key_id(k), "public_key": keys.public_bytes(k).hex(),
                                           "label": f"bench {i}", "active": True} for i, k in enumerate(lib.signers)])
@@ -517,15 +545,23 @@ def measure_node_sync(lib: Library, base: str, workdir: Path, counts: tuple[int,
 
 def run(backend: str, url: str | None, n: int, *, dim: int, clients: int, requests: int, publishes: int,
         workers: int, refresh_counts: tuple[int, ...] = REFRESH_COUNTS, bulk_above: int = 1000,
-        keep_data: bool = False) -> dict:
-    data_dir = Path(tempfile.mkdtemp(prefix=f"semla-scale-{backend}-{n}-"))
-    db_url = url or f"sqlite:///{data_dir / 'registry.db'}"
-    print(f"[{backend} {n}] filling ...", flush=True)
-    lib, fill = bulk_fill(backend, db_url, data_dir, n, dim, workers=workers)
-    print(f"[{backend} {n}] filled in {fill['seconds']} s; starting the server", flush=True)
+        keep_data: bool = False, reuse: Path | None = None) -> dict:
+    if reuse is None:
+        data_dir = Path(tempfile.mkdtemp(prefix=f"semla-scale-{backend}-{n}-"))
+        db_url = url or f"sqlite:///{data_dir / 'registry.db'}"
+        print(f"[{backend} {n}] filling ...", flush=True)
+        lib, fill = bulk_fill(backend, db_url, data_dir, n, dim, workers=workers)
+        print(f"[{backend} {n}] filled in {fill['seconds']} s; starting the server", flush=True)
+    else:
+        data_dir, keep_data, fill = reuse, True, {"reused": "a data dir an earlier --keep-data run filled"}
+        shutil.rmtree(data_dir / "node", ignore_errors=True)  # the node starts cold
     proc, base = start_server(data_dir, {"SEMLA_DATABASE_URL": url, "SEMLA_METRICS": "false"} if url
                               else {"SEMLA_METRICS": "false"})
     try:
+        if reuse is not None:
+            lib = reused_library(data_dir, base)
+            n = lib.n
+            print(f"[{backend} {n}] reusing {data_dir} ({lib.published} published before)", flush=True)
         result = {"backend": backend, "adapters": n, "fill": fill}
         result["read"] = measure_reads(lib, base, clients, requests)
         print(f"[{backend} {n}] reads done; publishing", flush=True)
@@ -543,7 +579,8 @@ def run(backend: str, url: str | None, n: int, *, dim: int, clients: int, reques
 
 def _summary_line(row: dict) -> str:
     read = row["read"]
-    parts = [f"{row['backend']:10s} {row['adapters']:>8d}: fill {row['fill']['seconds']:>6.1f} s; "
+    fill = f"fill {row['fill']['seconds']:>6.1f} s" if "seconds" in row["fill"] else "reused"
+    parts = [f"{row['backend']:10s} {row['adapters']:>8d}: {fill}; "
              f"publish p50 {row['publish']['p50_ms']} ms p99 {row['publish']['p99_ms']} ms"]
     for name in ("healthz", "one_adapter", "listing_page", "manifest", "retrieve", "tuf_metadata"):
         r = read.get(name, {})
@@ -584,6 +621,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bulk-above", type=int, default=1000,
                         help="refresh counts above this are added in bulk with one TUF sync, not uploaded (1000)")
     parser.add_argument("--keep-data", action="store_true", help="keep each filled data dir (deleted by default)")
+    parser.add_argument("--reuse-data", type=Path, default=None, metavar="DIR",
+                        help="measure the SQLite library a --keep-data run filled in DIR instead of filling one "
+                        "(its size comes from DIR; --sizes and --pg-sizes are ignored); what this run adds stays")
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows already in --out whose backend and size this run does not measure")
     parser.add_argument("--out", type=Path, default=None)
@@ -602,6 +642,12 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or ROOT / "benchmarks" / "results" / "index_scale.json"
     t0 = time.perf_counter()
     results = []
+    if args.reuse_data is not None:
+        sizes, pg_sizes = [], []
+        results.append(run("sqlite", None, 0, dim=args.dim, clients=args.clients, requests=requests,
+                           publishes=publishes, workers=args.workers, refresh_counts=refresh_counts,
+                           bulk_above=args.bulk_above, reuse=args.reuse_data))
+        print(_summary_line(results[-1]), flush=True)
     for n in sorted(set(sizes) | set(pg_sizes)):
         options = {"dim": args.dim, "clients": args.clients, "requests": requests, "publishes": publishes,
                    "workers": args.workers, "refresh_counts": refresh_counts, "bulk_above": args.bulk_above,
