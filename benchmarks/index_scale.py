@@ -500,7 +500,8 @@ def _timed_refresh(index: TufIndex, fetcher: CountingFetcher, expected: int) -> 
 
 
 def measure_node_sync(lib: Library, base: str, workdir: Path, counts: tuple[int, ...] = REFRESH_COUNTS, *,
-                      bulk_above: int = 1000, workers: int = 1) -> dict:
+                      bulk_above: int = 1000, workers: int = 1,
+                      on_row: Callable[[dict], None] = lambda rows: None) -> dict:
     """A node (a :class:`TufIndex` over ``tuf.ngclient``, trusting the first root on first use)
     syncs the full library from an empty cache, then refreshes after each of ``counts`` new
     adapters, added before the refresh's clock starts: real signed uploads, or above
@@ -522,6 +523,7 @@ def measure_node_sync(lib: Library, base: str, workdir: Path, counts: tuple[int,
                     goal="payload (shards, key list) <= 1.5 x the raw centroid bytes, the metadata apart",
                     meets_goal=payload <= GOALS["cold_start_payload_over_raw_centroids_max"] * raw)
         rows["cold_start"] = {"what": what["cold_start"], **cold}
+        on_row(rows)
         with httpx.Client(timeout=120) as http:
             for k in counts:
                 t0 = time.perf_counter()
@@ -535,6 +537,7 @@ def measure_node_sync(lib: Library, base: str, workdir: Path, counts: tuple[int,
                 name = f"refresh_after_{k}"
                 row = _timed_refresh(index, fetcher, lib.n + lib.published + lib.bulk_added)
                 rows[name] = {"what": what[name], "new_adapters": k, **row, "added": added}
+                on_row(rows)
                 print(f"  node {name}: {row['bytes']:,} B in {row['seconds']} s", flush=True)
     one = rows.get("refresh_after_1")
     if one is not None:
@@ -545,7 +548,10 @@ def measure_node_sync(lib: Library, base: str, workdir: Path, counts: tuple[int,
 
 def run(backend: str, url: str | None, n: int, *, dim: int, clients: int, requests: int, publishes: int,
         workers: int, refresh_counts: tuple[int, ...] = REFRESH_COUNTS, bulk_above: int = 1000,
-        keep_data: bool = False, reuse: Path | None = None) -> dict:
+        keep_data: bool = False, reuse: Path | None = None,
+        checkpoint: Callable[[dict], None] = lambda row: None) -> dict:
+    """One library size on one database: fill (or reuse), reads, publishes, a node's sync.
+    ``checkpoint`` gets the row as measured so far after each phase (a killed run keeps them)."""
     if reuse is None:
         data_dir = Path(tempfile.mkdtemp(prefix=f"semla-scale-{backend}-{n}-"))
         db_url = url or f"sqlite:///{data_dir / 'registry.db'}"
@@ -563,12 +569,16 @@ def run(backend: str, url: str | None, n: int, *, dim: int, clients: int, reques
             n = lib.n
             print(f"[{backend} {n}] reusing {data_dir} ({lib.published} published before)", flush=True)
         result = {"backend": backend, "adapters": n, "fill": fill}
+        checkpoint(result)
         result["read"] = measure_reads(lib, base, clients, requests)
+        checkpoint(result)
         print(f"[{backend} {n}] reads done; publishing", flush=True)
         result["publish"] = measure_publish(lib, base, publishes)
+        checkpoint(result)
         print(f"[{backend} {n}] publish done; node sync", flush=True)
         result["node_sync"] = measure_node_sync(lib, base, data_dir / "node", refresh_counts,
-                                                bulk_above=bulk_above, workers=workers)
+                                                bulk_above=bulk_above, workers=workers,
+                                                on_row=lambda rows: checkpoint({**result, "node_sync": rows}))
         return result
     finally:
         proc.terminate()
@@ -641,19 +651,33 @@ def main(argv: list[str] | None = None) -> int:
         refresh_counts = args.refresh_counts or REFRESH_COUNTS
         out = args.out or ROOT / "benchmarks" / "results" / "index_scale.json"
     t0 = time.perf_counter()
-    results = []
+    results: list[dict] = []
+    command = ("python benchmarks/index_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    before = json.loads(out.read_text()) if args.merge and out.exists() else None
+    config = {"dim": args.dim, "clients": args.clients, "requests_per_endpoint": requests, "publishes": publishes,
+              "refresh_counts": list(refresh_counts), "bulk_above": args.bulk_above}
+
+    def save(partial: dict | None = None) -> None:
+        """Write what is measured so far (``partial``: the row being measured, marked so)."""
+        rows = results + ([{**partial, "partial": True}] if partial is not None else [])
+        doc = _document(command, config, round(time.perf_counter() - t0, 1), rows)
+        if before is not None:
+            doc = _merged(before, doc)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2) + "\n")
+
+    options = {"dim": args.dim, "clients": args.clients, "requests": requests, "publishes": publishes,
+               "workers": args.workers, "refresh_counts": refresh_counts, "bulk_above": args.bulk_above,
+               "keep_data": args.keep_data, "checkpoint": save}
     if args.reuse_data is not None:
         sizes, pg_sizes = [], []
-        results.append(run("sqlite", None, 0, dim=args.dim, clients=args.clients, requests=requests,
-                           publishes=publishes, workers=args.workers, refresh_counts=refresh_counts,
-                           bulk_above=args.bulk_above, reuse=args.reuse_data))
+        results.append(run("sqlite", None, 0, **options, reuse=args.reuse_data))
+        save()
         print(_summary_line(results[-1]), flush=True)
     for n in sorted(set(sizes) | set(pg_sizes)):
-        options = {"dim": args.dim, "clients": args.clients, "requests": requests, "publishes": publishes,
-                   "workers": args.workers, "refresh_counts": refresh_counts, "bulk_above": args.bulk_above,
-                   "keep_data": args.keep_data}
         if n in sizes:
             results.append(run("sqlite", None, n, **options))
+            save()
             print(_summary_line(results[-1]), flush=True)
         if n in pg_sizes:
             import pg
@@ -664,9 +688,16 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             with pg.cluster() as cluster:
                 results.append(run("postgresql", cluster.create_database("scale"), n, **options))
+            save()
             print(_summary_line(results[-1]), flush=True)
-    command = ("python benchmarks/index_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    doc = {
+    save()
+    print(f"wrote {out}")
+    return 0
+
+
+def _document(command: str, config: dict, seconds: float, results: list[dict]) -> dict:
+    """The results file: what was measured and how, the goals, and the rows."""
+    return {
         "what": "The registry with N synthetic signed adapters: req/s, p50 and p99 of each read endpoint beside "
                 "/healthz under the same load (clients threads, requests each, after a warm-up), publish latency "
                 "of real signed uploads into the full library (one after another), and a node's TUF sync (a "
@@ -688,19 +719,11 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "note": "server, load clients and database share the same cores"},
-        "config": {"dim": args.dim, "clients": args.clients, "requests_per_endpoint": requests,
-                   "publishes": publishes, "refresh_counts": list(refresh_counts),
-                   "bulk_above": args.bulk_above},
+        "config": config,
         "goals": GOALS,
-        "seconds": round(time.perf_counter() - t0, 1),
+        "seconds": seconds,
         "results": results,
     }
-    if args.merge and out.exists():
-        doc = _merged(json.loads(out.read_text()), doc)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":

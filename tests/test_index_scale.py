@@ -89,3 +89,20 @@ def test_sizes_parse(bench):
                                                                                      2500, 1500]
     with pytest.raises(argparse.ArgumentTypeError):
         bench.parse_size("lots")
+
+
+def test_a_killed_run_keeps_what_it_measured(bench, tmp_path, monkeypatch):
+    """Each phase is written as it ends (the row marked partial), merged with the rows already there."""
+    out = tmp_path / "scale.json"
+    out.write_text(json.dumps({"command": "before", "results": [{"backend": "postgresql", "adapters": 10}]}))
+
+    def dies(backend, url, n, *, checkpoint, **options):
+        checkpoint({"backend": backend, "adapters": n, "fill": {"seconds": 1.0}, "read": {"healthz": {}}})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run", dies)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--sizes", "10", "--pg-sizes", "", "--merge", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert [(r["backend"], r.get("partial")) for r in doc["results"]] == [("sqlite", True), ("postgresql", None)]
+    assert doc["results"][0]["read"] == {"healthz": {}} and doc["command"][0] == "before"
