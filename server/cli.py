@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "request body pausing longer than the first (default 10 s) or, after the grace (default 10 s), arriving "
         "slower than the rate (default 16384 bytes/s) is answered 408 and its connection closed. "
         "SEMLA_METRICS=false turns off /metrics (Prometheus). SEMLA_COMPUTE_THREADS: BLAS/OpenMP threads of the "
-        "server process (default 1: concurrent requests are the parallelism). Access log on stdout, server log on stderr.",
+        "server process (default 1: concurrent requests are the parallelism). Access log on stdout, server log on "
+        "stderr.",
     )
     for dest, (flag, metavar, text) in _FLAGS.items():
         parser.add_argument(flag, dest=dest, metavar=metavar, default=None, help=text)
