@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -67,7 +68,9 @@ BIN_PREFIX = "bins"
 #: 2**13 = 8192 bins: about 120 adapters a bin at a million adapters.
 DEFAULT_BIN_BITS = 13
 KEYS_TARGET = "keys/publishers.json"
-SHARD_FORMAT = "semla-shard-v1"
+SHARD_FORMAT = "semla-shard-v2"
+#: What registries wrote before: nodes still read it.
+SHARD_FORMAT_V1 = "semla-shard-v1"
 #: Largest shard a node downloads (a bin's targets name its length; this bounds it again).
 MAX_SHARD_BYTES = 256 << 20
 #: Largest publisher key list (bytes).
@@ -114,33 +117,62 @@ def shard_targets(bit_length: int, name_prefix: str = BIN_PREFIX) -> dict[str, s
 
 
 # -- shards ------------------------------------------------------------------------------------
-_SUMMARY_FIELDS = ("name", "version", "publisher", "base_fingerprint", "domain", "sample_count",
-                   "manifest_sha256", "created_at", "spread")
+#: The summary fields of a version-1 shard's adapter list, in order (read, no longer written).
+_V1_FIELDS = ("name", "version", "publisher", "base_fingerprint", "domain", "sample_count",
+              "manifest_sha256", "created_at", "spread")
+#: A version-2 shard's adapter list: publisher and base as indices into per-shard tables,
+#: ``created_at`` as Unix seconds (or the string, when it is not ``%Y-%m-%dT%H:%M:%SZ``), the
+#: manifest hashes as a (n, 32) uint8 tensor. About 100 bytes an adapter besides its vectors,
+#: against about 230 in version 1 (1.95x the raw centroids at a million 64-d adapters).
+_V2_FIELDS = ("name", "version", "publisher", "base_fingerprint", "domain", "sample_count", "created_at", "spread")
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def _seconds(created_at: str) -> int | str:
+    try:
+        moment = datetime.strptime(created_at, _TIME_FORMAT).replace(tzinfo=timezone.utc)
+    except ValueError:
+        return created_at
+    return int(moment.timestamp()) if moment.strftime(_TIME_FORMAT) == created_at else created_at
+
+
+def _created_at(value: int | str) -> str:
+    if isinstance(value, str):
+        return value
+    return datetime.fromtimestamp(value, timezone.utc).strftime(_TIME_FORMAT)
 
 
 def encode_shard(summaries: Sequence[AdapterSummary]) -> bytes:
-    """safetensors bytes: per centroid dimension D, ``centroids.D`` (n, D) float32 and ``owner.D``
-    (n,) int64 (index into the adapter list); the header metadata holds the adapter list."""
+    """safetensors bytes (format ``semla-shard-v2``): per centroid dimension D, ``centroids.D``
+    (n, D) float32 and ``owner.D`` (n,) int32 (index into the adapter list); ``manifest_sha256``
+    (A, 32) uint8; the header metadata holds the adapter list and its publisher and base tables."""
     from safetensors.numpy import save
 
     summaries = sorted(summaries, key=lambda a: (a.name, a.version))
+    publishers = sorted({a.publisher for a in summaries})
+    bases = sorted({a.base_fingerprint for a in summaries})
+    publisher_at, base_at = {p: i for i, p in enumerate(publishers)}, {b: i for i, b in enumerate(bases)}
     rows: dict[int, tuple[list, list]] = {}
     for i, a in enumerate(summaries):
         for vector in a.centroids:
             vectors, owners = rows.setdefault(len(vector), ([], []))
             vectors.append(vector)
             owners.append(i)
-    tensors = {}
+    tensors = {"manifest_sha256": np.frombuffer(b"".join(bytes.fromhex(a.manifest_sha256) for a in summaries),
+                                                dtype=np.uint8).reshape(len(summaries), 32)}
     for dim, (vectors, owners) in sorted(rows.items()):
         tensors[f"centroids.{dim}"] = np.asarray(vectors, dtype=np.float32).reshape(len(vectors), dim)
-        tensors[f"owner.{dim}"] = np.asarray(owners, dtype=np.int64)
-    listing = [[getattr(a, f) for f in _SUMMARY_FIELDS] for a in summaries]
-    return save(tensors, metadata={"format": SHARD_FORMAT, "fields": json.dumps(_SUMMARY_FIELDS),
-                                   "adapters": json.dumps(listing, separators=(",", ":"))})
+        tensors[f"owner.{dim}"] = np.asarray(owners, dtype=np.int32)
+    listing = [[a.name, a.version, publisher_at[a.publisher], base_at[a.base_fingerprint], a.domain, a.sample_count,
+                _seconds(a.created_at), a.spread] for a in summaries]
+    compact = functools.partial(json.dumps, separators=(",", ":"))
+    return save(tensors, metadata={"format": SHARD_FORMAT, "fields": compact(_V2_FIELDS),
+                                   "publishers": compact(publishers), "bases": compact(bases),
+                                   "adapters": compact(listing)})
 
 
 def decode_shard(data: bytes) -> list[AdapterSummary]:
-    """The adapters of one shard (centroids as float32 values).
+    """The adapters of one shard, version 2 or 1 (centroids as float32 values).
 
     Raises:
         VerificationError: ``shard_invalid``: not a shard this node can read.
@@ -154,9 +186,12 @@ def decode_shard(data: bytes) -> list[AdapterSummary]:
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8 : 8 + header_len])
         meta = header.get("__metadata__") or {}
-        if meta.get("format") != SHARD_FORMAT or json.loads(meta["fields"]) != list(_SUMMARY_FIELDS):
+        fmt = meta.get("format")
+        fields = {SHARD_FORMAT: _V2_FIELDS, SHARD_FORMAT_V1: _V1_FIELDS}.get(fmt)
+        if fields is None or json.loads(meta["fields"]) != list(fields):
             raise bad("unknown format")
         listing = json.loads(meta["adapters"])
+        tables = (json.loads(meta["publishers"]), json.loads(meta["bases"])) if fmt == SHARD_FORMAT else None
         tensors = load(data)
     except VerificationError:
         raise
@@ -167,7 +202,7 @@ def decode_shard(data: bytes) -> list[AdapterSummary]:
     centroids: list[list[list[float]]] = [[] for _ in listing]
     for key, vectors in tensors.items():
         kind, _, dim = key.partition(".")
-        if kind == "owner":
+        if kind in ("owner", "manifest_sha256"):
             continue
         owners = tensors.get(f"owner.{dim}")
         if kind != "centroids" or owners is None or vectors.ndim != 2 or owners.shape != (len(vectors),) \
@@ -178,9 +213,30 @@ def decode_shard(data: bytes) -> list[AdapterSummary]:
         for row, owner in zip(vectors.tolist(), owners.tolist()):
             centroids[owner].append(row)
     try:
-        return [AdapterSummary(**dict(zip(_SUMMARY_FIELDS, item)), centroids=c) for item, c in zip(listing, centroids)]
-    except (ValidationError, TypeError) as exc:
+        if tables is None:
+            items = [dict(zip(_V1_FIELDS, item)) for item in listing]
+        else:
+            items = _v2_items(listing, tables, tensors.get("manifest_sha256"))
+        return [AdapterSummary(**item, centroids=c) for item, c in zip(items, centroids)]
+    except (ValidationError, TypeError, ValueError, IndexError, OverflowError, OSError) as exc:
         raise bad(str(exc)[:200]) from None
+
+
+def _v2_items(listing: list, tables: tuple, hashes: np.ndarray | None) -> list[dict]:
+    """A version-2 adapter list as summary fields (raises TypeError, ValueError or IndexError)."""
+    publishers, bases = tables
+    if hashes is None or hashes.dtype != np.uint8 or hashes.shape != (len(listing), 32):
+        raise ValueError("manifest_sha256 is not a (n, 32) uint8 tensor")
+    items = []
+    for item, digest in zip(listing, hashes):
+        name, version, publisher, base, domain, sample_count, created, spread = item
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in (publisher, base)):
+            raise ValueError("publisher and base must be table indices")
+        items.append({"name": name, "version": version, "publisher": publishers[publisher],
+                      "base_fingerprint": bases[base], "domain": domain, "sample_count": sample_count,
+                      "manifest_sha256": digest.tobytes().hex(), "created_at": _created_at(created),
+                      "spread": spread})
+    return items
 
 
 def encode_keys(keys: Sequence[IndexKey]) -> bytes:

@@ -404,3 +404,61 @@ def publish_concurrently_and_check(registry, second: TestClient, tmp_path) -> No
     for i in range(2):
         for j in range(3):
             assert updater.get_targetinfo(f"adapters/r{i}-{j}/1/manifest.json") is not None
+
+
+def _summaries(n: int, dim: int = 8) -> list:
+    from semla.schemas import AdapterSummary
+
+    rng = random.Random(n)
+    return [AdapterSummary(name=f"a-{i:04d}", version=1 + i % 3, publisher=f"{i % 3:016x}", base_fingerprint="b" * 64,
+                           domain=f"domain {i} \u00e9", sample_count=100 + i, manifest_sha256=f"{i:064x}",
+                           centroids=[[rng.uniform(-1, 1) for _ in range(dim)] for _ in range(1 + i % 2)],
+                           created_at=f"2026-0{1 + i % 9}-1{i % 10}T0{i % 10}:3{i % 10}:0{i % 10}Z",
+                           spread=None if i % 2 else [0.1, 0.2, 0.3]) for i in range(n)]
+
+
+def test_shards_round_trip_and_version_1_still_reads():
+    """A shard lists the summaries exactly (centroids as float32); a version-1 shard, as registries
+    wrote them before, still decodes to the same; version 2 is much smaller."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    from semla.registry.tufindex import decode_shard, encode_shard
+
+    summaries = _summaries(120, dim=64)
+    as_f32 = [s.model_copy(update={"centroids": np.asarray(s.centroids, np.float32).tolist()}) for s in summaries]
+    v2 = encode_shard(summaries)
+    assert decode_shard(v2) == sorted(as_f32, key=lambda a: (a.name, a.version))
+    fields = ["name", "version", "publisher", "base_fingerprint", "domain", "sample_count", "manifest_sha256",
+              "created_at", "spread"]
+    vectors = [(i, c) for i, s in enumerate(summaries) for c in s.centroids]
+    v1 = save({"centroids.64": np.asarray([c for _, c in vectors], np.float32),
+               "owner.64": np.asarray([i for i, _ in vectors], np.int64)},
+              metadata={"format": "semla-shard-v1", "fields": json.dumps(fields),
+                        "adapters": json.dumps([[getattr(s, f) for f in fields] for s in summaries])})
+    assert decode_shard(v1) == as_f32
+    raw = sum(len(s.centroids) for s in summaries) * 64 * 4
+    assert len(v2) < 1.45 * raw < len(v1)
+
+
+@pytest.mark.parametrize("tamper", ["publisher index", "hash rows", "bool index", "short item"])
+def test_a_malformed_version_2_shard_is_refused(tamper):
+    from safetensors.numpy import load, save
+
+    from semla.registry.tufindex import decode_shard, encode_shard
+
+    data = encode_shard(_summaries(4))
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    meta, tensors = header["__metadata__"], load(data)
+    listing = json.loads(meta["adapters"])
+    if tamper == "publisher index":
+        listing[0][2] = 99
+    elif tamper == "bool index":
+        listing[0][3] = True
+    elif tamper == "short item":
+        listing[1] = listing[1][:5]
+    else:
+        tensors["manifest_sha256"] = tensors["manifest_sha256"][:2]
+    meta["adapters"] = json.dumps(listing)
+    with pytest.raises(VerificationError, match="shard is invalid"):
+        decode_shard(save(tensors, metadata=meta))
