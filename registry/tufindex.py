@@ -179,9 +179,7 @@ def decode_shard(data: bytes) -> list[AdapterSummary]:
     """
     from safetensors.numpy import load
 
-    def bad(why: str) -> VerificationError:
-        return VerificationError(f"the shard is invalid: {why}", code="shard_invalid")
-
+    bad = _bad_shard
     try:
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8 : 8 + header_len])
@@ -218,20 +216,27 @@ def decode_shard(data: bytes) -> list[AdapterSummary]:
         else:
             items = _v2_items(listing, tables, tensors.get("manifest_sha256"))
         return [AdapterSummary(**item, centroids=c) for item, c in zip(items, centroids)]
+    except VerificationError:
+        raise
     except (ValidationError, TypeError, ValueError, IndexError, OverflowError, OSError) as exc:
         raise bad(str(exc)[:200]) from None
 
 
+def _bad_shard(why: str) -> VerificationError:
+    return VerificationError(f"the shard is invalid: {why}", code="shard_invalid")
+
+
 def _v2_items(listing: list, tables: tuple, hashes: np.ndarray | None) -> list[dict]:
-    """A version-2 adapter list as summary fields (raises TypeError, ValueError or IndexError)."""
+    """A version-2 adapter list as summary fields (a malformed one raises VerificationError, or
+    the TypeError, ValueError or IndexError its unpacking meets)."""
     publishers, bases = tables
     if hashes is None or hashes.dtype != np.uint8 or hashes.shape != (len(listing), 32):
-        raise ValueError("manifest_sha256 is not a (n, 32) uint8 tensor")
+        raise _bad_shard("manifest_sha256 is not a (n, 32) uint8 tensor")
     items = []
     for item, digest in zip(listing, hashes):
         name, version, publisher, base, domain, sample_count, created, spread = item
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in (publisher, base)):
-            raise ValueError("publisher and base must be table indices")
+            raise _bad_shard("publisher and base must be table indices")
         items.append({"name": name, "version": version, "publisher": publishers[publisher],
                       "base_fingerprint": bases[base], "domain": domain, "sample_count": sample_count,
                       "manifest_sha256": digest.tobytes().hex(), "created_at": _created_at(created),
