@@ -144,6 +144,8 @@ def test_node_refresh_downloads_only_what_changed_and_revocations_propagate(regi
     assert set(node.trusted_keys) == {keys.key_id(registry["key"])}
 
 
+@pytest.mark.slow
+@pytest.mark.ci_slow  # a sync with an Updater per bin, walked twice (~35 s): CI runs it in make test-slow
 def test_sync_walks_bins_in_batches_and_again_when_the_snapshot_moves(registry, tiny_base, tmp_path, monkeypatch):
     """A fresh Updater after every BIN_BATCH bins it loaded (ngclient keeps every role it loaded);
     a publish between two batches makes the walk begin again, so no sync mixes two snapshots."""
