@@ -156,6 +156,8 @@ def fog_owners(tmp_path_factory):
     return owners, pooled, test
 
 
+@pytest.mark.slow
+@pytest.mark.ci_slow  # 22 s of training, twice: CI runs it in make test-slow
 def test_federated_matches_central_training_on_one_domain(tiny_base, fog_owners, tmp_path):
     """Same global steps (rounds × local steps) as a central run on the pooled images.
 
