@@ -125,7 +125,7 @@ class CentroidTable:
         if key not in self._cache:
             units = self.units(distance)
             self._cache[key] = (torch.as_tensor(units.q50, dtype=torch.float32, device=device),
-                                    torch.as_tensor(units.s, dtype=torch.float32, device=device))
+                                torch.as_tensor(units.s, dtype=torch.float32, device=device))
         return self._cache[key]
 
     def tensors(self, device: Any) -> tuple[Any, Any]:

@@ -179,7 +179,6 @@ def decode_shard(data: bytes) -> list[AdapterSummary]:
     """
     from safetensors.numpy import load
 
-    bad = _bad_shard
     try:
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8 : 8 + header_len])
@@ -187,16 +186,16 @@ def decode_shard(data: bytes) -> list[AdapterSummary]:
         fmt = meta.get("format")
         fields = {SHARD_FORMAT: _V2_FIELDS, SHARD_FORMAT_V1: _V1_FIELDS}.get(fmt)
         if fields is None or json.loads(meta["fields"]) != list(fields):
-            raise bad("unknown format")
+            raise _bad_shard("unknown format")
         listing = json.loads(meta["adapters"])
         tables = (json.loads(meta["publishers"]), json.loads(meta["bases"])) if fmt == SHARD_FORMAT else None
         tensors = load(data)
     except VerificationError:
         raise
     except Exception as exc:  # safetensors raises its own errors for a malformed file
-        raise bad(str(exc)[:200]) from None
+        raise _bad_shard(str(exc)[:200]) from None
     if not isinstance(listing, list) or len(listing) > MAX_SHARD_ADAPTERS:
-        raise bad("the adapter list is not a list or too long")
+        raise _bad_shard("the adapter list is not a list or too long")
     centroids: list[list[list[float]]] = [[] for _ in listing]
     for key, vectors in tensors.items():
         kind, _, dim = key.partition(".")
@@ -205,9 +204,9 @@ def decode_shard(data: bytes) -> list[AdapterSummary]:
         owners = tensors.get(f"owner.{dim}")
         if kind != "centroids" or owners is None or vectors.ndim != 2 or owners.shape != (len(vectors),) \
                 or vectors.dtype != np.float32 or not np.isfinite(vectors).all():
-            raise bad(f"tensor {key!r}")
+            raise _bad_shard(f"tensor {key!r}")
         if len(owners) and (owners.min() < 0 or owners.max() >= len(listing)):
-            raise bad("a centroid names no adapter")
+            raise _bad_shard("a centroid names no adapter")
         for row, owner in zip(vectors.tolist(), owners.tolist()):
             centroids[owner].append(row)
     try:
@@ -219,7 +218,7 @@ def decode_shard(data: bytes) -> list[AdapterSummary]:
     except VerificationError:
         raise
     except (ValidationError, TypeError, ValueError, IndexError, OverflowError, OSError) as exc:
-        raise bad(str(exc)[:200]) from None
+        raise _bad_shard(str(exc)[:200]) from None
 
 
 def _bad_shard(why: str) -> VerificationError:
