@@ -106,3 +106,11 @@ def test_a_killed_run_keeps_what_it_measured(bench, tmp_path, monkeypatch):
     doc = json.loads(out.read_text())
     assert [(r["backend"], r.get("partial")) for r in doc["results"]] == [("sqlite", True), ("postgresql", None)]
     assert doc["results"][0]["read"] == {"healthz": {}} and doc["command"][0] == "before"
+
+
+def test_reuse_refuses_a_data_dir_this_benchmark_did_not_fill(bench, tmp_path):
+    from semla.server.db import upgrade
+
+    upgrade(f"sqlite:///{tmp_path / 'registry.db'}")  # a registry, but no library in it
+    with pytest.raises(SystemExit, match="holds no library filled by this benchmark"):
+        bench.reused_library(tmp_path, "http://127.0.0.1:9")
