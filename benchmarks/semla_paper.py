@@ -75,7 +75,7 @@ class PaperConfig(sb.Config):
     # then the guard's threshold (in units of the nearest adapter's spread)
     temperatures: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)  # calibrated: in units of the adapters' spreads
     top_ks: tuple[int, ...] = (1, 3, 5, 0)  # 0: the whole library
-    guard_zs: tuple[float | None, ...] = (None, 1.0, 2.0, 3.0, 5.0, 8.0)  # None: the library's own default
+    guard_zs: tuple[float | None, ...] = (None, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 16.0, 24.0)  # None: the library's own default
 
 
 PAPER = sb.generated("paper-shaped", synth_paper, synth_paper.classes, lambda d: synth_paper.get_domain(d).description)
