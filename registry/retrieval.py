@@ -43,6 +43,7 @@ __all__ = [
     "CentroidTable",
     "retrieve_numpy",
     "retrieve_torch",
+    "unit_queries",
     "weigh_numpy",
     "list_distances",
     "temperature_ok",
@@ -168,6 +169,23 @@ class CentroidTable:
         return cls(vectors, np.asarray(owner, dtype=np.int64), len(centroids_per_adapter), spread)
 
 
+def unit_queries(queries: np.ndarray) -> np.ndarray:
+    """(Q, D) query embeddings as float32 unit rows, normalised in float64 after scaling each row by
+    its largest magnitude (the square sum of large finite values stays finite).
+
+    Raises:
+        InvalidInputError: not a (Q, D) array, or a row that is not finite or is all zero.
+    """
+    q = np.asarray(queries, dtype=np.float64)
+    if q.ndim != 2:
+        raise InvalidInputError("queries must be a (Q, D) array")
+    peak = np.abs(q).max(axis=1, keepdims=True) if q.size else q
+    if not (np.isfinite(q).all() and (peak > 0).all()):
+        raise InvalidInputError("every query embedding must be finite and non-zero")
+    q = q / peak
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
 def retrieve_numpy(
     queries: np.ndarray,
     table: CentroidTable,
@@ -199,12 +217,7 @@ def retrieve_numpy(
         InvalidInputError: unknown weighting or guard_z out of range.
     """
     _check(distance, top_k, temperature, weighting, guard_z)
-    q = np.asarray(queries, dtype=np.float64)
-    peak = np.abs(q).max(axis=1, keepdims=True) if q.size else q
-    if not (np.isfinite(q).all() and (peak > 0).all()):
-        raise InvalidInputError("every query embedding must be finite and non-zero")
-    q = q / peak  # scaled first: the square sum of large finite values stays finite
-    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    q = unit_queries(queries)
     sim = q @ table.vectors.T  # (Q, C)
     d_cent = distance_from_similarity(sim, distance)
     if table.one_per_adapter:

@@ -36,6 +36,7 @@ from semla.registry.retrieval import (
     CentroidTable,
     _check,
     retrieve_numpy,
+    unit_queries,
     weigh_numpy,
 )
 
@@ -71,13 +72,6 @@ SEED = 1234
 def choose(table: CentroidTable) -> Literal["brute", "ann"]:
     """``"brute"`` up to :data:`ANN_THRESHOLD` centroids, ``"ann"`` above."""
     return "brute" if len(table.vectors) <= ANN_THRESHOLD else "ann"
-
-
-def _unit(queries: np.ndarray) -> np.ndarray:
-    q = np.asarray(queries, dtype=np.float32)
-    if q.ndim != 2:
-        raise InvalidInputError("queries must be a (Q, D) array")
-    return q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
 def _distance(sim: np.ndarray, distance: str) -> np.ndarray:
@@ -153,7 +147,7 @@ class CentroidIndex:
         """
         _check(distance, top_k, temperature, weighting, guard_z)
         table = self.table
-        q = _unit(queries)
+        q = unit_queries(queries)
         if q.shape[1] != table.vectors.shape[1]:
             raise InvalidInputError(f"queries have dimension {q.shape[1]}, the centroids {table.vectors.shape[1]}")
         k = min(top_k, table.n_adapters)

@@ -47,6 +47,7 @@ from semla.server.service import RegistryService
 from semla.server.bases import BaseCardStore
 from semla.server.blobs import BlobStore
 from semla.server.db import check_schema, make_engine, make_sessionmaker
+from semla.server.deps import ServiceDep, SettingsDep
 from semla.server.metrics import install_metrics
 from semla.server.paging import DEFAULT_LIMIT, MAX_CURSOR_CHARS, MAX_LIMIT, Page
 from semla.server.settings import ServerSettings
@@ -65,20 +66,10 @@ def _version() -> str:
 
 
 # -- dependencies ---------------------------------------------------------------------------------
-def _service(request: Request) -> RegistryService:
-    return request.app.state.service
-
-
-def _settings(request: Request) -> ServerSettings:
-    return request.app.state.settings
-
-
-ServiceDep = Annotated[RegistryService, Depends(_service)]
-SettingsDep = Annotated[ServerSettings, Depends(_settings)]
 _bearer = HTTPBearer(auto_error=False, description="the registry's admin token (SEMLA_ADMIN_TOKEN)")
 
 
-def _require_admin(
+async def _require_admin(
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
@@ -325,14 +316,17 @@ def revoke_version(name: AdapterName, version: Version, body: RevokeRequest, ser
     summary="Nearest adapters to one embedding (for thin clients)",
     description=(
         "SemLA retrieval on the registry, for clients that cannot run it themselves: distance = min over "
-        "an adapter's centroids (euclidean between unit vectors, or cosine), top-k, weights softmax(-d/T). "
+        "an adapter's centroids (euclidean between unit vectors, or cosine), top-k, fusion weights by the named "
+        "`weighting` scheme (default `calibrated`), the base's weight with `guard`. "
         "Same math as the node's local retrieval; a node that retrieves locally never sends its query."
     ),
+    response_model=RetrieveResponse,
     responses={**_BODY_REFUSALS, 404: {**ERROR_RESPONSES, "description": "no adapter of this base"},
                422: ERROR_RESPONSES, 400: ERROR_RESPONSES},
 )
-def retrieve(body: RetrieveRequest, service: ServiceDep) -> RetrieveResponse:
-    return service.retrieve(body)
+def retrieve(body: RetrieveRequest, service: ServiceDep) -> Response:
+    # encoded here, in the worker thread: a returned model would be serialised in a second hop
+    return Response(service.retrieve(body).model_dump_json(), media_type="application/json")
 
 
 @router.get(

@@ -56,6 +56,7 @@ __all__ = [
     "library_version_select",
     "bump_library_version",
     "make_engine",
+    "autocommit_sessions",
     "make_sessionmaker",
     "SchemaError",
     "MIGRATIONS_DIR",
@@ -220,6 +221,15 @@ def make_engine(url: str) -> Engine:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def autocommit_sessions(sessions: sessionmaker[Session]) -> sessionmaker[Session]:
+    """``sessions``' twin whose connections run in autocommit (same pool): every statement is its
+    own transaction, with no BEGIN or ROLLBACK around it. ``sessions`` itself when it has no engine."""
+    engine = sessions.kw.get("bind")
+    if not isinstance(engine, Engine):
+        return sessions
+    return make_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))
 
 
 def alembic_config(url: str | None = None) -> Config:

@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse
 from semla.registry.asgi import ERROR_RESPONSES
 from semla.schemas import BUNDLE_FILES
 from semla.schemas.errors import NotFoundError
-from semla.server.service import RegistryService
+from semla.server.deps import ServiceDep
 from semla.server.tufrepo import TufRepository
 
 __all__ = ["router"]
@@ -35,19 +35,14 @@ IMMUTABLE = "public, max-age=31536000, immutable"
 REVALIDATE = "public, max-age=0, must-revalidate"
 
 
-def _repo(request: Request) -> TufRepository:
+async def _repo(request: Request) -> TufRepository:
     repo = request.app.state.tuf_repo
     if repo is None:
         raise NotFoundError("this registry publishes no TUF metadata")
     return repo
 
 
-def _service(request: Request) -> RegistryService:
-    return request.app.state.service
-
-
 RepoDep = Annotated[TufRepository, Depends(_repo)]
-ServiceDep = Annotated[RegistryService, Depends(_service)]
 
 router = APIRouter()
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from semla.registry.retrieval import CentroidTable, retrieve_numpy
+from semla.schemas.errors import InvalidInputError
 from semla.server import ann
 
 DIM = 64
@@ -189,3 +190,19 @@ def test_the_registry_switches_to_the_index_above_the_threshold(tmp_path, monkey
         assert r.status_code == 200 and r.json()["results"][0]["name"] == "a2"
         (entry,) = app.state.service._tables.values()
         assert isinstance(entry[3], ann_module.CentroidIndex)
+
+
+def test_a_query_of_any_finite_scale_gives_the_unit_query_s_answer(single):
+    """Both searches scale a query before normalising it: values near float32's limit (whose
+    squares overflow) answer as the unit query does, and an all-zero or infinite one is refused."""
+    table, index, queries = single
+    q = queries[:4].astype(np.float64)
+    for scale in (1e30, 1e-30):
+        for search in (index.search, lambda x, **kw: retrieve_numpy(x, table, **kw)):
+            want = search(q, top_k=5)
+            got = search(q * scale, top_k=5)
+            assert np.array_equal(got[0], want[0])
+            np.testing.assert_allclose(got[1], want[1], atol=1e-6)
+    for bad in (np.zeros_like(q), np.full_like(q, np.inf)):
+        with pytest.raises(InvalidInputError):
+            index.search(bad, top_k=5)

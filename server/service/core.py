@@ -17,7 +17,7 @@ from semla.registry.retrieval import CentroidTable
 from semla.schemas import AdapterSummary
 from semla.server.bases import BaseCardStore
 from semla.server.blobs import BlobStore
-from semla.server.db import Publisher
+from semla.server.db import Publisher, autocommit_sessions
 from semla.server.settings import DEFAULT_EPSILON_BUDGET, DEFAULT_MIN_SAMPLES
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,10 @@ class ServiceCore:
         base_cards: BaseCardStore | None = None,
     ) -> None:
         self._sessions = sessions
+        #: Sessions for single-statement reads, in autocommit: on PostgreSQL a read is then one round
+        #: trip instead of BEGIN, SELECT, ROLLBACK. Anything that reads twice and needs both reads
+        #: from one snapshot, or writes, uses ``_sessions``.
+        self._reads = autocommit_sessions(sessions)
         self.base_cards = base_cards if base_cards is not None else BaseCardStore(None)
         self._min_samples = min_samples
         self._epsilon_budget = epsilon_budget

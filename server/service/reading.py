@@ -56,7 +56,7 @@ class ReadingPart(ServiceCore):
         for word in words:
             stmt = stmt.where(Adapter.name.icontains(word, autoescape=True)
                               | Adapter.domain.icontains(word, autoescape=True))
-        with self._sessions() as session:
+        with self._reads() as session:
             rows = _plain_rows(session, stmt.order_by(Adapter.name).limit(limit + 1),
                                {"after": after} if after is not None else None)
         return _page(rows, limit, as_json, lambda last: encode_cursor("adapters", last.name, scope))
@@ -77,7 +77,7 @@ class ReadingPart(ServiceCore):
         stmt = select(Adapter).where(Adapter.name == name)
         if before is not None:
             stmt = stmt.where(Adapter.version < before)
-        with self._sessions() as session:
+        with self._reads() as session:
             rows = _plain_rows(session, stmt.order_by(Adapter.version.desc()).limit(limit + 1))
             if not rows and (before is None or session.scalar(select(Adapter.id).where(Adapter.name == name)
                                                                .limit(1)) is None):
@@ -97,7 +97,7 @@ class ReadingPart(ServiceCore):
         """
         if filename not in BUNDLE_FILES:
             raise NotFoundError(f"no bundle file {filename!r}; bundle files are {', '.join(BUNDLE_FILES)}")
-        with self._sessions() as session:
+        with self._reads() as session:
             found = session.execute(
                 select(AdapterFile.sha256, Adapter.revoked_at, Publisher.active)
                 .join(Adapter, AdapterFile.adapter_id == Adapter.id)

@@ -60,9 +60,7 @@ class RetrievalPart(ServiceCore):
         if len(body.embedding) != dim:
             raise InvalidInputError(f"embedding has {len(body.embedding)} dimensions; "
                                     f"the centroids of this base have {dim}")
-        query = np.asarray([body.embedding], dtype=np.float64)
-        query /= np.abs(query).max()  # scaled, then normalised in float64: no overflow in float32
-        query = (query / np.linalg.norm(query)).astype(np.float32)
+        query = np.asarray([body.embedding], dtype=np.float64)  # both searches scale and normalise it
         options = {"top_k": body.top_k, "temperature": body.temperature, "distance": body.distance,
                    "weighting": body.weighting, "guard": body.guard, "guard_z": body.guard_z}
         idx, dist, weights = index.search(query, **options) if index is not None else retrieve_numpy(query, table, **options)
@@ -76,7 +74,8 @@ class RetrievalPart(ServiceCore):
         """The centroid table of one base (with an ANN index above ``ann.ANN_THRESHOLD``
         centroids; brute force below), rebuilt only when the library has changed (checked on
         every call, so replicas sharing a database stay consistent)."""
-        with self._sessions() as session:
+        with self._reads() as session:  # two statements, in autocommit: the rows are at least as new as
+            # the counter read first, so a table is never older than its label (at worst rebuilt once more)
             generation = library_version(session)  # changes with every publish or revocation
             cached = self._tables.get(fingerprint)
             if cached is not None and cached[0] == generation:
