@@ -113,6 +113,14 @@ def fill(url: str, data_dir: Path, n: int, n_keys: int = 4, dim: int = 64) -> fl
 
 def drive(fn, clients: int, requests: int) -> dict:
     """``requests`` calls of ``fn(client)`` spread over ``clients`` threads; req/s, p50, p99."""
+    latencies, wall = timed_calls(fn, clients, requests)
+    return {"requests": len(latencies), "req_per_s": round(len(latencies) / wall, 1),
+            "p50_ms": round(float(np.percentile(latencies, 50)), 2),
+            "p99_ms": round(float(np.percentile(latencies, 99)), 2)}
+
+
+def timed_calls(fn, clients: int, requests: int) -> tuple[list[float], float]:
+    """``requests`` calls of ``fn(client)`` over ``clients`` threads: (latencies in ms, wall seconds)."""
     latencies: list[float] = []
     lock = threading.Lock()
     per = requests // clients
@@ -132,10 +140,7 @@ def drive(fn, clients: int, requests: int) -> dict:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
-    return {"requests": len(latencies), "req_per_s": round(len(latencies) / wall, 1),
-            "p50_ms": round(float(np.percentile(latencies, 50)), 2),
-            "p99_ms": round(float(np.percentile(latencies, 99)), 2)}
+    return latencies, time.perf_counter() - t0
 
 
 def start_server(data_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
