@@ -75,13 +75,6 @@ class ServerSettings(BaseSettings):
     body_idle_timeout_s: float = Field(default=BodyLimits.idle_timeout_s, gt=0, le=3600)
     body_min_rate: float = Field(default=BodyLimits.min_rate, gt=0)
     body_grace_s: float = Field(default=BodyLimits.grace_s, ge=0, le=3600)
-
-    def body_limits(self) -> BodyLimits:
-        """The request-body bounds these settings describe."""
-        return BodyLimits(max_body_bytes=self.max_json_bytes,
-                          json=dataclasses.replace(BodyLimits.json, max_bytes=self.max_json_bytes),
-                          idle_timeout_s=self.body_idle_timeout_s, min_rate=self.body_min_rate,
-                          grace_s=self.body_grace_s)
     #: Serve Prometheus metrics at ``/metrics`` and count requests (``SEMLA_METRICS=false`` turns both off).
     metrics: bool = True
     #: ``text`` (uvicorn's lines) or ``json`` (one object per line); read by ``semla-server``.
@@ -90,6 +83,13 @@ class ServerSettings(BaseSettings):
     #: for its process. Concurrent requests are the parallelism: with the libraries' default (one
     #: thread per core each) eight concurrent retrievals on two cores ran 3x slower than with one.
     compute_threads: int = Field(default=1, ge=1, le=1024)
+
+    def body_limits(self) -> BodyLimits:
+        """The request-body bounds these settings describe."""
+        return BodyLimits(max_body_bytes=self.max_json_bytes,
+                          json=dataclasses.replace(BodyLimits.json, max_bytes=self.max_json_bytes),
+                          idle_timeout_s=self.body_idle_timeout_s, min_rate=self.body_min_rate,
+                          grace_s=self.body_grace_s)
 
     @field_validator("epsilon_budget", mode="before")
     @classmethod
