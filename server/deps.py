@@ -1,7 +1,7 @@
 """Request dependencies shared by the registry's routers: what ``create_app`` keeps on ``app.state``.
 
-They are ``async``: FastAPI runs a plain ``def`` dependency in its thread pool, one hop per
-request for reading an attribute (measured: a fifth of a trivial route's throughput).
+They are ``async``: FastAPI runs a plain ``def`` dependency in its thread pool, a hop to
+another thread and back on every request just to read an attribute.
 """
 
 from __future__ import annotations
