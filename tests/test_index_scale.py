@@ -63,7 +63,7 @@ def test_quick_run_measures_reads_publishing_and_a_nodes_tuf_sync(bench, tmp_pat
     for name in ("healthz", *bench.READ_GOAL_ENDPOINTS, "tuf_snapshot_reference"):
         # 16 requests in 4 interleaved rounds of 4 (at least one per client thread)
         assert read[name]["requests"] == 16 and read[name]["req_per_s"] > 0, name
-        assert read[name]["server_cpu_ms_per_req"] > 0, name
+        assert read[name]["server_cpu_ms_per_req"] >= 0, name  # clock ticks: 16 requests may take none
     for name in bench.READ_GOAL_ENDPOINTS:
         assert 0 < read[name]["share_median_of_rounds"] and isinstance(read[name]["meets_goal"], bool), name
     assert "meets_goal" not in read["tuf_snapshot_reference"]
