@@ -26,7 +26,6 @@ Python API::
 
 from __future__ import annotations
 
-import calendar
 import dataclasses
 import hashlib
 import logging
@@ -76,10 +75,6 @@ from semla.schemas.errors import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["Node", "Segmenter", "Prediction", "Contribution", "default_cache_dir", "resolve_device"]
-
-def _parse_utc(text: str) -> float:
-    """``2026-01-01T00:00:00Z`` → seconds since the epoch."""
-    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ"))
 
 
 def _table(library: Sequence[AdapterSummary]) -> CentroidTable | None:
