@@ -60,3 +60,32 @@ def test_each_api_distance_has_one_definition_for_numpy_and_torch():
         assert np.allclose(got_np, expected[name]) and np.allclose(got_torch, expected[name]), name
         # a euclidean spread in this distance's units agrees with the distance of the same pair
         assert np.allclose(DISTANCE_FUNCTIONS[name].from_euclidean(np.asarray(expected["euclidean"])), expected[name])
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_top_k_from_the_most_similar_equals_a_stable_sort_of_every_distance(distance):
+    """The brute-force search computes distances for the k + 1 most similar adapters only; it must
+    answer exactly what sorting every adapter's distance (stable: ties to the lower index) answers,
+    with duplicate centroids, rounded (tied) vectors and several centroids per adapter."""
+    from semla.registry.distances import distance_from_similarity
+    from semla.registry.retrieval import _stable_nearest, unit_queries
+
+    rng = np.random.default_rng(7)
+    for trial in range(120):
+        n_adapters, dim = int(rng.integers(1, 40)), int(rng.integers(2, 5))
+        per = rng.integers(1, 3, n_adapters) if trial % 2 else np.ones(n_adapters, int)
+        vectors = rng.standard_normal((int(per.sum()), dim)).round(trial % 3)  # rounding to 0 decimals: many ties
+        vectors[np.abs(vectors).sum(axis=1) == 0] = 1.0
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        bounds = np.cumsum(per)[:-1]
+        table = CentroidTable.from_lists([part.tolist() for part in np.split(vectors, bounds)])
+        queries = rng.standard_normal((3, dim)).round(trial % 2)
+        queries[np.abs(queries).sum(axis=1) == 0] = 1.0
+        d = distance_from_similarity(unit_queries(queries) @ table.vectors.T, distance)
+        d_adapter = np.full((3, n_adapters), np.inf, dtype=np.float32)
+        np.minimum.at(d_adapter, (slice(None), table.owner), d)
+        for k in (1, 3, 5, 50):
+            idx, dist, _ = retrieve_numpy(queries, table, top_k=k, distance=distance)
+            want_idx, want_dist = _stable_nearest(d_adapter, min(k, n_adapters))
+            np.testing.assert_array_equal(idx, want_idx)
+            np.testing.assert_array_equal(dist, want_dist)
