@@ -100,6 +100,7 @@ from semla.server.db import (  # noqa: E402
     upgrade,
 )
 from semla.server.paging import adapters_scope, encode_cursor  # noqa: E402
+from semla.server.service.library import with_summary  # noqa: E402
 from semla.server.tufsync import ensure_repository  # noqa: E402
 
 EMBEDDING = "bench-clip"
@@ -239,9 +240,10 @@ def _make_batch(job: tuple) -> tuple[list[dict], list[dict]]:
             assert Manifest.model_validate(json.loads(body)).to_canonical() == body, name
         sig = keys.sign(signers[who], SIGNING_CONTEXT + body)
         m_sha, s_sha = _write_blob(blob_root, body), _write_blob(blob_root, sig)
-        rows.append({"id": i + 1, "name": name, "version": 1, "publisher_key_id": key_ids[who],
-                     "manifest_sha256": m_sha, "base_fingerprint": bundle_factory.FINGERPRINT, "domain": domain,
-                     "sample_count": shared["sample_count"], "centroids": vectors_json})
+        rows.append(with_summary({"id": i + 1, "name": name, "version": 1, "publisher_key_id": key_ids[who],
+                                  "manifest_sha256": m_sha, "base_fingerprint": bundle_factory.FINGERPRINT,
+                                  "domain": domain, "sample_count": shared["sample_count"],
+                                  "centroids": vectors_json}))
         for fname, sha, size in ((ADAPTER_WEIGHTS_FILE, *shared[ADAPTER_WEIGHTS_FILE]),
                                  (ADAPTER_CONFIG_FILE, *shared[ADAPTER_CONFIG_FILE]),
                                  (MANIFEST_FILE, m_sha, len(body)), (SIGNATURE_FILE, s_sha, len(sig))):

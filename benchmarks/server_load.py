@@ -54,6 +54,7 @@ from semla.schemas import (  # noqa: E402
 )
 from semla.server.db import Adapter, AdapterFile, Publisher, make_engine, upgrade  # noqa: E402
 from semla.server.local import free_port, wait_healthy  # noqa: E402
+from semla.server.service.library import with_summary  # noqa: E402
 
 TOKEN = "load-token"
 SERVER = str(Path(sys.executable).with_name("semla-server"))
@@ -95,10 +96,10 @@ def fill(url: str, data_dir: Path, n: int, n_keys: int = 4, dim: int = 64) -> fl
         body = manifest.to_canonical()
         sig = keys.sign(key, signing_payload(manifest))
         m_sha, s_sha = _put(blob_root, body), _put(blob_root, sig)
-        batch_rows.append({"id": i + 1, "name": manifest.name, "version": 1, "publisher_key_id": manifest.publisher,
-                           "manifest_sha256": m_sha, "base_fingerprint": bundle_factory.FINGERPRINT,
-                           "domain": manifest.domain, "sample_count": manifest.sample_count,
-                           "centroids": canonical_json(manifest.centroids.vectors).decode()})
+        batch_rows.append(with_summary({
+            "id": i + 1, "name": manifest.name, "version": 1, "publisher_key_id": manifest.publisher,
+            "manifest_sha256": m_sha, "base_fingerprint": bundle_factory.FINGERPRINT, "domain": manifest.domain,
+            "sample_count": manifest.sample_count, "centroids": canonical_json(manifest.centroids.vectors).decode()}))
         for name, sha, size in ((ADAPTER_WEIGHTS_FILE, w_sha, len(weights)), (ADAPTER_CONFIG_FILE, c_sha, len(config)),
                                 (MANIFEST_FILE, m_sha, len(body)), (SIGNATURE_FILE, s_sha, len(sig))):
             batch_files.append({"adapter_id": i + 1, "filename": name, "sha256": sha, "size": size})

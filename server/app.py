@@ -393,11 +393,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
         engine.dispose()
         raise
     blobs = BlobStore(settings.data_dir / "blobs")
+    read_engine = make_engine(settings.resolved_database_url, autocommit=True)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
         engine.dispose()
+        read_engine.dispose()
 
     app = FastAPI(
         title="SemLA adapter registry",
@@ -420,7 +422,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.service = RegistryService(
         sessions, blobs, uploads_per_minute=settings.uploads_per_minute,
         min_samples=settings.min_samples, epsilon_budget=settings.epsilon_budget,
-        base_cards=BaseCardStore(settings.base_cards_dir),
+        base_cards=BaseCardStore(settings.base_cards_dir), reads=make_sessionmaker(read_engine),
     )
     app.state.tuf_repo = ensure_repository(settings.data_dir / "tuf", sessions,
                                            legacy_key_file=settings.resolved_registry_key_file,

@@ -141,6 +141,9 @@ class Adapter(Base):
     #: The manifest's spread quantiles [q50, q90, q99] as canonical JSON text (schema 2), None for
     #: version-1 manifests.
     spread: Mapped[str | None] = mapped_column(Text, nullable=True, default=None)
+    #: This version's entry in the listings (an ``AdapterSummary`` as JSON text), composed when the
+    #: row is written and again when it is revoked: a listing page joins 100 of these, nothing else.
+    summary: Mapped[str] = mapped_column(Text)
 
     files: Mapped[list["AdapterFile"]] = relationship(
         back_populates="adapter", cascade="all, delete-orphan", passive_deletes=True
@@ -205,18 +208,23 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, autocommit: bool = False) -> Engine:
     """Create an engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout.
+
+    ``autocommit``: every connection of its pool runs each statement as its own transaction, set
+    once when it connects (the registry's single-statement reads: no BEGIN or ROLLBACK, and no
+    isolation level switched back and forth on a shared pool's connection per request).
 
     Raises:
         sqlalchemy.exc.ArgumentError: ``url`` is not a database URL.
     """
     parsed = make_url(url)
+    options: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
     if parsed.get_backend_name() == "sqlite":
-        engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **options)
         event.listen(engine, "connect", _sqlite_on_connect)
         return engine
-    return create_engine(parsed, pool_pre_ping=True)
+    return create_engine(parsed, pool_pre_ping=True, **options)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
@@ -224,8 +232,9 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
 
 def autocommit_sessions(sessions: sessionmaker[Session]) -> sessionmaker[Session]:
-    """``sessions``' twin whose connections run in autocommit (same pool): every statement is its
-    own transaction, with no BEGIN or ROLLBACK around it. ``sessions`` itself when it has no engine."""
+    """``sessions``' twin whose connections run in autocommit on the same pool (each read switches
+    its connection's isolation level and back; the registry app gives its service a pool of its own,
+    ``make_engine(url, autocommit=True)``). ``sessions`` itself when it has no engine."""
     engine = sessions.kw.get("bind")
     if not isinstance(engine, Engine):
         return sessions

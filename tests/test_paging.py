@@ -20,6 +20,7 @@ from semla.schemas.errors import RegistryError
 from semla.server import ServerSettings, create_app
 from semla.server.db import Adapter, Publisher, alembic_config, library_version, make_engine, upgrade, utcnow
 from semla.server.paging import MAX_LIMIT, encode_cursor
+from semla.server.service.library import with_summary
 
 ADMIN = "paging-admin-token"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -221,10 +222,10 @@ def test_retrieval_table_is_cached_by_the_library_version(tmp_path):
     assert [r["name"] for r in http.post("/v1/retrieve", json=query).json()["results"]] == ["a"]
     # A row written behind the service's back, without raising the version, is not seen ...
     with app.state.engine.begin() as conn:
-        conn.execute(insert(Adapter), [{"name": "b", "version": 1, "publisher_key_id": keys.key_id(key),
-                                        "manifest_sha256": "0" * 64, "base_fingerprint": bundle_factory.FINGERPRINT,
-                                        "domain": "", "sample_count": 64,
-                                        "centroids": canonical_json([query["embedding"]]).decode()}])
+        conn.execute(insert(Adapter), [with_summary({
+            "name": "b", "version": 1, "publisher_key_id": keys.key_id(key), "manifest_sha256": "0" * 64,
+            "base_fingerprint": bundle_factory.FINGERPRINT, "domain": "", "sample_count": 64,
+            "centroids": canonical_json([query["embedding"]]).decode()})])
     assert [r["name"] for r in http.post("/v1/retrieve", json=query).json()["results"]] == ["a"]
     # ... until the next change raises it: then the table is rebuilt, with both.
     assert _upload(http, bundle_factory.make_bundle_files(tmp_path, key, name="c", seed=3)).status_code == 201
@@ -252,6 +253,42 @@ def test_migration_0005_seeds_the_counter_with_the_version_it_replaces(tmp_path:
         # max id 10 + 1 revoked version + 3 keys + 1 revoked key + 1 rotated key
         assert library_version(conn) == 10 + 1 + 3 + 1 + 1
     engine.dispose()
+
+
+def test_migration_0007_composes_the_summary_of_every_existing_row(tmp_path: Path):
+    """Rows stored before the ``summary`` column (more than one fill batch of them, one revoked, one
+    with a spread) list exactly as the model path builds them after the upgrade."""
+    import json
+
+    from alembic import command
+
+    data_dir = tmp_path / "d"
+    url = f"sqlite:///{data_dir / 'registry.db'}"
+    data_dir.mkdir()
+    engine = make_engine(url)
+    config = alembic_config()
+    n = 5_003  # the migration fills 5,000 rows a batch
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0006")
+        conn.execute(insert(Publisher), [{"key_id": "0" * 16, "public_key": "0" * 64, "label": "", "active": True}])
+        conn.execute(insert(Adapter), [
+            {"name": f"n{i:05d}", "version": 1, "publisher_key_id": "0" * 16, "manifest_sha256": "e" * 64,
+             "base_fingerprint": "f" * 64, "domain": 'quai "nord"' if i == 1 else "", "sample_count": 60 + i,
+             "centroids": f"[[{i}.5,-1]]", "spread": "[0.1,0.2,0.3]" if i == 2 else None,
+             "created_at": utcnow(), "revoked_at": utcnow() if i == 0 else None} for i in range(n)])
+    upgrade(engine)
+    engine.dispose()
+    service = create_app(ServerSettings(data_dir=data_dir)).state.service
+    versions = [json.loads(page.items[0]) for page in (service.adapter_versions(f"n{i:05d}", as_json=True)
+                                                       for i in (0, 1, 2, n - 1))]
+    models = [service.adapter_versions(f"n{i:05d}").items[0] for i in (0, 1, 2, n - 1)]
+    assert versions == [m.model_dump(mode="json") for m in models]
+    assert versions[0]["revoked"] and versions[1]["domain"] == 'quai "nord"' and versions[2]["spread"] == [0.1, 0.2, 0.3]
+    assert versions[3]["centroids"] == [[n - 0.5, -1.0]]
+    listed = [json.loads(item) for item in service.list_adapters(limit=500, as_json=True).items]
+    assert listed == [m.model_dump(mode="json") for m in service.list_adapters(limit=500).items]
+    assert [item["name"] for item in listed[:2]] == ["n00001", "n00002"]  # n00000 is revoked
 
 
 def test_web_library_and_keys_pages_link_to_the_next_page(library, monkeypatch):
@@ -292,13 +329,13 @@ def test_listing_json_is_composed_equal_to_the_summary_model(spread, revoked, do
     from datetime import datetime
     from types import SimpleNamespace
 
-    from semla.server.service.library import _summary, summary_json
+    from semla.server.service.library import _summary, compose_summary
 
     row = SimpleNamespace(name="a.b-c_1", version=7, publisher_key_id="0123456789abcdef", base_fingerprint="f" * 64,
                           domain=domain, sample_count=123, manifest_sha256="e" * 64,
                           centroids="[[0.6,-0.8],[1,0],[1.5e-07,0.25]]", spread=spread,
                           created_at=datetime(2026, 3, 4, 5, 6, 7), revoked_at=datetime(2026, 3, 5) if revoked else None)
-    assert json.loads(summary_json(row)) == json.loads(_summary(row).model_dump_json())
+    assert json.loads(compose_summary(row)) == json.loads(_summary(row).model_dump_json())
 
 
 def test_listing_routes_answer_what_the_service_models_say(library):

@@ -60,18 +60,21 @@ class ServiceCore:
     Args:
         sessions: Session factory bound to the registry database.
         blobs: Where bundle files are stored.
+        reads: Autocommit sessions on the same database for single-statement reads (None: ``sessions``'
+            pool, switched per read).
     """
 
     def __init__(
         self, sessions: sessionmaker[Session], blobs: BlobStore, uploads_per_minute: int = 0,
         min_samples: int = DEFAULT_MIN_SAMPLES, epsilon_budget: float | None = DEFAULT_EPSILON_BUDGET,
-        base_cards: BaseCardStore | None = None,
+        base_cards: BaseCardStore | None = None, reads: sessionmaker[Session] | None = None,
     ) -> None:
         self._sessions = sessions
-        #: Sessions for single-statement reads, in autocommit: on PostgreSQL a read is then one round
-        #: trip instead of BEGIN, SELECT, ROLLBACK. Anything that reads twice and needs both reads
-        #: from one snapshot, or writes, uses ``_sessions``.
-        self._reads = autocommit_sessions(sessions)
+        #: Sessions for single-statement reads, in autocommit (``reads``; by default ``sessions``' pool
+        #: switched to autocommit per read): on PostgreSQL a read is then one round trip instead of
+        #: BEGIN, SELECT, ROLLBACK. Anything that reads twice and needs both reads from one
+        #: snapshot, or writes, uses ``_sessions``.
+        self._reads = reads if reads is not None else autocommit_sessions(sessions)
         self.base_cards = base_cards if base_cards is not None else BaseCardStore(None)
         self._min_samples = min_samples
         self._epsilon_budget = epsilon_budget

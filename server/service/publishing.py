@@ -44,8 +44,9 @@ from semla.schemas import (
 )
 from semla.registry.privacy import check_min_samples
 from semla.schemas.errors import ConflictError, PrivacyBudgetError, RateLimitedError, UnknownKeyError
-from semla.server.db import Adapter, AdapterFile, Publisher, bump_library_version
+from semla.server.db import Adapter, AdapterFile, Publisher, bump_library_version, utcnow
 from semla.server.service.core import ServiceCore
+from semla.server.service.library import compose_summary
 
 __all__ = ["PublishingPart"]
 
@@ -182,7 +183,10 @@ class PublishingPart(ServiceCore):
             privacy_epsilon=manifest.privacy.epsilon,
             privacy_delta=manifest.privacy.delta,
             spread=None if manifest.spread is None else canonical_json(list(manifest.spread.quantiles)).decode("utf-8"),
+            created_at=utcnow(),
+            revoked_at=None,
         )
+        row.summary = compose_summary(row)
         row.files = [
             AdapterFile(filename=name, sha256=digests[name], size=len(files[name])) for name in BUNDLE_FILES
         ]

@@ -14,14 +14,15 @@ from semla.schemas.errors import GoneError, NotFoundError, StorageError
 from semla.server.db import Adapter, AdapterFile, Publisher
 from semla.server.paging import DEFAULT_LIMIT, Page, adapters_scope, check_limit, decode_cursor, encode_cursor
 from semla.server.service.core import ServiceCore
-from semla.server.service.library import _newest_live, _plain_rows, _summary, summary_json
+from semla.server.service.library import ROW_COLUMNS, _newest_live, _plain_rows, _summary
 
 __all__ = ["ReadingPart"]
 
 
 def _page(rows: list, limit: int, as_json: bool, cursor_after: Callable[[Any], str]) -> Page:
-    """The first ``limit`` of ``rows`` (one more was read, to tell whether a page follows)."""
-    items = [(summary_json if as_json else _summary)(row) for row in rows[:limit]]
+    """The first ``limit`` of ``rows`` (one more was read, to tell whether a page follows); with
+    ``as_json``, each item is the row's stored summary JSON."""
+    items = [row.summary.encode() if as_json else _summary(row) for row in rows[:limit]]
     return Page(items, cursor_after(rows[limit - 1]) if len(rows) > limit else None)
 
 
@@ -33,7 +34,7 @@ class ReadingPart(ServiceCore):
                       cursor: str | None = None, limit: int = DEFAULT_LIMIT,
                       as_json: bool = False) -> Page[AdapterSummary] | Page[bytes]:
         """One page of the newest live version of every adapter name, by name, optionally filtered
-        (``as_json``: each item as its JSON bytes, :func:`~semla.server.service.library.summary_json`).
+        (``as_json``: each item as its JSON bytes, the row's ``summary`` column).
 
         Revoked versions and the adapters of revoked (inactive) publisher keys are left out, so
         they vanish from every node's retrieval at its next pull. The filters apply to that
@@ -58,7 +59,8 @@ class ReadingPart(ServiceCore):
                               | Adapter.domain.icontains(word, autoescape=True))
         with self._reads() as session:
             rows = _plain_rows(session, stmt.order_by(Adapter.name).limit(limit + 1),
-                               {"after": after} if after is not None else None)
+                               {"after": after} if after is not None else None,
+                               (Adapter.name, Adapter.summary) if as_json else ROW_COLUMNS)
         return _page(rows, limit, as_json, lambda last: encode_cursor("adapters", last.name, scope))
 
 
@@ -78,7 +80,8 @@ class ReadingPart(ServiceCore):
         if before is not None:
             stmt = stmt.where(Adapter.version < before)
         with self._reads() as session:
-            rows = _plain_rows(session, stmt.order_by(Adapter.version.desc()).limit(limit + 1))
+            rows = _plain_rows(session, stmt.order_by(Adapter.version.desc()).limit(limit + 1),
+                               columns=(Adapter.version, Adapter.summary) if as_json else ROW_COLUMNS)
             if not rows and (before is None or session.scalar(select(Adapter.id).where(Adapter.name == name)
                                                                .limit(1)) is None):
                 raise NotFoundError(f"no adapter named {name!r}")

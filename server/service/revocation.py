@@ -11,7 +11,7 @@ from semla.schemas import AdapterSummary, revocation_payload
 from semla.schemas.errors import ConflictError, NotFoundError, SignatureError, UnknownKeyError
 from semla.server.db import Adapter, Publisher, bump_library_version, utcnow
 from semla.server.service.core import ServiceCore
-from semla.server.service.library import _summary
+from semla.server.service.library import _summary, compose_summary
 
 __all__ = ["RevocationPart"]
 
@@ -51,6 +51,7 @@ class RevocationPart(ServiceCore):
             if row.revoked_at is not None:
                 raise ConflictError(f"{name} version {version} is already revoked", code="already_revoked")
             row.revoked_at = utcnow()
+            row.summary = compose_summary(row)
             bump_library_version(session)
             session.commit()
             revoked = _summary(row)
