@@ -422,7 +422,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.service = RegistryService(
         sessions, blobs, uploads_per_minute=settings.uploads_per_minute,
         min_samples=settings.min_samples, epsilon_budget=settings.epsilon_budget,
-        base_cards=BaseCardStore(settings.base_cards_dir), reads=make_sessionmaker(read_engine),
+        base_cards=BaseCardStore(settings.base_cards_dir), reads=read_engine.connect,
     )
     app.state.tuf_repo = ensure_repository(settings.data_dir / "tuf", sessions,
                                            legacy_key_file=settings.resolved_registry_key_file,

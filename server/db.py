@@ -17,12 +17,15 @@ bytes live in the content-addressed :class:`~semla.server.blobs.BlobStore`.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     BigInteger,
+    Connection,
     DateTime,
     Engine,
     Float,
@@ -44,7 +47,7 @@ from semla.schemas.errors import SchemaError
 
 if TYPE_CHECKING:
     from alembic.config import Config
-    from sqlalchemy import Connection, Select
+    from sqlalchemy import Select
 
 __all__ = [
     "Base",
@@ -56,7 +59,7 @@ __all__ = [
     "library_version_select",
     "bump_library_version",
     "make_engine",
-    "autocommit_sessions",
+    "autocommit_reads",
     "make_sessionmaker",
     "SchemaError",
     "MIGRATIONS_DIR",
@@ -231,14 +234,14 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def autocommit_sessions(sessions: sessionmaker[Session]) -> sessionmaker[Session]:
-    """``sessions``' twin whose connections run in autocommit on the same pool (each read switches
+def autocommit_reads(sessions: sessionmaker[Session]) -> Callable[[], AbstractContextManager[Connection | Session]]:
+    """Connections for single-statement reads, in autocommit on ``sessions``' pool (each read switches
     its connection's isolation level and back; the registry app gives its service a pool of its own,
-    ``make_engine(url, autocommit=True)``). ``sessions`` itself when it has no engine."""
+    ``make_engine(url, autocommit=True).connect``). ``sessions`` itself when it has no engine."""
     engine = sessions.kw.get("bind")
     if not isinstance(engine, Engine):
         return sessions
-    return make_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))
+    return engine.execution_options(isolation_level="AUTOCOMMIT").connect
 
 
 def alembic_config(url: str | None = None) -> Config:

@@ -34,7 +34,7 @@ from semla.server.db import (
     Base,
     Publisher,
     alembic_config,
-    autocommit_sessions,
+    autocommit_reads,
     current_revision,
     head_revision,
     make_engine,
@@ -321,21 +321,26 @@ def test_two_replicas_share_one_database_and_one_blob_store(pg_url, tmp_path):
 
 # -- the same revision rules on the embedded SQLite default (no cluster needed) ---------------------
 def test_reads_run_in_autocommit_and_leave_the_pool_transactional(pg_url):
-    """A read session runs each statement as its own transaction (one round trip, no BEGIN or
-    ROLLBACK); the ordinary sessions on the same pool still hold one transaction across statements."""
-    engine = make_engine(pg_url)
+    """A read connection runs each statement as its own transaction (one round trip, no BEGIN or
+    ROLLBACK); the ordinary sessions on the same pool still hold one transaction across statements.
+    The app's own read pool (``make_engine(url, autocommit=True)``) does the same."""
+    engine, reads = make_engine(pg_url), make_engine(pg_url, autocommit=True)
     try:
         sessions = make_sessionmaker(engine)
         same_transaction = text("SELECT transaction_timestamp() = statement_timestamp()")
         for _ in range(2):  # the second round gets the pooled connections back
-            with autocommit_sessions(sessions)() as session:
-                session.execute(text("SELECT pg_sleep(0.01)"))
-                assert session.scalar(same_transaction) is True
+            with autocommit_reads(sessions)() as conn:
+                conn.execute(text("SELECT pg_sleep(0.01)"))
+                assert conn.scalar(same_transaction) is True
             with sessions() as session:
                 session.execute(text("SELECT pg_sleep(0.01)"))
                 assert session.scalar(same_transaction) is False
+        with reads.connect() as conn:
+            conn.execute(text("SELECT pg_sleep(0.01)"))
+            assert conn.scalar(same_transaction) is True
     finally:
         engine.dispose()
+        reads.dispose()
 
 
 def test_sqlite_default_is_migrated_automatically_and_checked(tmp_path):

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 from sqlalchemy import select, text
@@ -17,7 +18,7 @@ from semla.registry.retrieval import CentroidTable
 from semla.schemas import AdapterSummary
 from semla.server.bases import BaseCardStore
 from semla.server.blobs import BlobStore
-from semla.server.db import Publisher, autocommit_sessions
+from semla.server.db import Publisher, autocommit_reads
 from semla.server.settings import DEFAULT_EPSILON_BUDGET, DEFAULT_MIN_SAMPLES
 
 logger = logging.getLogger(__name__)
@@ -60,21 +61,21 @@ class ServiceCore:
     Args:
         sessions: Session factory bound to the registry database.
         blobs: Where bundle files are stored.
-        reads: Autocommit sessions on the same database for single-statement reads (None: ``sessions``'
-            pool, switched per read).
+        reads: Opens an autocommit connection to the same database for a single-statement read
+            (the app passes its read engine's ``connect``; None: ``sessions``' pool, switched per read).
     """
 
     def __init__(
         self, sessions: sessionmaker[Session], blobs: BlobStore, uploads_per_minute: int = 0,
         min_samples: int = DEFAULT_MIN_SAMPLES, epsilon_budget: float | None = DEFAULT_EPSILON_BUDGET,
-        base_cards: BaseCardStore | None = None, reads: sessionmaker[Session] | None = None,
+        base_cards: BaseCardStore | None = None, reads: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> None:
         self._sessions = sessions
-        #: Sessions for single-statement reads, in autocommit (``reads``; by default ``sessions``' pool
+        #: Connections for single-statement reads, in autocommit (``reads``; by default ``sessions``' pool
         #: switched to autocommit per read): on PostgreSQL a read is then one round trip instead of
         #: BEGIN, SELECT, ROLLBACK. Anything that reads twice and needs both reads from one
         #: snapshot, or writes, uses ``_sessions``.
-        self._reads = reads if reads is not None else autocommit_sessions(sessions)
+        self._reads = reads if reads is not None else autocommit_reads(sessions)
         self.base_cards = base_cards if base_cards is not None else BaseCardStore(None)
         self._min_samples = min_samples
         self._epsilon_budget = epsilon_budget

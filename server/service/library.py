@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from pydantic_core import from_json
-from sqlalchemy import bindparam, select
+from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.orm import Session, aliased
 
 from semla.schemas import AdapterSummary
@@ -52,7 +52,7 @@ def _newest_live(after: bool = False) -> Any:
 ROW_COLUMNS = tuple(column for column in Adapter.__table__.columns if column.name != "summary")
 
 
-def _plain_rows(session: Session, stmt: Any, params: Mapping[str, Any] | None = None,
+def _plain_rows(session: Session | Connection, stmt: Any, params: Mapping[str, Any] | None = None,
                 columns: Sequence[Any] = ROW_COLUMNS) -> list[Any]:
     """The ``adapters`` rows of a ``select(Adapter)`` as plain rows (same attribute names), not
     ORM objects: a third of the time, which counts when the retrieval table reads them all."""
@@ -110,7 +110,7 @@ def with_summary(values: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def newest_summaries(session: Session, base: str | None = None) -> list[AdapterSummary]:
+def newest_summaries(session: Session | Connection, base: str | None = None) -> list[AdapterSummary]:
     """The whole index (newest live version of every name, by name), or one base's part of it."""
     stmt = _newest_live()
     if base is not None:

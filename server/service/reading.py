@@ -57,8 +57,8 @@ class ReadingPart(ServiceCore):
         for word in words:
             stmt = stmt.where(Adapter.name.icontains(word, autoescape=True)
                               | Adapter.domain.icontains(word, autoescape=True))
-        with self._reads() as session:
-            rows = _plain_rows(session, stmt.order_by(Adapter.name).limit(limit + 1),
+        with self._reads() as conn:
+            rows = _plain_rows(conn, stmt.order_by(Adapter.name).limit(limit + 1),
                                {"after": after} if after is not None else None,
                                (Adapter.name, Adapter.summary) if as_json else ROW_COLUMNS)
         return _page(rows, limit, as_json, lambda last: encode_cursor("adapters", last.name, scope))
@@ -79,10 +79,10 @@ class ReadingPart(ServiceCore):
         stmt = select(Adapter).where(Adapter.name == name)
         if before is not None:
             stmt = stmt.where(Adapter.version < before)
-        with self._reads() as session:
-            rows = _plain_rows(session, stmt.order_by(Adapter.version.desc()).limit(limit + 1),
+        with self._reads() as conn:
+            rows = _plain_rows(conn, stmt.order_by(Adapter.version.desc()).limit(limit + 1),
                                columns=(Adapter.version, Adapter.summary) if as_json else ROW_COLUMNS)
-            if not rows and (before is None or session.scalar(select(Adapter.id).where(Adapter.name == name)
+            if not rows and (before is None or conn.scalar(select(Adapter.id).where(Adapter.name == name)
                                                                .limit(1)) is None):
                 raise NotFoundError(f"no adapter named {name!r}")
         return _page(rows, limit, as_json, lambda last: encode_cursor("versions", last.version, scope))
@@ -100,8 +100,8 @@ class ReadingPart(ServiceCore):
         """
         if filename not in BUNDLE_FILES:
             raise NotFoundError(f"no bundle file {filename!r}; bundle files are {', '.join(BUNDLE_FILES)}")
-        with self._reads() as session:
-            found = session.execute(
+        with self._reads() as conn:
+            found = conn.execute(
                 select(AdapterFile.sha256, Adapter.revoked_at, Publisher.active)
                 .join(Adapter, AdapterFile.adapter_id == Adapter.id)
                 .join(Publisher, Adapter.publisher_key_id == Publisher.key_id)

@@ -74,13 +74,13 @@ class RetrievalPart(ServiceCore):
         """The centroid table of one base (with an ANN index above ``ann.ANN_THRESHOLD``
         centroids; brute force below), rebuilt only when the library has changed (checked on
         every call, so replicas sharing a database stay consistent)."""
-        with self._reads() as session:  # two statements, in autocommit: the rows are at least as new as
+        with self._reads() as conn:  # two statements, in autocommit: the rows are at least as new as
             # the counter read first, so a table is never older than its label (at worst rebuilt once more)
-            generation = library_version(session)  # changes with every publish or revocation
+            generation = library_version(conn)  # changes with every publish or revocation
             cached = self._tables.get(fingerprint)
             if cached is not None and cached[0] == generation:
                 return cached[1:]
-            newest = newest_summaries(session, base=fingerprint)
+            newest = newest_summaries(conn, base=fingerprint)
         summaries = _retrievable(newest, self.base_cards.cards().get(fingerprint))
         if not summaries:
             raise NotFoundError(f"no adapter for base model {fingerprint[:12]}")
