@@ -176,6 +176,35 @@ def test_db_upgrade_creates_the_head_schema_in_an_empty_database(pg_url, tmp_pat
     assert not (tmp_path / "semla-data").exists() and not Path("semla-data").exists()
 
 
+def test_migration_0007_composes_existing_summaries_and_then_requires_one(pg_url):
+    import json
+
+    from alembic import command
+    from sqlalchemy import insert, inspect
+
+    from semla.server.db import utcnow
+    from semla.server.service.library import ROW_COLUMNS, _summary
+
+    command.upgrade(alembic_config(pg_url), "0006")
+    engine = make_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert(Publisher), [{"key_id": "0" * 16, "public_key": "0" * 64, "label": "", "active": True}])
+            conn.execute(insert(Adapter), [
+                {"name": f"n{i}", "version": 1, "publisher_key_id": "0" * 16, "manifest_sha256": "e" * 64,
+                 "base_fingerprint": "f" * 64, "domain": "d\u00e9", "sample_count": 60, "centroids": "[[0.6,0.8]]",
+                 "spread": "[0.1,0.2,0.3]" if i else None, "created_at": utcnow(),
+                 "revoked_at": None if i else utcnow()} for i in range(3)])
+        upgrade(engine)
+        assert not {c["name"]: c for c in inspect(engine).get_columns("adapters")}["summary"]["nullable"]
+        with engine.connect() as conn:
+            rows = conn.execute(select(*ROW_COLUMNS, Adapter.summary).order_by(Adapter.name)).all()
+        assert [json.loads(row.summary) for row in rows] == [_summary(row).model_dump(mode="json") for row in rows]
+        assert [json.loads(row.summary)["revoked"] for row in rows] == [True, False, False]
+    finally:
+        engine.dispose()
+
+
 def test_server_refuses_an_empty_postgres_database(pg_url, tmp_path):
     assert_refused_start(pg_url, tmp_path / "d", "semla-server db upgrade")
     engine = make_engine(pg_url)
