@@ -342,19 +342,26 @@ def test_listing_json_is_composed_equal_to_the_summary_model(spread, revoked, do
 def test_a_sqlite_listing_page_read_as_one_aggregate_row_equals_its_rows(library, descending):
     """On SQLite a listing page is read as one row of aggregates and split again: the same names
     and summaries in the same order as reading its rows (in the other order the names do not
-    ascend, so the rows are read one by one: the same answer). A page past the end is empty."""
-    from semla.server.service.library import _newest_live, _plain_rows
-    from semla.server.service.reading import _sqlite_summary_rows
+    ascend, and with a newline in each summary they split into too many: either way the rows are
+    read one by one, the same answer). A page past the end is empty."""
+    from semla.server.service.library import _newest_live
+    from semla.server.service.reading import _sqlite_aggregate, _sqlite_summary_rows
 
     service = library[0].app.state.service
+    order = Adapter.name.desc() if descending else Adapter.name
     with service._reads() as conn:
         assert conn.dialect.name == "sqlite"
-        for stmt, params in [(_newest_live().order_by(Adapter.name.desc() if descending else Adapter.name).limit(4), None),
-                             (_newest_live(after=True).order_by(Adapter.name).limit(3), {"after": "zulu"})]:
-            rows = _plain_rows(conn, stmt, params, (Adapter.name, Adapter.summary))
-            read = _sqlite_summary_rows(conn, stmt, params)
+        for page, params, count in [
+            (_newest_live().order_by(order).limit(4).with_only_columns(Adapter.name, Adapter.summary), None, 4),
+            (_newest_live().order_by(order).limit(4).with_only_columns(
+                Adapter.name, (Adapter.summary + "\n").label("summary")), None, 4),
+            (_newest_live(after=True).order_by(Adapter.name).limit(3)
+             .with_only_columns(Adapter.name, Adapter.summary), {"after": "zulu"}, 0),
+        ]:
+            rows = conn.execute(page, params).all()
+            read = _sqlite_summary_rows(conn, page, _sqlite_aggregate(page), params)
             assert [(r.name, r.summary) for r in read] == [(r.name, r.summary) for r in rows]
-            assert len(rows) == (4 if params is None else 0)
+            assert len(rows) == count
 
 
 def test_listing_routes_answer_what_the_service_models_say(library):
