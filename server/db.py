@@ -17,8 +17,8 @@ bytes live in the content-addressed :class:`~semla.server.blobs.BlobStore`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +64,7 @@ __all__ = [
     "SchemaError",
     "MIGRATIONS_DIR",
     "alembic_config",
+    "migration_connection",
     "head_revision",
     "current_revision",
     "upgrade",
@@ -272,6 +273,37 @@ def alembic_config(url: str | None = None) -> Config:
     return config
 
 
+@contextmanager
+def migration_connection(engine: Engine) -> Iterator[Connection]:
+    """A connection in a transaction for running migrations, committed when the block ends.
+
+    On SQLite, foreign keys are off while it runs. A batch operation there rebuilds a table
+    (copy, drop, rename), and with foreign keys on, dropping the old ``adapters`` table would
+    delete every ``adapter_files`` row (``ON DELETE CASCADE``). Before the commit, every row
+    must still have its parent, or the transaction is rolled back. Foreign keys are back on when the
+    connection returns to its pool.
+
+    Raises:
+        SchemaError: a migration left rows whose parent is missing (SQLite).
+    """
+    with engine.connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        if sqlite:  # a no-op inside a transaction: set before the first write
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            conn.commit()
+        try:
+            with conn.begin():
+                yield conn
+                orphans = conn.exec_driver_sql("PRAGMA foreign_key_check").all() if sqlite else []
+                if orphans:
+                    raise SchemaError(f"the migration left {len(orphans)} rows whose parent row is missing "
+                                      f"(first: table {orphans[0][0]}); its transaction was rolled back")
+        finally:
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                conn.commit()
+
+
 @functools.lru_cache(maxsize=1)
 def _script():  # -> alembic.script.ScriptDirectory
     from alembic.script import ScriptDirectory
@@ -329,7 +361,7 @@ def upgrade(engine_or_url: Engine | str) -> str:
         if current is not None and not _is_known(current):
             raise SchemaError(_unknown_message(current))
         config = alembic_config()
-        with engine.begin() as conn:
+        with migration_connection(engine) as conn:
             config.attributes["connection"] = conn
             if current is None and _INITIAL_TABLES <= _table_names(conn):
                 command.stamp(config, _INITIAL_REVISION)

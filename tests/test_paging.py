@@ -291,6 +291,40 @@ def test_migration_0007_composes_the_summary_of_every_existing_row(tmp_path: Pat
     assert [item["name"] for item in listed[:2]] == ["n00001", "n00002"]  # n00000 is revoked
 
 
+def test_a_sqlite_downgrade_and_upgrade_keep_every_adapter_s_files(tmp_path: Path):
+    """Downgrading past 0006 rebuilds ``adapters`` in SQLite's batch mode (copy, drop, rename).
+    With foreign keys on, the drop would delete every ``adapter_files`` row; migrations run with
+    them off, and the pool's connections have them on again afterwards."""
+    from alembic import command
+    from sqlalchemy import text
+
+    data_dir = tmp_path / "d"
+    bundle_factory.install_base_card(data_dir)
+    url = f"sqlite:///{data_dir / 'registry.db'}"
+    with TestClient(create_app(ServerSettings(data_dir=data_dir, admin_token=ADMIN))) as http:
+        key = keys.generate_key()
+        _register(http, key)
+        for i, name in enumerate(NAMES[:2]):
+            assert _upload(http, bundle_factory.make_bundle_files(tmp_path, key, name=name, seed=i)).status_code == 201
+    engine = make_engine(url)
+
+    def file_rows() -> int:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM adapter_files")).scalar_one()
+
+    stored = file_rows()
+    assert stored >= 2 * 4
+    command.downgrade(alembic_config(url), "0005")
+    assert file_rows() == stored
+    upgrade(engine)
+    assert file_rows() == stored
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    engine.dispose()
+    with TestClient(create_app(ServerSettings(data_dir=data_dir, admin_token=ADMIN))) as http:
+        assert http.get(f"/v1/adapters/{NAMES[0]}/1/manifest").status_code == 200
+
+
 def test_web_library_and_keys_pages_link_to_the_next_page(library, monkeypatch):
     import re
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from semla.server.db import Base, make_engine
+from semla.server.db import Base, make_engine, migration_connection
 
 #: Any constant: PostgreSQL advisory lock that serialises concurrent ``db upgrade`` runs.
 _PG_MIGRATION_LOCK = 0x53454D4C41  # "SEMLA"
@@ -58,7 +58,7 @@ def run_migrations_online() -> None:
         return
     engine = make_engine(config.get_main_option("sqlalchemy.url"))
     try:
-        with engine.begin() as conn:
+        with migration_connection(engine) as conn:
             _configure(conn)
     finally:
         engine.dispose()
