@@ -280,8 +280,8 @@ def migration_connection(engine: Engine) -> Iterator[Connection]:
     On SQLite, foreign keys are off while it runs. A batch operation there rebuilds a table
     (copy, drop, rename), and with foreign keys on, dropping the old ``adapters`` table would
     delete every ``adapter_files`` row (``ON DELETE CASCADE``). Before the commit, every row
-    must still have its parent, or the transaction is rolled back. Foreign keys are back on when the
-    connection returns to its pool.
+    must still have its parent, or the transaction is rolled back. Foreign keys are back on
+    when the connection returns to its pool.
 
     Raises:
         SchemaError: a migration left rows whose parent is missing (SQLite).
