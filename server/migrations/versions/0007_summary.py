@@ -7,8 +7,8 @@ into ``adapters.summary``, and a page joins 100 stored texts.
 This revision fills the column for every existing row with the same composer the registry uses
 (:func:`semla.server.service.library.compose_summary`), in batches of 5,000 rows by id. On
 PostgreSQL the column is then made ``NOT NULL``; SQLite cannot add that constraint to an existing
-column without rebuilding the table (whose drop would cascade into ``adapter_files``), so there
-it stays nullable and the registry always writes it.
+column without rebuilding the table (a copy of every row), so there it stays nullable and the
+registry always writes it.
 
 Revision ID: 0007
 Revises: 0006
