@@ -185,10 +185,10 @@ def registry_state(stack) -> dict:
     with app.state.engine.connect() as conn:
         rows = {t.__tablename__: conn.scalar(select(func.count()).select_from(t)) for t in (Publisher, Adapter, AdapterFile)}
     blobs = sorted(p.name for p in app.state.blobs.root.rglob("*") if p.is_file())
-    with httpx.Client(timeout=30) as http:
-        view = tuf_view(http, stack["registry"])
-    return {"rows": rows, "blobs": blobs, "index": [(a.name, a.version) for a in view.library()],
-            "index_version": view.version}
+    with httpx.Client(timeout=30) as http, tempfile.TemporaryDirectory() as node:
+        view = tuf_view(http, stack["registry"], Path(node))
+        return {"rows": rows, "blobs": blobs, "index": [(a.name, a.version) for a in view.library()],
+                "index_version": view.version}
 
 
 def node_answers_unchanged(stack) -> None:

@@ -12,6 +12,7 @@ import copy
 import json
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,8 +72,9 @@ def state(client: TestClient, data_dir: Path) -> dict:
     with client.app.state.engine.connect() as conn:
         rows = {t.__tablename__: conn.scalar(select(func.count()).select_from(t)) for t in (Publisher, Adapter, AdapterFile)}
     blobs = sorted(str(p.relative_to(data_dir)) for p in (data_dir / "blobs").rglob("*") if p.is_file())
-    view = tuf_view(client, str(client.base_url))
-    return {"rows": rows, "blobs": blobs, "index": (view.version, [a.model_dump() for a in view.library()])}
+    with tempfile.TemporaryDirectory() as node:
+        view = tuf_view(client, str(client.base_url), Path(node))
+        return {"rows": rows, "blobs": blobs, "index": (view.version, [a.model_dump() for a in view.library()])}
 
 
 def assert_error(resp: httpx.Response, status: int, code: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import httpx
@@ -17,8 +16,9 @@ def snapshot_version(http: httpx.Client, base: str = "") -> int:
     return timestamp["signed"]["meta"]["snapshot.json"]["version"]
 
 
-def tuf_view(http: httpx.Client, url: str, directory: Path | None = None) -> TufIndex:
-    """A fresh node's verified view (``.version``, ``.library()``, ``.keys``) after one refresh."""
-    index = TufIndex(http, url, Path(directory or tempfile.mkdtemp(prefix="tuf-view-")))
+def tuf_view(http: httpx.Client, url: str, directory: Path) -> TufIndex:
+    """A fresh node's verified view (``.version``, ``.library()``, ``.keys``) after one refresh,
+    its trusted metadata kept in ``directory`` (which must not exist yet or be empty)."""
+    index = TufIndex(http, url, Path(directory))
     index.refresh()
     return index
