@@ -95,6 +95,7 @@ from semla.server.db import (  # noqa: E402
     AdapterFile,
     LibraryVersion,
     Publisher,
+    library_version_select,
     make_engine,
     make_sessionmaker,
     upgrade,
@@ -353,7 +354,8 @@ def build_tuf(data_dir: Path, engine) -> None:
 def bulk_add(lib: Library, k: int, workers: int = 1) -> dict:
     """Add ``k`` new signed adapters to a running registry the way the fill does (rows and blobs,
     no upload), then sync their TUF bins in one ``TufSync.changed`` call, as a second writer on
-    the data dir would (under the repository's file lock); the library version rises by ``k``."""
+    the data dir would (under the repository's file lock); the library version rises by ``k``
+    and the rows are stamped with the new version (``changed_in``), as a publish stamps them."""
     from semla.server.tufrepo import TufRepository
     from semla.server.tufsync import TufSync
 
@@ -381,6 +383,8 @@ def bulk_add(lib: Library, k: int, workers: int = 1) -> dict:
             names += [row["name"] for row in rows]
     with engine.begin() as conn:
         conn.execute(update(LibraryVersion).values(version=LibraryVersion.version + k))
+        conn.execute(update(Adapter).where(Adapter.id > max_id).values(changed_in=library_version_select().scalar_subquery())
+                     .execution_options(synchronize_session=False))
         if engine.dialect.name == "postgresql":
             conn.execute(text("SELECT setval(pg_get_serial_sequence('adapters', 'id'), "
                               "(SELECT MAX(id) FROM adapters))"))

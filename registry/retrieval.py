@@ -144,6 +144,37 @@ class CentroidTable:
         """Row i is adapter i's only centroid: the min over centroids can be skipped."""
         return len(self.owner) == self.n_adapters and bool((self.owner == np.arange(self.n_adapters)).all())
 
+    def spliced(self, keep: np.ndarray, at: np.ndarray,
+                new: "CentroidTable | None") -> tuple["CentroidTable", np.ndarray, np.ndarray]:
+        """This table with the adapters where ``keep`` is False dropped and ``new``'s adapters
+        (None: none) inserted, in order, before the kept adapters at positions ``at``
+        (non-decreasing, indices among the kept ones, as ``np.insert`` takes them): what a
+        library's change makes of its table, without rebuilding the rows that stay.
+
+        Returns:
+            (the table, kept_rows: (C,) bool over this table's rows, added_rows: (C',) bool over
+            the new table's rows), which is what an index over the rows needs to follow.
+        """
+        if len(self.owner) and (np.diff(self.owner) < 0).any():
+            raise InvalidInputError("spliced() needs each adapter's rows together, in adapter order (as from_lists makes them)")
+        if new is None:
+            new = CentroidTable(self.vectors[:0], self.owner[:0], 0, None)
+        counts = np.bincount(self.owner, minlength=self.n_adapters)
+        kept_rows = np.repeat(keep, counts)
+        kept_counts, new_counts = counts[keep], np.bincount(new.owner, minlength=new.n_adapters)
+        starts = np.concatenate(([0], np.cumsum(kept_counts)))
+        at_rows = np.repeat(starts[at], new_counts)
+        counts = np.insert(kept_counts, at, new_counts)
+        n = len(counts)
+        vectors = np.insert(self.vectors[kept_rows], at_rows, new.vectors, axis=0)
+        spread = None
+        if self.spread is not None or new.spread is not None:
+            mine = self.spread if self.spread is not None else np.full((self.n_adapters, 3), np.nan)
+            theirs = new.spread if new.spread is not None else np.full((new.n_adapters, 3), np.nan)
+            spread = np.insert(np.asarray(mine, dtype=np.float64)[keep], at, theirs, axis=0)
+        table = CentroidTable(vectors, np.repeat(np.arange(n, dtype=np.int64), counts), n, spread)
+        return table, kept_rows, np.insert(np.zeros(int(kept_rows.sum()), dtype=bool), at_rows, True)
+
     @classmethod
     def from_lists(cls, centroids_per_adapter: Sequence[Sequence[Sequence[float]]],
                    spreads: Sequence[Sequence[float] | None] | None = None) -> "CentroidTable":

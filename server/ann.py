@@ -74,6 +74,16 @@ def choose(table: CentroidTable) -> Literal["brute", "ann"]:
     return "brute" if len(table.vectors) <= ANN_THRESHOLD else "ann"
 
 
+def _rows_by_owner(table: CentroidTable) -> tuple[np.ndarray, np.ndarray, int]:
+    """(order, starts, max_per_adapter): the rows sorted by owner, where each adapter's start."""
+    owner = np.asarray(table.owner, dtype=np.int64)
+    order = np.argsort(owner, kind="stable")
+    counts = np.bincount(owner, minlength=table.n_adapters)
+    starts = np.zeros(table.n_adapters + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    return order, starts, int(counts.max(initial=0))
+
+
 def _distance(sim: np.ndarray, distance: str) -> np.ndarray:
     # Exactly retrieve_numpy's formulas, so re-ranked distances equal brute force's.
     return distance_from_similarity(sim, distance)
@@ -94,6 +104,14 @@ class CentroidIndex:
     order: np.ndarray
     starts: np.ndarray
     max_per_adapter: int
+    #: The FAISS id of each table row (ids outlive the row positions an update shifts) ...
+    row_ids: np.ndarray
+    #: ... and the table row of each id (-1: removed); None while ids are the row positions.
+    row_of_id: np.ndarray | None = None
+    #: The id the next added row gets.
+    next_id: int = 0
+    #: Centroids the coarse quantiser was trained on (an update that strays far from it rebuilds).
+    trained_on: int = 0
 
     @classmethod
     def build(cls, table: CentroidTable, *, nlist: int | None = None,
@@ -119,13 +137,35 @@ class CentroidIndex:
         index.train(sample)
         index.add(vectors)
         index.nprobe = nprobe
+        return cls(table, index, nprobe, *_rows_by_owner(table), row_ids=np.arange(n, dtype=np.int64),
+                   next_id=n, trained_on=n)
 
-        owner = np.asarray(table.owner, dtype=np.int64)
-        order = np.argsort(owner, kind="stable")
-        counts = np.bincount(owner, minlength=table.n_adapters)
-        starts = np.zeros(table.n_adapters + 1, dtype=np.int64)
-        np.cumsum(counts, out=starts[1:])
-        return cls(table, index, nprobe, order, starts, int(counts.max()))
+    def updated(self, table: CentroidTable, kept: np.ndarray, added: np.ndarray) -> "CentroidIndex":
+        """This index moved to ``table``, a later version of its table, without retraining.
+
+        ``kept``: (C_old,) bool, the old rows still in ``table``, which holds them in their old
+        order; ``added``: (C_new,) bool, the rows of ``table`` that are new. The index is copied
+        (searches on this one go on meanwhile), the dropped rows' vectors removed and the new
+        ones added under fresh ids. The quantiser stays the one trained at :meth:`build`; once
+        the table has halved or doubled since, or ids have run to twice the rows, the index is
+        built again instead.
+        """
+        n, n_added = len(table.vectors), int(added.sum())
+        if not self.trained_on / 2 <= n <= self.trained_on * 2 or self.next_id + n_added > 2 * n:
+            return CentroidIndex.build(table, nprobe=self.nprobe)
+        index = faiss.clone_index(self.index)
+        gone = self.row_ids[~kept]
+        if len(gone):
+            index.remove_ids(np.ascontiguousarray(gone))
+        row_ids = np.empty(n, dtype=np.int64)
+        row_ids[~added] = self.row_ids[kept]
+        row_ids[added] = np.arange(self.next_id, self.next_id + n_added, dtype=np.int64)
+        if n_added:
+            index.add_with_ids(np.ascontiguousarray(table.vectors[added], dtype=np.float32), row_ids[added])
+        row_of_id = np.full(self.next_id + n_added, -1, dtype=np.int64)
+        row_of_id[row_ids] = np.arange(n, dtype=np.int64)
+        return CentroidIndex(table, index, self.nprobe, *_rows_by_owner(table), row_ids=row_ids,
+                             row_of_id=row_of_id, next_id=self.next_id + n_added, trained_on=self.trained_on)
 
     def search(
         self,
@@ -159,6 +199,8 @@ class CentroidIndex:
         dist = np.empty((q.shape[0], k), dtype=np.float32)
         for i in range(q.shape[0]):
             hit = rows[i][rows[i] >= 0]
+            if self.row_of_id is not None:
+                hit = self.row_of_id[hit]
             cand = np.unique(table.owner[hit])  # sorted adapter indices
             if len(cand) < k:  # the probed lists held too few adapters: answer by brute force
                 idx[i : i + 1], dist[i : i + 1], _ = retrieve_numpy(q[i : i + 1], table, top_k=k,

@@ -148,6 +148,11 @@ class Adapter(Base):
     #: This version's entry in the listings (an ``AdapterSummary`` as JSON text), composed when the
     #: row is written and again when it is revoked: a listing page joins 100 of these, nothing else.
     summary: Mapped[str] = mapped_column(Text)
+    #: The library version whose transaction last changed what this name's newest live version
+    #: is (publish, revoke the version or its key): caches of the library (the retrieval table)
+    #: read the names changed since their own version instead of the whole library. None on
+    #: rows not changed since the column was added.
+    changed_in: Mapped[int | None] = mapped_column(BigInteger, nullable=True, default=None, index=True)
 
     files: Mapped[list["AdapterFile"]] = relationship(
         back_populates="adapter", cascade="all, delete-orphan", passive_deletes=True
@@ -194,12 +199,21 @@ def library_version(session: Session | Connection) -> int:
     return int(session.execute(library_version_select()).scalar_one())
 
 
-def bump_library_version(session: Session | Connection) -> None:
-    """Raise the library version by one inside the caller's transaction (call it last before
-    the commit: on PostgreSQL the row stays locked until the transaction ends, which orders
-    concurrent writers; on SQLite the database write lock does)."""
-    session.execute(update(LibraryVersion).where(LibraryVersion.id == _LIBRARY_ROW)
-                    .values(version=LibraryVersion.version + 1))
+def bump_library_version(session: Session | Connection, changed: Any = None) -> int:
+    """Raise the library version by one inside the caller's transaction and return it; with
+    ``changed`` (a where-clause on :class:`Adapter`), stamp those rows' ``changed_in`` with it.
+
+    Call it last before the commit: on PostgreSQL the row stays locked until the transaction
+    ends, which orders concurrent writers (on SQLite the database write lock does), so a reader
+    that sees version V also sees every row stamped V or lower.
+    """
+    version = int(session.execute(update(LibraryVersion).where(LibraryVersion.id == _LIBRARY_ROW)
+                                  .values(version=LibraryVersion.version + 1)
+                                  .returning(LibraryVersion.version)).scalar_one())
+    if changed is not None:
+        session.execute(update(Adapter).where(changed).values(changed_in=version)
+                        .execution_options(synchronize_session=False))
+    return version
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

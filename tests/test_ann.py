@@ -189,7 +189,7 @@ def test_the_registry_switches_to_the_index_above_the_threshold(tmp_path, monkey
         r = client.post("/v1/retrieve", json={"embedding": query, "base_fingerprint": bundle_factory.FINGERPRINT})
         assert r.status_code == 200 and r.json()["results"][0]["name"] == "a2"
         (entry,) = app.state.service._tables.values()
-        assert isinstance(entry[3], ann_module.CentroidIndex)
+        assert isinstance(entry.index, ann_module.CentroidIndex)
 
 
 def test_a_query_of_any_finite_scale_gives_the_unit_query_s_answer(single):

@@ -220,14 +220,15 @@ def test_retrieval_table_is_cached_by_the_library_version(tmp_path):
     query = {"embedding": bundle_factory.unit_vectors(1, bundle_factory.DIM, seed=2)[0],
              "base_fingerprint": bundle_factory.FINGERPRINT, "top_k": 5}
     assert [r["name"] for r in http.post("/v1/retrieve", json=query).json()["results"]] == ["a"]
-    # A row written behind the service's back, without raising the version, is not seen ...
+    # A row written behind the service's back, stamped with the next version but without raising
+    # the counter, is not seen ...
     with app.state.engine.begin() as conn:
         conn.execute(insert(Adapter), [with_summary({
             "name": "b", "version": 1, "publisher_key_id": keys.key_id(key), "manifest_sha256": "0" * 64,
             "base_fingerprint": bundle_factory.FINGERPRINT, "domain": "", "sample_count": 64,
-            "centroids": canonical_json([query["embedding"]]).decode()})])
+            "centroids": canonical_json([query["embedding"]]).decode(), "changed_in": library_version(conn) + 1})])
     assert [r["name"] for r in http.post("/v1/retrieve", json=query).json()["results"]] == ["a"]
-    # ... until the next change raises it: then the table is rebuilt, with both.
+    # ... until the next change raises it: then the table is updated with the names changed since.
     assert _upload(http, bundle_factory.make_bundle_files(tmp_path, key, name="c", seed=3)).status_code == 201
     assert {r["name"] for r in http.post("/v1/retrieve", json=query).json()["results"]} == {"a", "b", "c"}
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from semla.registry.retrieval import CentroidTable, retrieve_numpy, retrieve_torch
+from semla.schemas.errors import InvalidInputError
 
 
 def _unit(rng, n, d):
@@ -89,3 +90,34 @@ def test_top_k_from_the_most_similar_equals_a_stable_sort_of_every_distance(dist
             want_idx, want_dist = _stable_nearest(d_adapter, min(k, n_adapters))
             np.testing.assert_array_equal(idx, want_idx)
             np.testing.assert_array_equal(dist, want_dist)
+
+
+def test_a_spliced_table_equals_one_built_from_the_spliced_list():
+    """Adapters dropped and others inserted (several centroids each, with and without a spread)
+    give the very table from_lists builds from the resulting list, and the row masks an index
+    follows."""
+    rng = np.random.default_rng(11)
+
+    def adapter():
+        cents = rng.normal(size=(int(rng.integers(1, 4)), 6)).tolist()
+        return cents, (rng.uniform(0.1, 0.5, 3).tolist() if rng.random() < 0.5 else None)
+
+    old = [adapter() for _ in range(12)]
+    table = CentroidTable.from_lists([c for c, _ in old], [s for _, s in old])
+    keep = rng.random(12) < 0.7
+    kept = [a for a, k in zip(old, keep) if k]
+    new = [adapter() for _ in range(5)]
+    at = np.sort(rng.integers(0, len(kept) + 1, size=5))
+    merged = list(kept)
+    for offset, (pos, a) in enumerate(zip(at.tolist(), new)):
+        merged.insert(pos + offset, a)
+    got, kept_rows, added_rows = table.spliced(keep, at, CentroidTable.from_lists([c for c, _ in new], [s for _, s in new]))
+    want = CentroidTable.from_lists([c for c, _ in merged], [s for _, s in merged])
+    assert got.n_adapters == want.n_adapters and np.array_equal(got.owner, want.owner)
+    assert np.array_equal(got.vectors, want.vectors) and np.array_equal(got.spread, want.spread, equal_nan=True)
+    assert np.array_equal(got.vectors[~added_rows], table.vectors[kept_rows])
+    assert added_rows.sum() == sum(len(c) for c, _ in new)
+    dropped, _, _ = table.spliced(keep, np.zeros(0, dtype=np.int64), None)
+    assert np.array_equal(dropped.vectors, CentroidTable.from_lists([c for c, _ in kept]).vectors)
+    with pytest.raises(InvalidInputError):
+        CentroidTable(table.vectors, table.owner[::-1].copy(), table.n_adapters).spliced(keep, at, None)

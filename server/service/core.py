@@ -14,8 +14,6 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from semla.registry.retrieval import CentroidTable
-from semla.schemas import AdapterSummary
 from semla.server.bases import BaseCardStore
 from semla.server.blobs import BlobStore
 from semla.server.db import Publisher, autocommit_reads
@@ -87,8 +85,9 @@ class ServiceCore:
         self._publish_lock = threading.Lock()
         #: Re-signs the TUF metadata after each change (:class:`semla.server.tufsync.TufSync`; set by create_app).
         self.tuf: Any = None
-        #: base fingerprint → (library version, centroid table, summaries, ANN index or None)
-        self._tables: dict[str, tuple[int, CentroidTable, list[AdapterSummary], Any]] = {}
+        #: base fingerprint → its retrieval table (``retrieval.BaseTable``), and the lock its updates take
+        self._tables: dict[str, Any] = {}
+        self._tables_lock = threading.Lock()
 
     @property
     def epsilon_budget(self) -> float | None:

@@ -162,7 +162,7 @@ class KeysPart(ServiceCore):
         with self._sessions() as session:
             row = self._publisher(session, key_id)
             row.active = False
-            bump_library_version(session)
+            bump_library_version(session, changed=Adapter.publisher_key_id == key_id)
             session.commit()
             public = _key_public(row)
         self._tuf_changed(keys=True, publisher=key_id)
