@@ -234,26 +234,52 @@ class Node:
             )
         # Everything is computed first and swapped in together: a pull replaces the library, its
         # centroid table, the keys and the index metadata as one, or (on any error) nothing.
-        listed_keys = {adapter_key(a) for a in listed}
-        excluded = {k: why for k, why in self.excluded.items() if k in listed_keys}
+        # The index keeps the summaries of the bins that did not change (the same objects), so
+        # what this node already holds is known by identity: only what is new is checked, and
+        # the table is spliced rather than rebuilt. (self.library keeps its summaries alive, so
+        # their ids cannot be reused by new ones.)
+        held = {id(a): i for i, a in enumerate(self.library)}
+        excluded = {}
+        if self.excluded:
+            listed_keys = {adapter_key(a) for a in listed}
+            excluded = {k: why for k, why in self.excluded.items() if k in listed_keys}
         for a in listed:
+            if id(a) in held:
+                continue  # checked when it came
             why = self._unusable_listing(a)
             if why is not None and adapter_key(a) not in excluded:
                 logger.warning("leaving out %s: %s", adapter_key(a), why)
                 excluded[adapter_key(a)] = why
-        library = [a for a in listed if adapter_key(a) not in excluded]
-        if library != self.library or self._table is None:
-            table = _table(library)
-        else:
-            table = self._table  # nothing changed: the same table
+        library = [a for a in listed if adapter_key(a) not in excluded] if excluded else listed
+        table, changed = self._table_of(library, held)
         self.library, self._table, self.source.trusted_keys, self.excluded = library, table, dict(index.keys), excluded
         self.index_time, self.index_expires = accepted_at, index.expires
         self.index_version = index.version
-        if not self.offline:
+        if changed and not self.offline:
             dropped = self.cache.retain(library)  # revoked adapters leave every tier
             if dropped:
                 logger.info("dropped %d adapter(s) no longer in the library: %s", len(dropped), ", ".join(dropped))
         return self.library
+
+    def _table_of(self, library: list[AdapterSummary], held: dict[int, int]) -> tuple[CentroidTable | None, bool]:
+        """The centroid table of ``library`` and whether it differs from the one held: the held
+        table itself when nothing changed, the held table spliced when a few adapters came or
+        went (both lists are by name and version, so those that stay keep their order), else a
+        table built anew. ``held``: id of each summary of ``self.library`` → its position."""
+        old = self._table
+        if old is None or not library or not held:
+            return _table(library), True
+        pos = np.fromiter((held.get(id(a), -1) for a in library), dtype=np.int64, count=len(library))
+        new = np.flatnonzero(pos < 0)
+        stay = pos[pos >= 0]
+        if not len(new) and len(stay) == len(self.library):
+            return old, False
+        if len(new) > len(library) // 4 + 64 or (np.diff(stay) <= 0).any():
+            return _table(library), True
+        keep = np.zeros(len(self.library), dtype=bool)
+        keep[stay] = True
+        at = new - np.arange(len(new))  # the adapters that stay before each new one
+        return old.spliced(keep, at, _table([library[i] for i in new.tolist()]))[0], True
 
     def _tuf_index(self) -> TufIndex:
         if self._index is None:
@@ -275,8 +301,13 @@ class Node:
     def _exclude(self, key: str, reason: str) -> None:
         """Leave one adapter out from now on: the library and its centroid table are rebuilt together."""
         logger.warning("leaving out %s: %s", key, reason)
-        library = [a for a in self.library if adapter_key(a) != key]
-        self.library, self._table = library, _table(library)
+        keep = np.asarray([adapter_key(a) != key for a in self.library], dtype=bool)
+        library = [a for a, k in zip(self.library, keep.tolist()) if k]
+        if library and self._table is not None:
+            table = self._table.spliced(keep, np.zeros(0, dtype=np.int64), None)[0]
+        else:
+            table = _table(library)
+        self.library, self._table = library, table
         self.excluded = {**self.excluded, key: reason}
 
     def _leave_out_failed(self) -> bool:
