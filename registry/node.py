@@ -299,7 +299,7 @@ class Node:
         return None
 
     def _exclude(self, key: str, reason: str) -> None:
-        """Leave one adapter out from now on: the library and its centroid table are rebuilt together."""
+        """Leave one adapter out from now on: the library and its centroid table (spliced) change together."""
         logger.warning("leaving out %s: %s", key, reason)
         keep = np.asarray([adapter_key(a) != key for a in self.library], dtype=bool)
         library = [a for a, k in zip(self.library, keep.tolist()) if k]

@@ -148,10 +148,10 @@ class Adapter(Base):
     #: This version's entry in the listings (an ``AdapterSummary`` as JSON text), composed when the
     #: row is written and again when it is revoked: a listing page joins 100 of these, nothing else.
     summary: Mapped[str] = mapped_column(Text)
-    #: The library version whose transaction last changed what this name's newest live version
-    #: is (publish, revoke the version or its key): caches of the library (the retrieval table)
-    #: read the names changed since their own version instead of the whole library. None on
-    #: rows not changed since the column was added.
+    #: The library version whose transaction last changed this row's standing (published, or
+    #: it or its key revoked): caches of the library (the retrieval table) read the names
+    #: changed since their own version instead of the whole library. None on rows not changed
+    #: since the column was added.
     changed_in: Mapped[int | None] = mapped_column(BigInteger, nullable=True, default=None, index=True)
 
     files: Mapped[list["AdapterFile"]] = relationship(

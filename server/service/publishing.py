@@ -96,7 +96,7 @@ class PublishingPart(ServiceCore):
                         created.append(digests[name])
                 session.add(self._adapter_row(manifest, files, digests))
                 session.flush()  # the UNIQUE(name, version) race is lost here, before the counter's lock
-                bump_library_version(session, changed=Adapter.name == manifest.name)
+                bump_library_version(session, changed=(Adapter.name == manifest.name) & (Adapter.version == manifest.version))
                 session.commit()
             except IntegrityError:
                 session.rollback()

@@ -52,7 +52,7 @@ class RevocationPart(ServiceCore):
                 raise ConflictError(f"{name} version {version} is already revoked", code="already_revoked")
             row.revoked_at = utcnow()
             row.summary = compose_summary(row)
-            bump_library_version(session, changed=Adapter.name == name)
+            bump_library_version(session, changed=Adapter.id == row.id)
             session.commit()
             revoked = _summary(row)
         self._tuf_changed([name])

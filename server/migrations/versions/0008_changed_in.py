@@ -1,7 +1,7 @@
 """Change stamps: each adapter row records the library version that last changed its name.
 
-Publishing a version stamps every row of its name, revoking a version does the same, and
-revoking a key stamps every row it signed, all with the library version of that transaction.
+Publishing or revoking a version stamps that version's row, and revoking a key stamps every
+row it signed, each with the library version of that transaction.
 The registry's retrieval table then reads the names changed since its own version (an index
 range) and updates only those, where it used to read and parse the whole library after every
 change. Existing rows keep NULL: a registry process builds its table whole when it starts.
