@@ -227,6 +227,7 @@ def test_a_moved_index_answers_as_one_built_for_its_table():
     assert rebuilt.trained_on == 130 and rebuilt.row_of_id is None
 
 
+@pytest.mark.slow
 @pytest.mark.ci_slow  # the benchmark's quick mode end to end: fill, updates, each checked against a read whole
 def test_the_retrieval_table_benchmark_runs_quick(tmp_path):
     import importlib.util
