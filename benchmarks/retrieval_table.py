@@ -49,6 +49,7 @@ import bundle_factory  # noqa: E402
 
 from semla.registry import keys  # noqa: E402
 from semla.registry import node as node_module  # noqa: E402
+from semla.registry.tufindex import TufIndex  # noqa: E402
 from semla.schemas import AdapterSummary, RetrieveRequest, revocation_payload  # noqa: E402
 from semla.server import ServerSettings, create_app  # noqa: E402
 from semla.server.db import Adapter, library_version  # noqa: E402
@@ -185,8 +186,30 @@ def node_table(n: int, dim: int) -> dict:
     assert changed and not any(unusable) and unusable_new == [None]
     equal = bool(np.array_equal(spliced.vectors, rebuilt.vectors) and np.array_equal(spliced.owner, rebuilt.owner))
     print(f"[node {n}] table after one change: {before_s:.2f} s rebuilt, {after_s * 1000:.0f} ms spliced", flush=True)
+
+    # The index's sorted library after the same change: sorted anew (what every pull did) or
+    # the held list with the changed bins' adapters taken out and the new one put in order.
+    index = TufIndex(None, "http://127.0.0.1", Path(tempfile.gettempdir()))
+    bins: dict[str, tuple[int, list]] = {}
+    for a in library:
+        bins.setdefault(f"bins-{hash(a.name) % 8192:04x}", (1, []))[1].append(a)
+    index.bins = bins
+    held_list = index.library()
+    gone, new = library[n // 3], refreshed[2 * n // 3]
+    after = {name: (v + 1, [a for a in adapters if a is not gone])
+             for name, (v, adapters) in bins.items() if any(a is gone for a in adapters)}
+    after[f"bins-{hash(new.name) % 8192:04x}"] = (2, [*bins.get(f"bins-{hash(new.name) % 8192:04x}", (1, []))[1], new])
+    t0 = time.perf_counter()
+    resorted = sorted((a for _, adapters in {**bins, **after}.values() for a in adapters), key=lambda a: (a.name, a.version))
+    sort_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    merged = index._merged(list(after), {**bins, **after})
+    merge_s = time.perf_counter() - t0
+    assert held_list is index.library() and merged == resorted == refreshed
+    print(f"[node {n}] sorted library after one change: {sort_s:.2f} s sorted, {merge_s * 1000:.0f} ms merged", flush=True)
     return {"adapters": n, "summaries_made_s": round(made_s, 1), "check_all_and_rebuild_s": round(before_s, 3),
-            "check_new_and_splice_s": round(after_s, 3), "equal": equal}
+            "check_new_and_splice_s": round(after_s, 3), "equal": equal,
+            "library_sorted_anew_s": round(sort_s, 3), "library_merged_s": round(merge_s, 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,12 +220,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="processes that sign and write blobs during the fill (default: cores, at most 8)")
     parser.add_argument("--keep-data", action="store_true", help="keep each filled data dir (deleted by default)")
+    parser.add_argument("--node-only", action="store_true",
+                        help="measure only the node's part and replace it in --out (the results file by default)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     sizes = args.sizes or ([500] if args.quick else [100_000, 1_000_000])
     out = args.out or (Path(tempfile.mkdtemp(prefix="semla-rtable-")) / "retrieval_table.json" if args.quick
                        else ROOT / "benchmarks" / "results" / "retrieval_table.json")
     t0 = time.perf_counter()
+    command = ("python benchmarks/retrieval_table.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    if args.node_only:
+        doc = json.loads(out.read_text())
+        doc["node"] = [node_table(n, args.dim) for n in sizes]
+        doc["node_command"] = command
+        out.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {out}")
+        return 0
     results = [run(n, dim=args.dim, workers=args.workers, keep_data=args.keep_data,
                    add_counts=(1, 10) if args.quick else ADD_COUNTS) for n in sizes]
     node = [node_table(n, args.dim) for n in sizes]
@@ -211,12 +244,13 @@ def main(argv: list[str] | None = None) -> int:
                 "(which updates the table with the names changed since its version), the next one, and the table "
                 "read whole at the same version (what every change cost before), checked equal. In-process "
                 "(the registry service, no HTTP), SQLite, real signed adapters.",
-        "command": ("python benchmarks/retrieval_table.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
+        "command": command,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "dim": args.dim, "seconds": round(time.perf_counter() - t0, 1), "results": results,
         "node_what": "A node's own work on its centroid table after a TUF refresh that brought one new adapter and "
                      "took one away (synthetic summaries, no registry): checking every listed adapter and building "
-                     "the table whole (what each pull did) against checking the new one and splicing.",
+                     "the table whole (what each pull did) against checking the new one and splicing; and the "
+                     "index's library list, sorted anew (what each pull did) against merged.",
         "node": node,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -187,6 +187,8 @@ class Node:
         self._index: TufIndex | None = None
         self.offline = False
         self._table: CentroidTable | None = None
+        #: The index's library list the current library was taken from (the same list: no change).
+        self._listed_from: list[AdapterSummary] | None = None
         self._texts: dict[tuple[str, ...], torch.Tensor] = {}
         #: adapter key → why this node cannot use it (left out of retrieval; shown in health()).
         self.excluded: dict[str, str] = {}
@@ -226,6 +228,12 @@ class Node:
                            time.ctime(accepted_at))
         fingerprint = self.base.ref.fingerprint
         everything = index.library()
+        if everything is self._listed_from and self._table is not None:
+            # No bin's adapters changed since the last pull (the index hands back the same list):
+            # the library, its table and what was left out stand; the keys and times move on.
+            self.source.trusted_keys = dict(index.keys)
+            self.index_time, self.index_expires, self.index_version = accepted_at, index.expires, index.version
+            return self.library
         listed = [a for a in everything if a.base_fingerprint == fingerprint]
         if not listed:
             raise NotFoundError(
@@ -255,6 +263,7 @@ class Node:
         self.library, self._table, self.source.trusted_keys, self.excluded = library, table, dict(index.keys), excluded
         self.index_time, self.index_expires = accepted_at, index.expires
         self.index_version = index.version
+        self._listed_from = everything
         if changed and not self.offline:
             dropped = self.cache.retain(library)  # revoked adapters leave every tier
             if dropped:

@@ -22,6 +22,7 @@ This module is torch-free (the registry server imports the layout and shard code
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import json
@@ -369,6 +370,7 @@ class TufIndex:
         self.version: int | None = None
         self.expires: float | None = None
         self.changed: list[str] = []  # bins whose content the last refresh replaced
+        self._library: list[AdapterSummary] | None = None  # library(), kept until the bins change
 
     @property
     def _metadata_dir(self) -> Path:
@@ -431,6 +433,8 @@ class TufIndex:
             old = self.bins.get(name)
             if (old is None or old[0] != version) and (adapters or (old is not None and old[1])):
                 changed.append(name)
+        if changed:
+            self._library = self._merged(changed, bins)
         self.bins, self.keys, self.changed = bins, keys, changed
         self.version = snapshot.version
         self.expires = timestamp.expires.timestamp()
@@ -529,13 +533,36 @@ class TufIndex:
                 VerificationError) as exc:
             logger.warning("cannot reload the saved library of %s: %s", self.url, exc)
             return None
-        self.bins, self.keys, self.changed = bins, keys, list(bins)
+        self.bins, self.keys, self.changed, self._library = bins, keys, list(bins), None
         self.version, self.expires = state["version"], state["expires"]
         return float(state["accepted_at"])
 
     def library(self) -> list[AdapterSummary]:
-        """Every listed adapter, by name and version (a stable order: a cold start and a refresh agree)."""
-        return sorted((a for name in self.bins for a in self.bins[name][1]), key=lambda a: (a.name, a.version))
+        """Every listed adapter, by name and version (a stable order: a cold start and a refresh
+        agree). The same list until a refresh changes a bin's adapters: do not modify it."""
+        if self._library is None:
+            self._library = sorted((a for name in self.bins for a in self.bins[name][1]), key=_by_name_version)
+        return self._library
+
+    def _merged(self, changed: list[str], bins: dict[str, tuple[int, list[AdapterSummary]]]) -> list[AdapterSummary] | None:
+        """The sorted library after ``changed`` bins took their adapters from ``bins``: the held
+        list less the changed bins' old adapters, the new ones inserted in order (None, to sort
+        anew, when nothing is held or much changed). The old adapters are still held by
+        ``self.bins``, so their ids are not reused by the new ones."""
+        if self._library is None:
+            return None
+        gone = {id(a) for name in changed if name in self.bins for a in self.bins[name][1]}
+        fresh = sorted((a for name in changed for a in bins[name][1]), key=_by_name_version)
+        if len(gone) + len(fresh) > len(self._library) // 4 + 64:
+            return None
+        merged = [a for a in self._library if id(a) not in gone] if gone else list(self._library)
+        for a in fresh:
+            bisect.insort(merged, a, key=_by_name_version)
+        return merged
+
+
+def _by_name_version(summary: AdapterSummary) -> tuple[str, int]:
+    return summary.name, summary.version
 
 
 def _quote(path: str) -> str:

@@ -219,6 +219,12 @@ def test_incremental_refresh_equals_a_cold_start(registry, tiny_base, tmp_path):
             warm_table, cold_table = node._table, cold._table
             assert np.array_equal(warm_table.vectors, cold_table.vectors) and np.array_equal(warm_table.owner, cold_table.owner)
             assert np.array_equal(warm_table.spread, cold_table.spread, equal_nan=True)
+    # Nothing changed: the index hands back the same list, and the node keeps its library and
+    # table without walking them.
+    listed, table, library = node._tuf_index().library(), node._table, node.library
+    node._table_of = lambda *args: pytest.fail("a pull with nothing changed walked the library")
+    assert node.pull() is library
+    assert node._tuf_index().library() is listed and node._table is table
 
 
 def test_rollback_of_the_timestamp_is_refused(registry, tiny_base, tmp_path):
