@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -180,15 +181,10 @@ class CentroidTable:
                    spreads: Sequence[Sequence[float] | None] | None = None) -> "CentroidTable":
         """A table from each adapter's centroids and (optionally) its (q50, q90, q99) spread
         (None for a version-1 adapter)."""
-        rows, owner = [], []
-        for i, cents in enumerate(centroids_per_adapter):
-            for c in cents:
-                rows.append(np.asarray(c, dtype=np.float32))
-                owner.append(i)
-        if not rows:
+        counts = [len(cents) for cents in centroids_per_adapter]
+        if not sum(counts):
             raise InvalidInputError("the library is empty")
-        vectors = np.stack(rows)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = np.asarray(list(itertools.chain.from_iterable(centroids_per_adapter)), dtype=np.float32)
         spread = None
         if spreads is not None:
             if len(spreads) != len(centroids_per_adapter):
@@ -197,7 +193,19 @@ class CentroidTable:
             for i, row in enumerate(spreads):
                 if row is not None:
                     spread[i] = np.asarray(row, dtype=np.float64)[:3]
-        return cls(vectors, np.asarray(owner, dtype=np.int64), len(centroids_per_adapter), spread)
+        return cls.from_rows(vectors, counts, spread)
+
+    @classmethod
+    def from_rows(cls, vectors: np.ndarray, counts: Sequence[int] | np.ndarray,
+                  spread: np.ndarray | None = None) -> "CentroidTable":
+        """A table from every centroid row, adapter after adapter (``counts[a]`` rows for adapter
+        a), normalised here in float32 (a copy: ``vectors`` is left as it is)."""
+        vectors = np.array(vectors, dtype=np.float32)
+        if vectors.ndim != 2:
+            raise InvalidInputError(f"centroid rows must be a 2-d array, got shape {vectors.shape}")
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        counts = np.asarray(counts, dtype=np.int64)
+        return cls(vectors, np.repeat(np.arange(len(counts), dtype=np.int64), counts), len(counts), spread)
 
 
 def unit_queries(queries: np.ndarray) -> np.ndarray:

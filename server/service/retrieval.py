@@ -90,15 +90,13 @@ def _parse(rows: Sequence[Any], dim: int | None) -> tuple[_Adapters, CentroidTab
         raw = raw[np.repeat(good, counts)]
         kept = [row for row, ok in zip(kept, good.tolist()) if ok]
         counts = counts[good]
-    vectors = raw.astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)  # as CentroidTable.from_lists does
     spread = np.full((len(kept), 3), np.nan)
     for i, row in enumerate(kept):
         if row.spread is not None:
             spread[i] = np.asarray(from_json(row.spread, allow_inf_nan=False), dtype=np.float64)[:3]
     adapters = _Adapters(_objects([r.name for r in kept]), np.asarray([r.version for r in kept], dtype=np.int64),
                          _objects([r.publisher_key_id for r in kept]))
-    return adapters, CentroidTable(vectors, np.repeat(np.arange(len(kept), dtype=np.int64), counts), len(kept), spread)
+    return adapters, CentroidTable.from_rows(raw, counts, spread)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,10 +130,10 @@ class BaseTable:
         """This table with every name in ``changed`` replaced by its adapter in ``new`` (by
         name; a changed name absent from it left the table: revoked, or now of another base)."""
         old, (added, added_table) = self.adapters, new
-        changed = _objects(sorted(changed))
+        changed = _objects(changed)
         keep = np.ones(len(old), dtype=bool)
-        at = np.minimum(np.searchsorted(old.names, changed), len(old) - 1)
-        keep[at[old.names[at] == changed]] = False
+        found = np.minimum(np.searchsorted(old.names, changed), len(old) - 1)
+        keep[found[old.names[found] == changed]] = False
         names = old.names[keep]
         at = np.searchsorted(names, added.names)  # where each new adapter goes among the kept ones
         table, kept_rows, added_rows = self.table.spliced(keep, at, added_table)
