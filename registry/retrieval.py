@@ -167,14 +167,14 @@ class CentroidTable:
         at_rows = np.repeat(starts[at], new_counts)
         counts = np.insert(kept_counts, at, new_counts)
         n = len(counts)
-        vectors = np.insert(self.vectors[kept_rows], at_rows, new.vectors, axis=0)
+        vectors, added_rows = _spliced_rows(self.vectors, kept_rows, at_rows, new.vectors)
         spread = None
         if self.spread is not None or new.spread is not None:
             mine = self.spread if self.spread is not None else np.full((self.n_adapters, 3), np.nan)
             theirs = new.spread if new.spread is not None else np.full((new.n_adapters, 3), np.nan)
             spread = np.insert(np.asarray(mine, dtype=np.float64)[keep], at, theirs, axis=0)
         table = CentroidTable(vectors, np.repeat(np.arange(n, dtype=np.int64), counts), n, spread)
-        return table, kept_rows, np.insert(np.zeros(int(kept_rows.sum()), dtype=bool), at_rows, True)
+        return table, kept_rows, added_rows
 
     @classmethod
     def from_lists(cls, centroids_per_adapter: Sequence[Sequence[Sequence[float]]],
@@ -206,6 +206,32 @@ class CentroidTable:
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         counts = np.asarray(counts, dtype=np.int64)
         return cls(vectors, np.repeat(np.arange(len(counts), dtype=np.int64), counts), len(counts), spread)
+
+
+#: A splice copies its kept rows run by run (one pass over memory) up to this many runs; a
+#: larger change gathers them (two passes: a gather, then the assignment).
+_MAX_RUNS = 4096
+
+
+def _spliced_rows(rows: np.ndarray, kept: np.ndarray, at: np.ndarray,
+                  new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.insert(rows[kept], at, new, axis=0)`` and the mask of the inserted rows in it, with the
+    kept rows copied once: the runs between the changes are copied whole (a splice at 1M rows is
+    a copy of 256 MB, so a second pass is what it costs)."""
+    src = np.flatnonzero(kept)
+    added = np.zeros(len(src) + len(new), dtype=bool)
+    added[at + np.arange(len(at))] = True
+    dest = np.flatnonzero(~added)
+    out = np.empty((len(added), rows.shape[1]), dtype=rows.dtype)
+    out[added] = new
+    breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dest) != 1)) + 1
+    if len(breaks) < _MAX_RUNS:
+        for start, end in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(src)].tolist()):
+            if end > start:
+                out[dest[start] : dest[start] + end - start] = rows[src[start] : src[start] + end - start]
+    else:
+        out[dest] = rows[src]
+    return out, added
 
 
 def unit_queries(queries: np.ndarray) -> np.ndarray:

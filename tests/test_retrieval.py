@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from semla.registry import retrieval
 from semla.registry.retrieval import CentroidTable, retrieve_numpy, retrieve_torch
 from semla.schemas.errors import InvalidInputError
 
@@ -92,11 +93,14 @@ def test_top_k_from_the_most_similar_equals_a_stable_sort_of_every_distance(dist
             np.testing.assert_array_equal(dist, want_dist)
 
 
-def test_a_spliced_table_equals_one_built_from_the_spliced_list():
+@pytest.mark.parametrize("seed", [11, 12, 13])
+@pytest.mark.parametrize("max_runs", [4096, 0], ids=["run-by-run", "gathered"])
+def test_a_spliced_table_equals_one_built_from_the_spliced_list(seed, max_runs, monkeypatch):
     """Adapters dropped and others inserted (several centroids each, with and without a spread)
     give the very table from_lists builds from the resulting list, and the row masks an index
-    follows."""
-    rng = np.random.default_rng(11)
+    follows, whether the kept rows are copied run by run or gathered."""
+    monkeypatch.setattr(retrieval, "_MAX_RUNS", max_runs)
+    rng = np.random.default_rng(seed)
 
     def adapter():
         cents = rng.normal(size=(int(rng.integers(1, 4)), 6)).tolist()
