@@ -227,6 +227,25 @@ class AdapterCache:
         self.disk_bytes = self.disk_used()
         return sorted(dropped)
 
+    def forget(self, keys: Iterable[str]) -> list[str]:
+        """Drop the cached adapters with these keys (``name@version``) from every tier: what
+        :meth:`retain` drops when a library change took them away, found without a pass over the
+        library (names are schema-checked, so the key makes a safe path)."""
+        dropped = set()
+        for key in keys:
+            for tier in (self.host, self.gpu):
+                if tier is not None and key in tier.entries:
+                    tier.drop(key)
+                    dropped.add(key)
+            name, _, version = key.rpartition("@")
+            for path in (self.root / name).glob(f"{version}-*") if (self.root / name).is_dir() else ():
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                    dropped.add(key)
+        if dropped:
+            self.disk_bytes = self.disk_used()
+        return sorted(dropped)
+
     def usage(self) -> dict[str, int]:
         return {
             "device_bytes": self.gpu.used if self.gpu is not None else self.host.used,

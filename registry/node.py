@@ -27,6 +27,7 @@ Python API::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import time
@@ -45,7 +46,7 @@ from semla.registry.device import resolve_device  # re-exported for callers of s
 from semla.registry.fusion import FusionEngine, LoraAdapter
 from semla.registry.http import RegistryClient
 from semla.registry.source import BundleSource
-from semla.registry.tufindex import TufIndex, directory_for
+from semla.registry.tufindex import LibraryChange, TufIndex, directory_for, spliced_list
 from semla.registry.model import DenseClip, load_base, lora_target_modules
 from semla.registry.retrieval import (
     DEFAULT_DISTANCE,
@@ -226,26 +227,51 @@ class Node:
             self.offline = True
             logger.warning("registry unreachable (%s); serving from the index accepted at %s", exc.message,
                            time.ctime(accepted_at))
-        fingerprint = self.base.ref.fingerprint
         everything = index.library()
+        # Everything is computed first and swapped in together: a pull replaces the library, its
+        # centroid table, the keys and the index metadata as one, or (on any error) nothing.
+        change, applied = index.change, None
         if everything is self._listed_from and self._table is not None:
             # No bin's adapters changed since the last pull (the index hands back the same list):
             # the library, its table and what was left out stand; the keys and times move on.
-            self.source.trusted_keys = dict(index.keys)
-            self.index_time, self.index_expires, self.index_version = accepted_at, index.expires, index.version
-            return self.library
+            applied = self.library, self._table, self.excluded, set()
+        elif change is not None and change.before is self._listed_from and self._table is not None:
+            applied = self._applied(change)  # the usual refresh: a few bins changed since
+        if applied is not None:
+            library, table, excluded, left = applied
+            tidy = functools.partial(self.cache.forget, left) if left else None
+        else:
+            library, table, excluded, changed = self._listed(everything)
+            tidy = functools.partial(self.cache.retain, library) if changed else None
+        self.library, self._table, self.source.trusted_keys, self.excluded = library, table, dict(index.keys), excluded
+        self.index_time, self.index_expires, self.index_version = accepted_at, index.expires, index.version
+        self._listed_from = everything
+        if tidy is not None and not self.offline:
+            dropped = tidy()  # revoked adapters leave every tier
+            if dropped:
+                logger.info("dropped %d adapter(s) no longer in the library: %s", len(dropped), ", ".join(dropped))
+        return self.library
+
+    def _listed(self, everything: list[AdapterSummary]) -> tuple[list[AdapterSummary], CentroidTable | None, dict[str, str], bool]:
+        """The library of this base in ``everything``, its centroid table, what is left out, and
+        whether the table changed: a pass over the whole list (the first pull, or one that
+        cannot follow the index's change).
+
+        The index keeps the summaries of the bins that did not change (the same objects), so what
+        this node already holds is known by identity: only what is new is checked, and the table
+        is spliced when little changed. (self.library keeps its summaries alive, so their ids
+        cannot be reused by new ones.)
+
+        Raises:
+            NotFoundError: no adapter of this base is listed.
+        """
+        fingerprint = self.base.ref.fingerprint
         listed = [a for a in everything if a.base_fingerprint == fingerprint]
         if not listed:
             raise NotFoundError(
                 f"the registry lists {len(everything)} adapter(s), none for base {self.base.ref.arch} "
                 f"({fingerprint[:12]})"
             )
-        # Everything is computed first and swapped in together: a pull replaces the library, its
-        # centroid table, the keys and the index metadata as one, or (on any error) nothing.
-        # The index keeps the summaries of the bins that did not change (the same objects), so
-        # what this node already holds is known by identity: only what is new is checked, and
-        # the table is spliced rather than rebuilt. (self.library keeps its summaries alive, so
-        # their ids cannot be reused by new ones.)
         held = {id(a): i for i, a in enumerate(self.library)}
         excluded = {}
         if self.excluded:
@@ -260,15 +286,7 @@ class Node:
                 excluded[adapter_key(a)] = why
         library = [a for a in listed if adapter_key(a) not in excluded] if excluded else listed
         table, changed = self._table_of(library, held)
-        self.library, self._table, self.source.trusted_keys, self.excluded = library, table, dict(index.keys), excluded
-        self.index_time, self.index_expires = accepted_at, index.expires
-        self.index_version = index.version
-        self._listed_from = everything
-        if changed and not self.offline:
-            dropped = self.cache.retain(library)  # revoked adapters leave every tier
-            if dropped:
-                logger.info("dropped %d adapter(s) no longer in the library: %s", len(dropped), ", ".join(dropped))
-        return self.library
+        return library, table, excluded, changed
 
     def _table_of(self, library: list[AdapterSummary], held: dict[int, int]) -> tuple[CentroidTable | None, bool]:
         """The centroid table of ``library`` and whether it differs from the one held: the held
@@ -289,6 +307,38 @@ class Node:
         keep[stay] = True
         at = new - np.arange(len(new))  # the adapters that stay before each new one
         return old.spliced(keep, at, _table([library[i] for i in new.tolist()]))[0], True
+
+    def _applied(self, change: LibraryChange) -> tuple[list[AdapterSummary], CentroidTable, dict[str, str], set[str]] | None:
+        """The library, its centroid table and what is left out after ``change`` (of the list the
+        held library was taken from), and the keys no longer listed; or None (nothing of this
+        base would be left: the caller's full pass says so). Work in the size of the change, not
+        of the library: the changed adapters are found by bisection (the library is sorted by
+        name and version), the new ones checked, the list and the table spliced once."""
+        fingerprint, old = self.base.ref.fingerprint, self.library
+        gone = [a for a in change.gone if a.base_fingerprint == fingerprint]
+        came = [a for a in change.came if a.base_fingerprint == fingerprint]
+        left = {adapter_key(a) for a in gone} - {adapter_key(a) for a in came}
+        excluded = {k: why for k, why in self.excluded.items() if k not in left}
+        added = []
+        for a in came:
+            key = adapter_key(a)
+            if key in excluded:  # left out before, and listed still
+                continue
+            why = self._unusable_listing(a)
+            if why is None:
+                added.append(a)
+            else:
+                logger.warning("leaving out %s: %s", key, why)
+                excluded[key] = why
+        library, removed, at_old = spliced_list(old, gone, added)
+        if not removed and not added:
+            return old, self._table, excluded, left
+        if not library:
+            return None
+        keep = np.ones(len(old), dtype=bool)
+        keep[removed] = False
+        at = np.asarray(at_old, dtype=np.int64) - np.searchsorted(np.asarray(removed, dtype=np.int64), at_old)
+        return library, self._table.spliced(keep, at, _table(added))[0], excluded, left
 
     def _tuf_index(self) -> TufIndex:
         if self._index is None:

@@ -23,6 +23,7 @@ This module is torch-free (the registry server imports the layout and shard code
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import hashlib
 import json
@@ -52,11 +53,14 @@ __all__ = [
     "BIN_PREFIX",
     "DEFAULT_BIN_BITS",
     "KEYS_TARGET",
+    "LibraryChange",
     "MAX_SHARD_BYTES",
     "TufIndex",
     "BoundedFetcher",
     "adapter_target",
     "bin_for",
+    "by_name_version",
+    "spliced_list",
     "decode_shard",
     "encode_shard",
     "encode_keys",
@@ -371,6 +375,7 @@ class TufIndex:
         self.expires: float | None = None
         self.changed: list[str] = []  # bins whose content the last refresh replaced
         self._library: list[AdapterSummary] | None = None  # library(), kept until the bins change
+        self.change: LibraryChange | None = None  # how the last refresh that changed library() changed it
 
     @property
     def _metadata_dir(self) -> Path:
@@ -434,7 +439,10 @@ class TufIndex:
             if (old is None or old[0] != version) and (adapters or (old is not None and old[1])):
                 changed.append(name)
         if changed:
-            self._library = self._merged(changed, bins)
+            gone = [a for name in changed if name in self.bins for a in self.bins[name][1]]
+            came = sorted((a for name in changed for a in bins[name][1]), key=by_name_version)
+            before, self._library = self._library, self._merged(gone, came)
+            self.change = None if self._library is None else LibraryChange(before, gone, came)
         self.bins, self.keys, self.changed = bins, keys, changed
         self.version = snapshot.version
         self.expires = timestamp.expires.timestamp()
@@ -533,7 +541,7 @@ class TufIndex:
                 VerificationError) as exc:
             logger.warning("cannot reload the saved library of %s: %s", self.url, exc)
             return None
-        self.bins, self.keys, self.changed, self._library = bins, keys, list(bins), None
+        self.bins, self.keys, self.changed, self._library, self.change = bins, keys, list(bins), None, None
         self.version, self.expires = state["version"], state["expires"]
         return float(state["accepted_at"])
 
@@ -541,27 +549,64 @@ class TufIndex:
         """Every listed adapter, by name and version (a stable order: a cold start and a refresh
         agree). The same list until a refresh changes a bin's adapters: do not modify it."""
         if self._library is None:
-            self._library = sorted((a for name in self.bins for a in self.bins[name][1]), key=_by_name_version)
+            self._library = sorted((a for name in self.bins for a in self.bins[name][1]), key=by_name_version)
         return self._library
 
-    def _merged(self, changed: list[str], bins: dict[str, tuple[int, list[AdapterSummary]]]) -> list[AdapterSummary] | None:
-        """The sorted library after ``changed`` bins took their adapters from ``bins``: the held
-        list less the changed bins' old adapters, the new ones inserted in order (None, to sort
-        anew, when nothing is held or much changed). The old adapters are still held by
-        ``self.bins``, so their ids are not reused by the new ones."""
-        if self._library is None:
+    def _merged(self, gone: list[AdapterSummary], came: list[AdapterSummary]) -> list[AdapterSummary] | None:
+        """The sorted library less the changed bins' old adapters (``gone``) and with their new
+        ones (``came``, sorted) inserted in order (None, to sort anew, when nothing is held or much
+        changed)."""
+        if self._library is None or len(gone) + len(came) > len(self._library) // 4 + 64:
             return None
-        gone = {id(a) for name in changed if name in self.bins for a in self.bins[name][1]}
-        fresh = sorted((a for name in changed for a in bins[name][1]), key=_by_name_version)
-        if len(gone) + len(fresh) > len(self._library) // 4 + 64:
-            return None
-        merged = [a for a in self._library if id(a) not in gone] if gone else list(self._library)
-        for a in fresh:
-            bisect.insort(merged, a, key=_by_name_version)
-        return merged
+        return spliced_list(self._library, gone, came)[0]
 
 
-def _by_name_version(summary: AdapterSummary) -> tuple[str, int]:
+def spliced_list(held: list[AdapterSummary], gone: Sequence[AdapterSummary],
+                 came: Sequence[AdapterSummary]) -> tuple[list[AdapterSummary], list[int], list[int]]:
+    """``held`` (sorted by :func:`by_name_version`) less the very objects of ``gone`` it holds,
+    with ``came`` (sorted) inserted in order: found by bisection and copied in one pass, so the
+    work grows with the change, not with the list.
+
+    Returns:
+        (the list, the positions in ``held`` of what was taken out (ascending), the position in
+        ``held`` before which each of ``came`` went).
+    """
+    removed = []
+    for a in gone:
+        key = by_name_version(a)
+        i = bisect.bisect_left(held, key, key=by_name_version)
+        while i < len(held) and held[i] is not a and by_name_version(held[i]) == key:
+            i += 1  # the same name and version listed twice: look further
+        if i < len(held) and held[i] is a:
+            removed.append(i)
+    removed.sort()
+    at = [bisect.bisect_left(held, by_name_version(a), key=by_name_version) for a in came]
+    out: list[AdapterSummary] = []
+    cursor = 0
+    for position, a in sorted([*zip(at, came), *((r, None) for r in removed)], key=lambda e: e[0]):
+        out += held[cursor:position]
+        cursor = max(cursor, position)
+        if a is not None:
+            out.append(a)
+        else:  # a removal (at the same position as an insertion, either order gives the same list)
+            cursor = position + 1
+    out += held[cursor:]
+    return out, removed, at
+
+
+@dataclasses.dataclass(frozen=True)
+class LibraryChange:
+    """How one refresh changed :meth:`TufIndex.library`: the list before it (which the list after
+    it equals less ``gone`` plus ``came``). Every adapter of a changed bin is in both: it leaves
+    as the old object and comes back as a new one."""
+
+    before: list[AdapterSummary]
+    gone: list[AdapterSummary]
+    came: list[AdapterSummary]  # by name and version
+
+
+def by_name_version(summary: AdapterSummary) -> tuple[str, int]:
+    """The library's order (the key of :meth:`TufIndex.library`'s sort)."""
     return summary.name, summary.version
 
 

@@ -21,8 +21,8 @@ from semla.registry import keys
 from semla.registry.bundle import read_bundle
 from semla.registry.http import RegistryClient
 from semla.registry.node import Node
-from semla.registry.tufindex import BoundedFetcher, bin_for
-from semla.schemas import revocation_payload
+from semla.registry.tufindex import BoundedFetcher, bin_for, by_name_version, spliced_list
+from semla.schemas import AdapterSummary, revocation_payload
 from semla.schemas.errors import SignatureError, VerificationError
 from semla.server import ServerSettings, create_app
 
@@ -187,14 +187,42 @@ def test_sync_walks_bins_in_batches_and_again_when_the_snapshot_moves(registry, 
     assert listing(node) == listing(cold)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_a_spliced_list_equals_the_list_filtered_and_sorted(seed):
+    """spliced_list (bisection) gives what filtering out ``gone`` by identity and sorting in
+    ``came`` gives, with re-listed adapters, names listed twice, and gone objects never held."""
+    rng = random.Random(seed)
+
+    def summary(name: str, version: int) -> AdapterSummary:
+        return AdapterSummary(name=name, version=version, publisher="0" * 16, base_fingerprint="f" * 64,
+                              domain="d", sample_count=64, manifest_sha256="0" * 64, centroids=[[1.0, 0.0]],
+                              created_at="2026-01-01T00:00:00Z")
+
+    names = [f"a{i:03d}" for i in range(40)]
+    held = sorted((summary(rng.choice(names), rng.randint(1, 3)) for _ in range(60)), key=by_name_version)
+    gone = rng.sample(held, 15) + [summary("a000", 1)]  # the last one is not held (an equal copy is not it)
+    relisted = [a.model_copy() for a in gone[:5]]
+    came = sorted(relisted + [summary(rng.choice(names) + "x", 1) for _ in range(6)], key=by_name_version)
+    got, removed, at = spliced_list(held, gone, came)
+    ids = {id(a) for a in gone}
+    assert got == sorted([a for a in held if id(a) not in ids] + came, key=by_name_version)
+    assert len(got) == len(held) - 15 + len(came)
+    assert removed == sorted(i for i, a in enumerate(held) if id(a) in ids)
+    kept = [a for a in held if id(a) not in ids]
+    assert [x for x in got if any(x is k for k in kept)] == kept  # the kept objects themselves, in order
+    assert len(at) == len(came) and at == sorted(at)
+
+
 @pytest.mark.slow
 @pytest.mark.ci_slow  # 14 publishes and revocations, a cold node after each: CI runs it in make test-slow
 def test_incremental_refresh_equals_a_cold_start(registry, tiny_base, tmp_path):
-    """After each change the warm node's library and its centroid table (spliced, not rebuilt)
-    equal a cold node's."""
+    """After each change the warm node's library and its centroid table (spliced, not rebuilt,
+    from the index's change alone) equal a cold node's."""
     rng = random.Random(12)
     node = make_node(registry, tiny_base, tmp_path / "warm")
     node.pull()
+    # From now on every pull follows the index's change; none passes over the whole list.
+    node._listed = lambda everything: pytest.fail("a refresh passed over the whole library")
     live: dict[str, set[int]] = {"fog": {1}}  # name -> its live versions (a revoked newest one uncovers the last)
     latest: dict[str, int] = {"fog": 1}
     for step in range(14):
@@ -222,7 +250,7 @@ def test_incremental_refresh_equals_a_cold_start(registry, tiny_base, tmp_path):
     # Nothing changed: the index hands back the same list, and the node keeps its library and
     # table without walking them.
     listed, table, library = node._tuf_index().library(), node._table, node.library
-    node._table_of = lambda *args: pytest.fail("a pull with nothing changed walked the library")
+    node._applied = lambda *args: pytest.fail("a pull with nothing changed walked the library")
     assert node.pull() is library
     assert node._tuf_index().library() is listed and node._table is table
 
