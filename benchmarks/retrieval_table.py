@@ -49,7 +49,7 @@ import bundle_factory  # noqa: E402
 
 from semla.registry import keys  # noqa: E402
 from semla.registry import node as node_module  # noqa: E402
-from semla.registry.tufindex import TufIndex  # noqa: E402
+from semla.registry.tufindex import LibraryChange, TufIndex, bin_for, by_name_version  # noqa: E402
 from semla.schemas import AdapterSummary, RetrieveRequest, revocation_payload  # noqa: E402
 from semla.server import ServerSettings, create_app  # noqa: E402
 from semla.server.db import Adapter, library_version  # noqa: E402
@@ -148,13 +148,28 @@ def run(n: int, *, dim: int, workers: int, keep_data: bool, add_counts: tuple[in
             shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def node_table(n: int, dim: int) -> dict:
-    """A node's centroid table after a refresh that brought one new adapter and took one away.
+NODE_WHAT = ("A node's own work after a TUF refresh that brought one new adapter and took one away, two of "
+             "8,192 bins changed (synthetic summaries, no registry): checking every listed adapter and building "
+             "the table whole (what each pull once did), against the held summaries known by identity, the new ones "
+             "checked and the table spliced (a pass over the list), against following the index's change "
+             "(bisection, the new ones checked, one splice); and the index's sorted library list, sorted anew "
+             "against merged. Each checked to give the same library and table.")
 
-    ``n`` synthetic summaries stand in for what a node's TUF index lists (no registry: this is
-    the node's own work after the download). Before, every pull checked each listed adapter's
-    centroids and built the table from all of them; now it checks the new ones and splices
-    (``Node._table_of``), which is timed here with the dict of held summaries it needs.
+
+def node_table(n: int, dim: int) -> dict:
+    """A node's own work after a TUF refresh that brought one new adapter and took one away.
+
+    ``n`` synthetic summaries in 8,192 hashed bins stand in for what a node's TUF index lists (no
+    registry: this is the node's work after the download). The refresh changes two bins, and
+    each changed bin's adapters come back as new objects (the index parses a changed bin whole).
+    Timed, each checked to give the same library and table:
+
+    * the index's sorted list: sorted anew, against the held list merged with the change
+      (``TufIndex._merged``);
+    * the node's library and centroid table: every listed adapter checked and the table built
+      whole (what each pull once did); the held summaries known by identity, the new ones
+      checked, the table spliced (``Node._listed``, a pass over the list); the index's change
+      followed (``Node._applied``: bisection, the new ones checked, one splice).
     """
     rng = np.random.default_rng(9)
     vectors = np.asarray(index_scale._unit_rows(rng, n + 1, dim))
@@ -164,51 +179,65 @@ def node_table(n: int, dim: int) -> dict:
                               domain="bench", sample_count=64, manifest_sha256="0" * 64,
                               centroids=[vectors[i].tolist()], created_at="2026-01-01T00:00:00Z")
 
+    def bin_of(a: AdapterSummary) -> str:
+        return bin_for(a.name, 13)
+
     t0 = time.perf_counter()
     library = [summary(i) for i in range(n)]
     made_s = time.perf_counter() - t0
-    node = SimpleNamespace(library=library, _table=node_module._table(library),
-                           card=SimpleNamespace(embedding=SimpleNamespace(dim=dim)))
-    refreshed = list(library)
-    del refreshed[n // 3]
-    refreshed.insert(2 * n // 3, summary(n).model_copy(update={"name": f"adapter-{2 * n // 3:07d}a"}))
-
-    t0 = time.perf_counter()  # what a pull did: check every listed adapter, build the table whole
-    unusable = [node_module.Node._unusable_listing(node, a) for a in refreshed]
-    rebuilt = node_module._table(refreshed)
-    before_s = time.perf_counter() - t0
-    t0 = time.perf_counter()  # now: the held summaries by identity, the new one checked, a splice
-    held = {id(a): i for i, a in enumerate(library)}
-    fresh = [a for a in refreshed if id(a) not in held]
-    unusable_new = [node_module.Node._unusable_listing(node, a) for a in fresh]
-    spliced, changed = node_module.Node._table_of(node, refreshed, held)
-    after_s = time.perf_counter() - t0
-    assert changed and not any(unusable) and unusable_new == [None]
-    equal = bool(np.array_equal(spliced.vectors, rebuilt.vectors) and np.array_equal(spliced.owner, rebuilt.owner))
-    print(f"[node {n}] table after one change: {before_s:.2f} s rebuilt, {after_s * 1000:.0f} ms spliced", flush=True)
-
-    # The index's sorted library after the same change: sorted anew (what every pull did) or
-    # the held list with the changed bins' adapters taken out and the new one put in order.
     index = TufIndex(None, "http://127.0.0.1", Path(tempfile.gettempdir()))
     bins: dict[str, tuple[int, list]] = {}
     for a in library:
-        bins.setdefault(f"bins-{hash(a.name) % 8192:04x}", (1, []))[1].append(a)
+        bins.setdefault(bin_of(a), (1, []))[1].append(a)
     index.bins = bins
-    held_list = index.library()
-    gone, new = library[n // 3], refreshed[2 * n // 3]
-    after = {name: (v + 1, [a for a in adapters if a is not gone])
-             for name, (v, adapters) in bins.items() if any(a is gone for a in adapters)}
-    after[f"bins-{hash(new.name) % 8192:04x}"] = (2, [*bins.get(f"bins-{hash(new.name) % 8192:04x}", (1, []))[1], new])
+    listed = index.library()
+    gone_one = library[n // 3]
+    new = summary(n).model_copy(update={"name": f"adapter-{2 * n // 3:07d}a"})
+    after = {}  # the two changed bins, parsed anew: new objects
+    for name in {bin_of(gone_one), bin_of(new)}:
+        version, adapters = bins.get(name, (0, []))
+        after[name] = (version + 1, [a.model_copy() for a in adapters if a is not gone_one]
+                       + ([new] if name == bin_of(new) else []))
+    gone = [a for name in after for a in bins.get(name, (0, []))[1]]
+    came = sorted((a for name in after for a in after[name][1]), key=by_name_version)
     t0 = time.perf_counter()
-    resorted = sorted((a for _, adapters in {**bins, **after}.values() for a in adapters), key=lambda a: (a.name, a.version))
+    resorted = sorted((a for _, adapters in {**bins, **after}.values() for a in adapters), key=by_name_version)
     sort_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    merged = index._merged(list(after), {**bins, **after})
+    merged = index._merged(gone, came)
     merge_s = time.perf_counter() - t0
-    assert held_list is index.library() and merged == resorted == refreshed
+    assert merged == resorted and len(merged) == n
     print(f"[node {n}] sorted library after one change: {sort_s:.2f} s sorted, {merge_s * 1000:.0f} ms merged", flush=True)
-    return {"adapters": n, "summaries_made_s": round(made_s, 1), "check_all_and_rebuild_s": round(before_s, 3),
-            "check_new_and_splice_s": round(after_s, 3), "equal": equal,
+
+    def node() -> SimpleNamespace:  # a node holding ``listed``, as after its last pull
+        held = SimpleNamespace(library=listed, _table=node_module._table(listed), excluded={},
+                               card=SimpleNamespace(embedding=SimpleNamespace(dim=dim)),
+                               base=SimpleNamespace(ref=SimpleNamespace(fingerprint="f" * 64)))
+        for method in ("_unusable_listing", "_table_of", "_listed", "_applied"):
+            setattr(held, method, getattr(node_module.Node, method).__get__(held))
+        return held
+
+    checking = node()
+    t0 = time.perf_counter()  # what a pull once did: check every listed adapter, build the table whole
+    unusable = [checking._unusable_listing(a) for a in merged]
+    rebuilt = node_module._table(merged)
+    before_s = time.perf_counter() - t0
+    by_pass = node()
+    t0 = time.perf_counter()
+    pass_library, pass_table, _, changed = by_pass._listed(merged)
+    pass_s = time.perf_counter() - t0
+    following = node()
+    t0 = time.perf_counter()
+    applied = following._applied(LibraryChange(listed, gone, came))
+    follow_s = time.perf_counter() - t0
+    assert changed and not any(unusable) and applied is not None
+    equal = all(np.array_equal(t.vectors, rebuilt.vectors) and np.array_equal(t.owner, rebuilt.owner)
+                for t in (pass_table, applied[1])) and pass_library == applied[0] == merged
+    print(f"[node {n}] table after one change: {before_s:.2f} s rebuilt, {pass_s * 1000:.0f} ms by a pass over "
+          f"the list, {follow_s * 1000:.0f} ms following the change", flush=True)
+    return {"adapters": n, "summaries_made_s": round(made_s, 1), "changed_bins": len(after),
+            "gone": len(gone), "came": len(came), "check_all_and_rebuild_s": round(before_s, 3),
+            "check_new_and_splice_s": round(pass_s, 3), "follow_change_s": round(follow_s, 3), "equal": equal,
             "library_sorted_anew_s": round(sort_s, 3), "library_merged_s": round(merge_s, 3)}
 
 
@@ -232,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.node_only:
         doc = json.loads(out.read_text())
         doc["node"] = [node_table(n, args.dim) for n in sizes]
-        doc["node_command"] = command
+        doc["node_command"], doc["node_what"] = command, NODE_WHAT
         out.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote {out}")
         return 0
@@ -247,10 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "dim": args.dim, "seconds": round(time.perf_counter() - t0, 1), "results": results,
-        "node_what": "A node's own work on its centroid table after a TUF refresh that brought one new adapter and "
-                     "took one away (synthetic summaries, no registry): checking every listed adapter and building "
-                     "the table whole (what each pull did) against checking the new one and splicing; and the "
-                     "index's library list, sorted anew (what each pull did) against merged.",
+        "node_what": NODE_WHAT,
         "node": node,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
