@@ -303,6 +303,8 @@ def test_publish_refuses_a_small_centroid_before_anything_is_sent(tmp_path, key)
     assert sent == ["GET /v1/keys"]  # the key list was read; no upload left
 
 
+@pytest.mark.slow
+@pytest.mark.ci_slow  # two CLI processes training with DP (~10 s): CI runs it in make test-slow
 def test_train_with_dp_then_audit_on_the_command_line(tmp_path, fog_data):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -256,6 +256,8 @@ def test_migration_0005_seeds_the_counter_with_the_version_it_replaces(tmp_path:
     engine.dispose()
 
 
+@pytest.mark.slow
+@pytest.mark.ci_slow  # a migration over more than one fill batch of rows (~9 s): CI runs it in make test-slow
 def test_migration_0007_composes_the_summary_of_every_existing_row(tmp_path: Path):
     """Rows stored before the ``summary`` column (more than one fill batch of them, one revoked, one
     with a spread) list exactly as the model path builds them after the upgrade."""
