@@ -1,8 +1,9 @@
 # Two entry points that work from a fresh clone: `make demo` and `make test`.
 # Each creates .venv and installs the project (editable, every role's extras and the dev tools)
 # on first use. `make test` runs the fast suite; `make test-slow` the named slow set CI runs too
-# (tests marked ci_slow: federated training on loopback, the benchmark's quick mode, the full
-# CLI loop, the bare registry install); `pytest -m slow` runs every slow test.
+# (tests marked ci_slow: federated training on loopback, the benchmarks' quick modes, the full
+# CLI loop, DP training audited from the CLI, the summary migration, the bare registry install);
+# `pytest -m slow` runs every slow test.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
