@@ -238,7 +238,7 @@ class AdapterCache:
                     tier.drop(key)
                     dropped.add(key)
             name, _, version = key.rpartition("@")
-            for path in (self.root / name).glob(f"{version}-*") if (self.root / name).is_dir() else ():
+            for path in (self.root / name).glob(f"{version}-*"):  # nothing when the folder is absent
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
                     dropped.add(key)

@@ -193,14 +193,15 @@ class CentroidTable:
             for i, row in enumerate(spreads):
                 if row is not None:
                     spread[i] = np.asarray(row, dtype=np.float64)[:3]
-        return cls.from_rows(vectors, counts, spread)
+        return cls.from_rows(vectors, counts, spread, copy=False)  # its own array: normalised in place
 
     @classmethod
     def from_rows(cls, vectors: np.ndarray, counts: Sequence[int] | np.ndarray,
-                  spread: np.ndarray | None = None) -> "CentroidTable":
+                  spread: np.ndarray | None = None, *, copy: bool = True) -> "CentroidTable":
         """A table from every centroid row, adapter after adapter (``counts[a]`` rows for adapter
-        a), normalised here in float32 (a copy: ``vectors`` is left as it is)."""
-        vectors = np.array(vectors, dtype=np.float32)
+        a), normalised here in float32: in a copy, or (``copy=False``, for a caller handing over
+        an array it does not keep) in ``vectors`` itself when it is float32 already."""
+        vectors = np.array(vectors, dtype=np.float32) if copy else np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2:
             raise InvalidInputError(f"centroid rows must be a 2-d array, got shape {vectors.shape}")
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
