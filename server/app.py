@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from semla.registry.asgi import (
     ERROR_RESPONSES,
     BodyGuard,
+    frozen_heap,
     Part,
     install_error_handlers,
     install_offline_docs,
@@ -397,7 +398,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        yield
+        with frozen_heap():
+            yield
         engine.dispose()
         read_engine.dispose()
 

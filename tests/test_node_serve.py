@@ -236,6 +236,24 @@ def test_worker_owns_the_node_and_survives_failed_refreshes():
     assert len(node.threads) == 1 and threading.get_ident() not in node.threads
 
 
+def test_both_services_keep_their_startup_heap_out_of_the_collector(tmp_path):
+    """While a service runs, what it loaded sits in the collector's permanent generation (a full
+    collection over it stalled every request); stopping it hands that back."""
+    import gc
+
+    from semla.server import ServerSettings
+    from semla.server import create_app as create_registry
+
+    gc.unfreeze()  # a service another test left running froze the heap too
+    for app in (create_app(FakeNode(), ServeSettings(refresh_seconds=60.0)),
+                create_registry(ServerSettings(data_dir=tmp_path / "registry", admin_token="t"))):
+        assert gc.get_freeze_count() == 0
+        with TestClient(app) as client:
+            assert client.get("/healthz").status_code == 200
+            assert gc.get_freeze_count() > 1000
+        assert gc.get_freeze_count() == 0
+
+
 # -- command line -----------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semla-node")

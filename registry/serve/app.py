@@ -21,6 +21,7 @@ from semla.registry._node_metrics import BatchMetrics, NodeCollector
 from semla.registry.asgi import (
     ERROR_RESPONSES,
     BodyGuard,
+    frozen_heap,
     install_error_handlers,
     install_offline_docs,
 )
@@ -50,7 +51,8 @@ def create_app(node: "Node", settings: ServeSettings = ServeSettings()) -> FastA
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         worker.start()
         try:
-            yield
+            with frozen_heap():
+                yield
         finally:
             await run_in_threadpool(worker.stop)
 
