@@ -146,6 +146,24 @@ def _check(result: dict, paper, domains: list[str]) -> None:
         assert chosen["temperature"] in sel["grid"]["temperature"] and chosen["top_k"] in sel["grid"]["top_k"]
         assert chosen["guard_z"] in sel["grid"]["guard_z"]
         assert chosen["inner_domains"] == len(domains) - 1
+    c = result["ceiling"]
+    for d in domains:  # each library adapter alone; the best one per domain, picked with the labels
+        singles = c["single_adapter_miou"][d]
+        assert sorted(singles) == sorted(x for x in domains if x != d)
+        assert c["best_single"][d]["miou"] == max(singles.values())
+        assert singles[c["best_single"][d]["adapter"]] == c["best_single"][d]["miou"]
+
+
+def test_ceiling_by_hand(paper) -> None:
+    per_domain = {"a": {"base": 0.2, "oracle": 0.6}, "b": {"base": 0.4, "oracle": 0.5}}
+    singles = {"a": {"b": 0.4}, "b": {"a": 0.3}}
+    c = paper.ceiling(per_domain, singles)
+    assert c["best_single"] == {"a": {"adapter": "b", "miou": 0.4}, "b": {"adapter": "a", "miou": 0.3}}
+    assert c["gap_closed_mean"] == pytest.approx(((0.4 + 0.3) / 2 - 0.3) / (0.55 - 0.3), abs=1e-4)
+    hm = lambda xs: len(xs) / sum(1 / x for x in xs)  # noqa: E731
+    assert c["gap_closed_hmean"] == pytest.approx((hm([0.4, 0.3]) - hm([0.2, 0.4])) / (hm([0.6, 0.5]) - hm([0.2, 0.4])),
+                                                  abs=1e-4)
+    assert c["domains_where_every_library_adapter_is_below_base"] == ["b"]
 
 
 def test_quick(paper, tmp_path: Path) -> None:
