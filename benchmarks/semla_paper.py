@@ -180,7 +180,6 @@ class PaperBench(sb.Bench):
         out["semla_guard"] = self.fused(target, lib, **default, guard=True, guard_z=chosen["guard_z"])
         return {m: out[m] for m in METHODS}
 
-
     def single_adapters(self, target: str) -> dict[str, float]:
         """Each library adapter alone on the target's test set (a diagnostic, not a method)."""
         b = len(self.targets[target].masks)
