@@ -23,8 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from semla.registry.asgi import (
     ERROR_RESPONSES,
     BodyGuard,
-    frozen_heap,
     Part,
+    frozen_heap,
     install_error_handlers,
     install_offline_docs,
     read_multipart,
