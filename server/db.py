@@ -3,7 +3,8 @@
 The ORM models live here; the schema itself is built and changed only by the Alembic
 migrations shipped in ``semla/server/migrations`` (``0001``: the first tables; ``0002``: revocation; ``0003``: key rotation;
 ``0004``: the DP ε of each adapter's centroid, the publishers' privacy ledger; ``0005``: the
-library version counter; ``0006``: each adapter's signed spread).
+library version counter; ``0006``: each adapter's signed spread; ``0007``: each adapter's
+listing entry; ``0008``: change stamps; ``0009``: on PostgreSQL, that entry kept in the row).
 :func:`upgrade` migrates a database to the head revision (``semla-server db upgrade``);
 :func:`check_schema` is what the server runs at start: it refuses a database whose revision
 is not this code's head, and creates the schema itself only in an empty SQLite database (the
@@ -17,6 +18,7 @@ bytes live in the content-addressed :class:`~semla.server.blobs.BlobStore`.
 from __future__ import annotations
 
 import functools
+import select as _select
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
@@ -40,7 +42,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker, Session
 
 from semla.schemas.errors import SchemaError
@@ -235,7 +237,9 @@ READ_POOL_OVERFLOW = 24
 
 
 def make_engine(url: str, *, autocommit: bool = False) -> Engine:
-    """Create an engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout.
+    """Create an engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout; psycopg
+    (PostgreSQL) checks each pooled connection as it is handed out (:func:`_psycopg_checkout`),
+    any other driver pings it (``pool_pre_ping``).
 
     ``autocommit``: every connection of its pool runs each statement as its own transaction, set
     once when it connects (the registry's single-statement reads: no BEGIN or ROLLBACK, and no
@@ -254,7 +258,44 @@ def make_engine(url: str, *, autocommit: bool = False) -> Engine:
         engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **options)
         event.listen(engine, "connect", _sqlite_on_connect)
         return engine
-    return create_engine(parsed, pool_pre_ping=True, **options)
+    if parsed.get_driver_name() != "psycopg":
+        return create_engine(parsed, pool_pre_ping=True, **options)
+    engine = create_engine(parsed, **options)
+    event.listen(engine, "checkout", functools.partial(_psycopg_checkout, engine))
+    return engine
+
+
+def _has_input(fd: int) -> bool:
+    """Whether socket ``fd`` has bytes (or an end of stream, or an error) waiting, without blocking."""
+    if hasattr(_select, "poll"):
+        poller = _select.poll()
+        poller.register(fd, _select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(_select.select([fd], [], [], 0)[0])
+
+
+def _psycopg_checkout(engine: Engine, dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Hand out a pooled PostgreSQL connection only if it is alive, without a round trip when
+    it plainly is (what ``pool_pre_ping`` costs on every checkout: a ``SELECT 1``, measured here
+    at 0.2 ms of the machine's CPU, a fifth of a one-row read).
+
+    An idle connection between statements has nothing to read: the server speaks only when
+    asked. When the server ends it (a restart, ``pg_terminate_backend``, an idle timeout), its
+    farewell or the end of the stream is waiting in the socket. So: a connection psycopg knows
+    to be closed or broken is refused, one with input waiting is pinged as ``pool_pre_ping``
+    would (a harmless message, say a notice, passes), and one with nothing waiting is handed
+    out. A refused connection is replaced by a fresh one (``DisconnectionError``), so a
+    database restart costs no request an error. What neither catches is a peer that vanished
+    without closing (a cut network): the first statement fails, as it would after a ping.
+    """
+    conn = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    if conn.closed or conn.broken:
+        raise DisconnectionError("the pooled connection is closed")
+    if _has_input(conn.fileno()):
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            raise DisconnectionError(f"the pooled connection was closed by the server: {exc}") from exc
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -346,6 +347,38 @@ def test_two_replicas_share_one_database_and_one_blob_store(pg_url, tmp_path):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+
+
+# -- (d) the connection pools ---------------------------------------------------------------------
+def test_a_pooled_connection_is_checked_without_a_round_trip_and_replaced_once_the_server_ends_it(pg_url, cluster):
+    """A live pooled connection is handed out with no ping; one the server has ended (as a
+    restart or ``pg_terminate_backend`` does) is pinged, found dead and replaced, and the read
+    that checked it out succeeds: on the ordinary pool and on the autocommit read pool."""
+    backend_pid = text("SELECT pg_backend_pid()")
+    admin = create_engine(cluster.url(), isolation_level="AUTOCOMMIT")
+    for autocommit in (False, True):
+        engine = make_engine(pg_url, autocommit=autocommit)
+        pings = []
+        real_ping = engine.dialect.do_ping
+        engine.dialect.do_ping = lambda conn: (pings.append(1), real_ping(conn))[1]
+        try:
+            with engine.connect() as conn:
+                first = conn.scalar(backend_pid)
+            with engine.connect() as conn:  # the same connection, alive: no ping
+                assert conn.scalar(backend_pid) == first
+            assert pings == []
+            with admin.connect() as conn:
+                assert conn.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": first}) is True
+                gone = time.monotonic() + 60
+                while conn.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": first}):
+                    assert time.monotonic() < gone, "the terminated backend did not exit"
+                    time.sleep(0.05)
+            with engine.connect() as conn:  # no error: the dead one is pinged and replaced
+                assert conn.scalar(backend_pid) != first
+            assert pings == [1]
+        finally:
+            engine.dispose()
+    admin.dispose()
 
 
 # -- the same revision rules on the embedded SQLite default (no cluster needed) ---------------------
