@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import bundle_factory
 import httpx
@@ -202,6 +203,59 @@ def test_migration_0007_composes_existing_summaries_and_then_requires_one(pg_url
             rows = conn.execute(select(*ROW_COLUMNS, Adapter.summary).order_by(Adapter.name)).all()
         assert [json.loads(row.summary) for row in rows] == [_summary(row).model_dump(mode="json") for row in rows]
         assert [json.loads(row.summary)["revoked"] for row in rows] == [True, False, False]
+    finally:
+        engine.dispose()
+
+
+def test_migration_0009_keeps_each_summary_in_its_row_and_moves_the_centroids_out(pg_url):
+    """At 64-d centroids a row is too long for PostgreSQL to keep whole: before ``0009`` the
+    summary (the longer text) went to the TOAST relation, after it the centroids go there, for
+    the rows stored before (rewritten) and after (written so)."""
+    import json
+    import random
+
+    from alembic import command
+    from sqlalchemy import insert
+
+    from semla.server.db import utcnow
+    from semla.server.service.library import compose_summary
+
+    rng = random.Random(0)
+
+    def rows(first: int) -> list[dict]:
+        out = []
+        for i in range(first, first + 3):
+            row = {"name": f"n{i}", "version": 1, "publisher_key_id": "0" * 16, "manifest_sha256": "e" * 64,
+                   "base_fingerprint": "f" * 64, "domain": "d", "sample_count": 60, "spread": None,
+                   "centroids": json.dumps([[rng.uniform(-0.2, 0.2) for _ in range(64)]]),
+                   "created_at": utcnow(), "revoked_at": None}
+            out.append({**row, "summary": compose_summary(SimpleNamespace(**row))})
+        return out
+
+    def out_of_line_bytes(conn) -> tuple[int, int, int]:
+        """(bytes in the TOAST relation, of every summary, of every centroids text)."""
+        toast = conn.scalar(text("SELECT reltoastrelid::regclass::text FROM pg_class WHERE oid = 'adapters'::regclass"))
+        return (conn.scalar(text(f"SELECT coalesce(sum(octet_length(chunk_data)), 0) FROM {toast}")),
+                conn.scalar(text("SELECT sum(octet_length(summary)) FROM adapters")),
+                conn.scalar(text("SELECT sum(octet_length(centroids)) FROM adapters")))
+
+    command.upgrade(alembic_config(pg_url), "0008")
+    engine = make_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert(Publisher), [{"key_id": "0" * 16, "public_key": "0" * 64, "label": "", "active": True}])
+            conn.execute(insert(Adapter), rows(0))
+        with engine.connect() as conn:
+            toasted, summaries, centroids = out_of_line_bytes(conn)
+        assert toasted == summaries > centroids
+        upgrade(engine)
+        with engine.begin() as conn:
+            conn.execute(insert(Adapter), rows(3))
+        with engine.connect() as conn:
+            toasted, summaries, centroids = out_of_line_bytes(conn)
+            stored = conn.execute(select(Adapter.name, Adapter.summary).order_by(Adapter.name)).all()
+        assert toasted == centroids < summaries
+        assert [json.loads(summary)["name"] for _, summary in stored] == [f"n{i}" for i in range(6)]
     finally:
         engine.dispose()
 
