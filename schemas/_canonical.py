@@ -84,18 +84,21 @@ DEFAULT_JSON_LIMITS = JsonLimits()
 #: A JSON string (quotes included), escapes skipped; the unrolled form runs without backtracking.
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NUMBER = re.compile(rb"[-+0-9.eE]+")
+#: ``bytes.translate`` table: each number character to ``0``, every other byte to a space (a
+#: number too long is then a run of zeros, found by a substring search in C).
+_NUMBER_RUNS = bytes(ord("0") if chr(b) in "-+0123456789.eE" else ord(" ") for b in range(256))
 _CHUNK = 1 << 20
-_OPEN = np.zeros(256, dtype=np.int8)
-_OPEN[[ord("["), ord("{")]] = 1
-_STEP = _OPEN.copy()
+_STEP = np.zeros(256, dtype=np.int8)
+_STEP[[ord("["), ord("{")]] = 1
 _STEP[[ord("]"), ord("}")]] = -1
 
 
 def check_json_limits(data: bytes, limits: JsonLimits = DEFAULT_JSON_LIMITS, *, what: str = "JSON document") -> None:
     """Refuse a document whose size, nesting, container count or number length exceeds ``limits``.
 
-    Runs on the raw bytes (strings blanked out, then bracket counts in numpy, chunk by chunk),
-    so its cost is linear and its memory a few MiB whatever the document holds.
+    Runs on the raw bytes (strings blanked out, brackets counted; their nesting in numpy, chunk
+    by chunk, only when there are more of them than ``max_depth``), so its cost is linear and
+    its memory a few MiB whatever the document holds.
 
     Raises:
         ManifestError: ``json_too_large``, ``json_too_deep``, ``json_too_many_values`` or
@@ -104,19 +107,20 @@ def check_json_limits(data: bytes, limits: JsonLimits = DEFAULT_JSON_LIMITS, *, 
     if len(data) > limits.max_bytes:
         raise ManifestError(f"{what} is {len(data)} bytes; the limit is {limits.max_bytes}", code="json_too_large")
     bare = _STRING.sub(b'""', data)
-    depth = containers = 0
-    for start in range(0, len(bare), _CHUNK):
-        chunk = np.frombuffer(bare, dtype=np.uint8, count=min(_CHUNK, len(bare) - start), offset=start)
-        containers += int(_OPEN[chunk].sum(dtype=np.int64))
-        levels = depth + np.cumsum(_STEP[chunk], dtype=np.int32)
-        if len(levels) and int(levels.max()) > limits.max_depth:
-            raise ManifestError(f"{what} nests deeper than {limits.max_depth} levels", code="json_too_deep")
-        depth = int(levels[-1]) if len(levels) else depth
+    containers = bare.count(b"[") + bare.count(b"{")
+    if containers > limits.max_depth:  # fewer containers than that cannot nest deeper
+        depth = 0
+        for start in range(0, len(bare), _CHUNK):
+            chunk = np.frombuffer(bare, dtype=np.uint8, count=min(_CHUNK, len(bare) - start), offset=start)
+            levels = depth + np.cumsum(_STEP[chunk], dtype=np.int32)
+            if len(levels) and int(levels.max()) > limits.max_depth:
+                raise ManifestError(f"{what} nests deeper than {limits.max_depth} levels", code="json_too_deep")
+            depth = int(levels[-1]) if len(levels) else depth
     if containers > limits.max_containers:
         raise ManifestError(f"{what} holds {containers} arrays/objects; the limit is {limits.max_containers}",
                             code="json_too_many_values")
-    longest = max((len(m) for m in _NUMBER.findall(bare)), default=0)
-    if longest > limits.max_number_chars:
+    if b"0" * (limits.max_number_chars + 1) in bare.translate(_NUMBER_RUNS):
+        longest = max(len(m) for m in _NUMBER.findall(bare))
         raise ManifestError(f"{what} holds a number of {longest} characters; the limit is "
                             f"{limits.max_number_chars}", code="json_number_too_long")
 
