@@ -79,6 +79,7 @@ import bundle_factory  # noqa: E402
 from server_load import TOKEN, drive, start_server, timed_calls  # noqa: E402
 
 from semla.registry import keys  # noqa: E402
+from semla.registry.asgi import frozen_heap  # noqa: E402
 from semla.registry.bundle import sha256_bytes  # noqa: E402
 from semla.registry.tufindex import BoundedFetcher, TufIndex  # noqa: E402
 from semla.schemas import (  # noqa: E402
@@ -488,8 +489,7 @@ def measure_reads(lib: Library, base: str, clients: int, requests: int, server_p
     # paused every client thread for ~100 ms, and the requests in flight then were counted as
     # slow answers of whichever endpoint that round measured.
     gc.collect()
-    gc.freeze()
-    try:
+    with frozen_heap():
         for _ in range(READ_ROUNDS):
             for name, fn in endpoints.items():
                 before = _cpu_seconds(server_pid) if server_pid else (0.0, 0.0)
@@ -499,8 +499,6 @@ def measure_reads(lib: Library, base: str, clients: int, requests: int, server_p
                 rates[name].append(len(lat) / wall)
                 for i, value in enumerate((wall, after[0] - before[0], after[1] - before[1])):
                     totals[name][i] += value
-    finally:
-        gc.unfreeze()
     for name in endpoints:
         n = len(latencies[name])
         row = {"requests": n, "req_per_s": round(n / totals[name][0], 1),
