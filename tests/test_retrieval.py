@@ -64,14 +64,19 @@ def test_each_api_distance_has_one_definition_for_numpy_and_torch():
         assert np.allclose(DISTANCE_FUNCTIONS[name].from_euclidean(np.asarray(expected["euclidean"])), expected[name])
 
 
+@pytest.mark.parametrize("blocked", [False, True], ids=["one-selection", "blocks"])
 @pytest.mark.parametrize("distance", ["euclidean", "cosine"])
-def test_top_k_from_the_most_similar_equals_a_stable_sort_of_every_distance(distance):
+def test_top_k_from_the_most_similar_equals_a_stable_sort_of_every_distance(distance, blocked, monkeypatch):
     """The brute-force search computes distances for the k + 1 most similar adapters only; it must
     answer exactly what sorting every adapter's distance (stable: ties to the lower index) answers,
-    with duplicate centroids, rounded (tied) vectors and several centroids per adapter."""
+    with duplicate centroids, rounded (tied) vectors and several centroids per adapter; also when
+    the most similar are found through blocks' maxima (blocks of 3 here)."""
     from semla.registry.distances import distance_from_similarity
     from semla.registry.retrieval import _stable_nearest, unit_queries
 
+    if blocked:
+        monkeypatch.setattr(retrieval, "_BLOCKED_ABOVE", 4)
+        monkeypatch.setattr(retrieval, "_BLOCK", 3)
     rng = np.random.default_rng(7)
     for trial in range(120):
         n_adapters, dim = int(rng.integers(1, 40)), int(rng.integers(2, 5))
@@ -91,6 +96,28 @@ def test_top_k_from_the_most_similar_equals_a_stable_sort_of_every_distance(dist
             want_idx, want_dist = _stable_nearest(d_adapter, min(k, n_adapters))
             np.testing.assert_array_equal(idx, want_idx)
             np.testing.assert_array_equal(dist, want_dist)
+
+
+def test_the_most_similar_through_blocks_are_those_one_selection_finds():
+    """A 100k library's rows, with ties and with every similarity equal: the same set, and column 0
+    the m-th largest value, as argpartition over the whole row."""
+    from semla.registry.retrieval import _BLOCKED_ABOVE, _most_similar
+
+    rng = np.random.default_rng(3)
+    n = 100_003  # a partial last block
+    assert n > _BLOCKED_ABOVE
+    sim = rng.standard_normal((4, n)).astype(np.float32)
+    sim[1] = sim[1].round(1)  # many ties, at the boundary too
+    sim[2] = 0.25  # all equal: every element is a candidate
+    sim[3, -2:] = 9.0  # the largest in the partial block
+    for m in (1, 2, 6, 51):
+        got = _most_similar(sim, m)
+        want = np.argpartition(sim, n - m, axis=1)[:, n - m:]
+        for row in range(len(sim)):
+            assert np.array_equal(np.sort(sim[row, got[row]]), np.sort(sim[row, want[row]]))
+            assert sim[row, got[row, 0]] == sim[row, want[row, 0]] == sim[row, got[row]].min()
+            assert len(set(got[row].tolist())) == m
+    assert set(_most_similar(sim[3:], 2)[0].tolist()) == {n - 2, n - 1}
 
 
 @pytest.mark.parametrize("seed", [11, 12, 13])
