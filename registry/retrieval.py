@@ -44,6 +44,7 @@ __all__ = [
     "CentroidTable",
     "retrieve_numpy",
     "retrieve_torch",
+    "similarities",
     "unit_queries",
     "weigh_numpy",
     "list_distances",
@@ -99,6 +100,14 @@ class CentroidTable:
     n_adapters: int
     spread: np.ndarray | None = None
     _cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def keep_columns(self) -> "CentroidTable":
+        """Keep the vectors laid out dimension by dimension too ((D, C), contiguous): a lone
+        query's product (:func:`similarities`) then takes 2/3 of the time, for twice the table's
+        memory; laying them out takes about 30 ms at 100k 64-d centroids. Returns the table."""
+        if "columns" not in self._cache:
+            self._cache["columns"] = np.ascontiguousarray(self.vectors.T)
+        return self
 
     @functools.cached_property
     def spreads(self) -> np.ndarray:
@@ -252,6 +261,23 @@ def unit_queries(queries: np.ndarray) -> np.ndarray:
     return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
 
 
+def similarities(queries: np.ndarray, table: CentroidTable) -> np.ndarray:
+    """(Q, C) similarities of the unit ``queries`` (Q, D) to the table's vectors.
+
+    One query against a table that keeps its columns (:meth:`CentroidTable.keep_columns`: the
+    registry's brute-force tables) is a product with the vectors laid out dimension by
+    dimension: BLAS streams the table once, adding one dimension at a time into the answer,
+    where the rows' layout takes a 64-long dot product per centroid (measured at 100k 64-d
+    centroids, one thread: 0.63 against 0.94 ms). Otherwise the rows against the queries, a view
+    of one product (4x faster than ``queries @ vectors.T``, and faster than the columns for two
+    queries or more).
+    """
+    columns = table._cache.get("columns")
+    if columns is not None and len(queries) == 1:
+        return queries @ columns
+    return (table.vectors @ queries.T).T
+
+
 def retrieve_numpy(
     queries: np.ndarray,
     table: CentroidTable,
@@ -283,12 +309,11 @@ def retrieve_numpy(
         InvalidInputError: unknown weighting or guard_z out of range.
     """
     _check(distance, top_k, temperature, weighting, guard_z)
-    q = unit_queries(queries)
-    sim = (table.vectors @ q.T).T  # (Q, C); the table's rows against the queries: 4x faster than q @ vectors.T
+    sim = similarities(unit_queries(queries), table)
     if table.one_per_adapter:
         s_adapter = sim
     else:  # every distance falls as the similarity rises: an adapter's nearest centroid is its most similar
-        s_adapter = np.full((q.shape[0], table.n_adapters), -np.inf, dtype=sim.dtype)
+        s_adapter = np.full((sim.shape[0], table.n_adapters), -np.inf, dtype=sim.dtype)
         np.maximum.at(s_adapter, (slice(None), table.owner), sim)
     idx, dist = _nearest(s_adapter, min(top_k, table.n_adapters), distance)
     return idx, dist, weigh_numpy(dist, idx, table, temperature=temperature, distance=distance,

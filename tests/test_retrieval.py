@@ -64,15 +64,17 @@ def test_each_api_distance_has_one_definition_for_numpy_and_torch():
         assert np.allclose(DISTANCE_FUNCTIONS[name].from_euclidean(np.asarray(expected["euclidean"])), expected[name])
 
 
+@pytest.mark.parametrize("columns", [False, True], ids=["rows", "columns"])
 @pytest.mark.parametrize("blocked", [False, True], ids=["one-selection", "blocks"])
 @pytest.mark.parametrize("distance", ["euclidean", "cosine"])
-def test_top_k_from_the_most_similar_equals_a_stable_sort_of_every_distance(distance, blocked, monkeypatch):
+def test_top_k_from_the_most_similar_equals_a_stable_sort_of_every_distance(distance, blocked, columns, monkeypatch):
     """The brute-force search computes distances for the k + 1 most similar adapters only; it must
     answer exactly what sorting every adapter's distance (stable: ties to the lower index) answers,
     with duplicate centroids, rounded (tied) vectors and several centroids per adapter; also when
-    the most similar are found through blocks' maxima (blocks of 3 here)."""
+    the most similar are found through blocks' maxima (blocks of 3 here), and for lone queries
+    against a table that keeps its columns."""
     from semla.registry.distances import distance_from_similarity
-    from semla.registry.retrieval import _stable_nearest, unit_queries
+    from semla.registry.retrieval import _stable_nearest, similarities, unit_queries
 
     if blocked:
         monkeypatch.setattr(retrieval, "_BLOCKED_ABOVE", 4)
@@ -88,11 +90,20 @@ def test_top_k_from_the_most_similar_equals_a_stable_sort_of_every_distance(dist
         table = CentroidTable.from_lists([part.tolist() for part in np.split(vectors, bounds)])
         queries = rng.standard_normal((3, dim)).round(trial % 2)
         queries[np.abs(queries).sum(axis=1) == 0] = 1.0
-        d = distance_from_similarity(unit_queries(queries) @ table.vectors.T, distance)
+        if columns:
+            table.keep_columns()
+            sim = np.concatenate([similarities(unit_queries(queries[i : i + 1]), table) for i in range(3)])
+        else:
+            sim = unit_queries(queries) @ table.vectors.T
+        d = distance_from_similarity(sim, distance)
         d_adapter = np.full((3, n_adapters), np.inf, dtype=np.float32)
         np.minimum.at(d_adapter, (slice(None), table.owner), d)
         for k in (1, 3, 5, 50):
-            idx, dist, _ = retrieve_numpy(queries, table, top_k=k, distance=distance)
+            if columns:  # one query at a time: a request's
+                found = [retrieve_numpy(queries[i : i + 1], table, top_k=k, distance=distance) for i in range(3)]
+                idx, dist = np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+            else:
+                idx, dist, _ = retrieve_numpy(queries, table, top_k=k, distance=distance)
             want_idx, want_dist = _stable_nearest(d_adapter, min(k, n_adapters))
             np.testing.assert_array_equal(idx, want_idx)
             np.testing.assert_array_equal(dist, want_dist)
@@ -118,6 +129,25 @@ def test_the_most_similar_through_blocks_are_those_one_selection_finds():
             assert sim[row, got[row, 0]] == sim[row, want[row, 0]] == sim[row, got[row]].min()
             assert len(set(got[row].tolist())) == m
     assert set(_most_similar(sim[3:], 2)[0].tolist()) == {n - 2, n - 1}
+
+
+def test_a_lone_query_against_a_table_that_keeps_its_columns_takes_them():
+    """keep_columns() lays the vectors out by dimension once; a lone query's similarities then
+    come from that layout (contiguous, equal to the rows' product up to rounding), two queries'
+    from the rows, and a table that keeps none answers from the rows alone."""
+    from semla.registry.retrieval import similarities, unit_queries
+
+    rng = np.random.default_rng(5)
+    table = CentroidTable.from_lists([[v] for v in unit_queries(rng.standard_normal((3001, 64)))])
+    queries = unit_queries(rng.standard_normal((2, 64)))
+    rows = (table.vectors @ queries.T).T
+    assert np.array_equal(similarities(queries[:1], table), (table.vectors @ queries[:1].T).T)
+    assert table.keep_columns() is table and table.keep_columns()._cache["columns"].shape == (64, 3001)
+    lone = similarities(queries[:1], table)
+    assert lone.shape == (1, 3001) and lone.flags.c_contiguous
+    assert np.array_equal(lone, queries[:1] @ np.ascontiguousarray(table.vectors.T))
+    assert np.allclose(lone, rows[:1], atol=1e-6)
+    assert np.array_equal(similarities(queries, table), rows)
 
 
 @pytest.mark.parametrize("seed", [11, 12, 13])

@@ -124,6 +124,8 @@ class BaseTable:
         if ann.choose(table) == "ann":
             previous = moved[0] if moved is not None else None
             index = ann.CentroidIndex.build(table) if previous is None else previous.updated(table, *moved[1:])
+        else:
+            table.keep_columns()  # every request's product, laid out once here
         return cls(generation, adapters, table, index)
 
     def updated(self, generation: int, changed: Sequence[str], new: tuple[_Adapters, CentroidTable]) -> "BaseTable":
