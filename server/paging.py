@@ -18,13 +18,15 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import literal
 
 from semla.schemas import NAME_PATTERN, JsonLimits, canonical_json, strict_json_loads
 from semla.schemas.errors import InvalidInputError, SemlaError
 
 __all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "MAX_CURSOR_CHARS", "Page", "adapters_scope", "encode_cursor",
-           "decode_cursor", "check_limit"]
+           "decode_cursor", "check_limit", "rows_limit"]
 
 #: Items per page when the caller does not say.
 DEFAULT_LIMIT = 100
@@ -114,3 +116,16 @@ def check_limit(limit: int) -> int:
     if type(limit) is not int or not 1 <= limit <= MAX_LIMIT:
         raise InvalidInputError(f"limit must be between 1 and {MAX_LIMIT}, got {limit!r}", code="bad_limit")
     return limit
+
+
+def rows_limit(limit: int) -> Any:
+    """The ``LIMIT`` of a page's query: ``limit`` (checked) + 1 rows, the one more telling whether
+    a page follows, written into the SQL as a number rather than bound as a parameter.
+
+    psycopg prepares a statement after its fifth run, and PostgreSQL then plans each run anew as
+    long as that custom plan looks cheaper than the generic one. With ``LIMIT $n`` the generic
+    plan is costed for a tenth of the table, so it never won: every listing page was planned
+    again (measured at 100k: 2,010 custom plans of 2,010 runs, 0.65 ms of backend CPU a page;
+    with the number written in, generic plans from the sixth run on and 0.48 ms).
+    """
+    return literal(check_limit(limit) + 1, literal_execute=True)

@@ -4,6 +4,7 @@ version counter (one row, raised in each change's own transaction, seeded by mig
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 
 import bundle_factory
@@ -137,6 +138,34 @@ def test_versions_and_keys_are_paged(library):
     everyone, pages = _walk(http, "/v1/keys", limit=2)
     assert len(everyone) == 3 and pages == 2 and everyone[0]["key_id"] == keys.key_id(key)  # oldest first
     assert len({k["key_id"] for k in everyone}) == 3
+
+
+def test_page_queries_carry_their_row_limit_as_a_number_not_a_parameter(library):
+    """With ``LIMIT`` bound as a parameter, PostgreSQL costs a prepared statement's generic plan
+    for a tenth of the table and plans every run of a listing page anew; written in as a number,
+    the generic plan wins from the sixth run (measured: 0.65 against 0.48 ms of backend CPU a page
+    at 100k). Every page's SQL says its limit + 1 itself."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    http, _ = library
+    seen: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        if " LIMIT " in statement:
+            seen.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        for path, params in (("/v1/adapters", {"limit": 2}), ("/v1/adapters", {"limit": 2, "search": "fog"}),
+                             ("/v1/adapters/echo", {"limit": 2}), ("/v1/keys", {"limit": 2})):
+            before = len(seen)
+            assert http.get(path, params=params).status_code == 200
+            pages = [sql for sql in seen[before:] if "LIMIT 3" in sql]
+            assert pages, (path, params, seen[before:])
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+    assert not [sql for sql in seen if re.search(r"LIMIT\s+(\?|%\(|:)", sql)]
 
 
 def test_registry_client_follows_every_page(library, monkeypatch):

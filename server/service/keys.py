@@ -12,7 +12,7 @@ from semla.registry import keys as _keys
 from semla.schemas import KeyCreate, KeyPublic, PrivacyLedger, PrivacySpend, RotateRequest, rotation_payload
 from semla.schemas.errors import ConflictError, InvalidInputError, NotFoundError
 from semla.server.db import Adapter, Publisher, bump_library_version, iso_utc
-from semla.server.paging import DEFAULT_LIMIT, Page, check_limit, decode_cursor, encode_cursor
+from semla.server.paging import DEFAULT_LIMIT, Page, check_limit, decode_cursor, encode_cursor, rows_limit
 from semla.server.service.core import ServiceCore, _owner_chains
 
 __all__ = ["KeysPart"]
@@ -70,7 +70,7 @@ class KeysPart(ServiceCore):
         """
         limit = check_limit(limit)
         after = decode_cursor(cursor, "keys") if cursor is not None else None
-        stmt = select(Publisher).order_by(Publisher.created_at, Publisher.key_id).limit(limit + 1)
+        stmt = select(Publisher).order_by(Publisher.created_at, Publisher.key_id).limit(rows_limit(limit))
         with self._sessions() as session:
             if after is not None:
                 anchor = session.get(Publisher, after)

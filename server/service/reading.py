@@ -15,7 +15,15 @@ from sqlalchemy import Connection, func, select
 from semla.schemas import BUNDLE_FILES, AdapterSummary
 from semla.schemas.errors import GoneError, NotFoundError, StorageError
 from semla.server.db import Adapter, AdapterFile, Publisher
-from semla.server.paging import DEFAULT_LIMIT, Page, adapters_scope, check_limit, decode_cursor, encode_cursor
+from semla.server.paging import (
+    DEFAULT_LIMIT,
+    Page,
+    adapters_scope,
+    check_limit,
+    decode_cursor,
+    encode_cursor,
+    rows_limit,
+)
 from semla.server.service.core import ServiceCore
 from semla.server.service.library import ROW_COLUMNS, _newest_live, _plain_rows, _summary
 
@@ -62,7 +70,7 @@ def _unfiltered_page(after: bool, limit: int) -> tuple[Any, Any]:
     """The statements of an unfiltered listing page (the one every node and client pages
     through), the page and its SQLite aggregate, built once: a statement reused keeps its
     SQLAlchemy cache key, which costs as much to compute as the page's query takes to run."""
-    page = _newest_live(after=after).order_by(Adapter.name).limit(limit + 1)
+    page = _newest_live(after=after).order_by(Adapter.name).limit(rows_limit(limit))
     page = page.with_only_columns(Adapter.name, Adapter.summary)
     return page, _sqlite_aggregate(page)
 
@@ -104,7 +112,7 @@ class ReadingPart(ServiceCore):
                 for word in words:
                     page = page.where(Adapter.name.icontains(word, autoescape=True)
                                       | Adapter.domain.icontains(word, autoescape=True))
-                page = page.order_by(Adapter.name).limit(limit + 1).with_only_columns(
+                page = page.order_by(Adapter.name).limit(rows_limit(limit)).with_only_columns(
                     *((Adapter.name, Adapter.summary) if as_json else ROW_COLUMNS))
                 aggregate = _sqlite_aggregate(page) if sqlite else None
             rows = (_sqlite_summary_rows(conn, page, aggregate, params) if sqlite
@@ -128,7 +136,7 @@ class ReadingPart(ServiceCore):
         if before is not None:
             stmt = stmt.where(Adapter.version < before)
         with self._reads() as conn:
-            rows = _plain_rows(conn, stmt.order_by(Adapter.version.desc()).limit(limit + 1),
+            rows = _plain_rows(conn, stmt.order_by(Adapter.version.desc()).limit(rows_limit(limit)),
                                columns=(Adapter.version, Adapter.summary) if as_json else ROW_COLUMNS)
             if not rows and (before is None or conn.scalar(select(Adapter.id).where(Adapter.name == name)
                                                                .limit(1)) is None):
