@@ -334,11 +334,12 @@ def _nearest(sim: np.ndarray, k: int, distance: str) -> tuple[np.ndarray, np.nda
     if k >= n:
         return _stable_nearest(distance_from_similarity(sim, distance), k)
     part = _most_similar(sim, k + 1)  # column 0: the (k+1)-th most similar
-    d_part = distance_from_similarity(np.take_along_axis(sim, part, axis=1), distance)
+    rows = np.arange(len(sim))[:, None]
+    d_part = distance_from_similarity(sim[rows, part], distance)
     top, d_top = part[:, 1:], d_part[:, 1:]
     order = np.lexsort((top, d_top), axis=1)  # by distance, then by index
-    idx, dist = np.take_along_axis(top, order, axis=1), np.take_along_axis(d_top, order, axis=1)
-    for row in np.flatnonzero(d_part[:, 0] <= d_top.max(axis=1)):  # a tie may reach past the k
+    idx, dist = top[rows, order], d_top[rows, order]
+    for row in np.flatnonzero(d_part[:, 0] <= dist[:, -1]):  # a tie may reach past the k
         row_idx, row_dist = _stable_nearest(distance_from_similarity(sim[row : row + 1], distance), k)
         idx[row], dist[row] = row_idx[0], row_dist[0]
     return idx, dist
@@ -357,8 +358,9 @@ def _most_similar(sim: np.ndarray, m: int) -> np.ndarray:
     Over a large library one partial selection of every row costs more than the similarities
     themselves (0.5 ms at 100k adapters). The row is cut in blocks of :data:`_BLOCK`; the m-th
     largest block maximum ``t`` is reached by m elements of m distinct blocks, so the m largest are
-    all at least ``t``, and the selection runs over those alone (a few dozen where the
-    similarities are spread; every element where they are all equal, which stays exact).
+    all at least ``t``; they lie in the blocks whose maximum reaches ``t``, and the selection runs
+    over those blocks' elements that reach it (a few dozen where the similarities are spread;
+    every element where they are all equal, which stays exact).
     """
     q, n = sim.shape
     if n <= _BLOCKED_ABOVE or m > n // _BLOCK:
@@ -369,8 +371,11 @@ def _most_similar(sim: np.ndarray, m: int) -> np.ndarray:
         peaks = np.concatenate([peaks, sim[:, whole:].max(axis=1, keepdims=True)], axis=1)
     floor = np.partition(peaks, peaks.shape[1] - m, axis=1)[:, peaks.shape[1] - m]
     out = np.empty((q, m), dtype=np.int64)
-    for row in range(q):
-        cand = np.flatnonzero(sim[row] >= floor[row])
+    for row in range(q):  # only the blocks whose maximum reaches the floor hold candidates
+        blocks = np.flatnonzero(peaks[row] >= floor[row])
+        at = (blocks[:, None] * _BLOCK + np.arange(_BLOCK)).ravel()
+        at = at[at < n]  # the last block may be partial
+        cand = at[sim[row, at] >= floor[row]]
         out[row] = cand[np.argpartition(sim[row, cand], len(cand) - m)[len(cand) - m:]]
     return out
 
