@@ -425,6 +425,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         sessions, blobs, uploads_per_minute=settings.uploads_per_minute,
         min_samples=settings.min_samples, epsilon_budget=settings.epsilon_budget,
         base_cards=BaseCardStore(settings.base_cards_dir), reads=read_engine.connect,
+        recheck_s=settings.retrieval_recheck_s,
     )
     app.state.tuf_repo = ensure_repository(settings.data_dir / "tuf", sessions,
                                            legacy_key_file=settings.resolved_registry_key_file,

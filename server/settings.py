@@ -52,6 +52,9 @@ class ServerSettings(BaseSettings):
         metrics: Serve ``/metrics`` (Prometheus) and count requests.
         log_format: ``text`` or ``json`` logs of ``semla-server`` (``SEMLA_LOG_FORMAT``).
         compute_threads: BLAS/OpenMP threads of the ``semla-server`` process (``SEMLA_COMPUTE_THREADS``).
+        retrieval_recheck_s: How long ``POST /v1/retrieve`` trusts the library version it last
+            read before reading it again (``SEMLA_RETRIEVAL_RECHECK_S``; 0: on every request).
+            Changes made through this replica are seen at once, another replica's within this long.
     """
 
     model_config = SettingsConfigDict(env_prefix="SEMLA_", extra="forbid", frozen=True)
@@ -83,6 +86,9 @@ class ServerSettings(BaseSettings):
     #: for its process. Concurrent requests are the parallelism: with the libraries' default (one
     #: thread per core each) eight concurrent retrievals on two cores ran 3x slower than with one.
     compute_threads: int = Field(default=1, ge=1, le=1024)
+    #: One primary-key read of the library version per retrieval cost as much CPU as half the
+    #: product over 100k centroids (measured under load on SQLite); read at most this often.
+    retrieval_recheck_s: float = Field(default=0.1, ge=0, le=60)
 
     def body_limits(self) -> BodyLimits:
         """The request-body bounds these settings describe."""

@@ -195,6 +195,58 @@ def test_concurrent_requests_after_a_change_update_the_table_once(tmp_path, monk
     assert len(updates) == 1 and len(tables) == 4 and all(t is tables[0] for t in tables)
 
 
+def _retrieved(http: TestClient) -> set[str]:
+    body = {"embedding": bundle_factory.unit_vectors(1, bundle_factory.DIM, seed=3)[0],
+            "base_fingerprint": bundle_factory.FINGERPRINT, "top_k": 100}
+    r = http.post("/v1/retrieve", json=body)
+    assert r.status_code == 200, r.text
+    return {row["name"] for row in r.json()["results"]}
+
+
+def test_retrieval_rereads_the_library_version_after_recheck_s_and_after_a_change_made_here(tmp_path, monkeypatch):
+    """Two replicas on one database: a replica's retrieval sees its own publish at once, and
+    another's only once ``retrieval_recheck_s`` has passed (until then it reads no library version)."""
+    from semla.server.service import core
+
+    clock = [1000.0]
+    monkeypatch.setattr(core, "monotonic", lambda: clock[0])
+    bundle_factory.install_base_card(tmp_path / "data")
+    settings = ServerSettings(data_dir=tmp_path / "data", admin_token=ADMIN, retrieval_recheck_s=30)
+    here, there = TestClient(create_app(settings)), TestClient(create_app(settings))
+    key = keys.generate_key()
+    _register(here, key)
+    assert _upload(here, bundle_factory.make_bundle_files(tmp_path, key, name="one", seed=1)).status_code == 201
+    assert _retrieved(here) == {"one"}
+    assert _upload(here, bundle_factory.make_bundle_files(tmp_path, key, name="two", seed=2)).status_code == 201
+    assert _retrieved(here) == {"one", "two"}  # its own change: at once
+    assert _upload(there, bundle_factory.make_bundle_files(tmp_path, key, name="three", seed=3)).status_code == 201
+    clock[0] += 29
+    assert _retrieved(here) == {"one", "two"}  # another replica's: not yet
+    clock[0] += 2
+    assert _retrieved(here) == {"one", "two", "three"}
+    assert _retrieved(there) == {"one", "two", "three"}
+
+
+def test_a_version_read_that_overlaps_a_change_made_here_is_not_kept(tmp_path, monkeypatch):
+    """A library version read while a change here commits may predate it: the next request
+    reads again, so the change is seen at once whatever the interleaving."""
+    bundle_factory.install_base_card(tmp_path / "data")
+    app = create_app(ServerSettings(data_dir=tmp_path / "data", admin_token=ADMIN, retrieval_recheck_s=60))
+    service = app.state.service
+    reads = service._reads
+
+    def read_while_a_change_commits():
+        service._committed()
+        return reads()
+
+    monkeypatch.setattr(service, "_reads", read_while_a_change_commits)
+    service._recent_library_version()
+    assert service._version_seen is None
+    monkeypatch.setattr(service, "_reads", reads)
+    version = service._recent_library_version()
+    assert service._version_seen is not None and service._version_seen[0] == version
+
+
 def _table(rng: np.random.Generator, n: int, dim: int = 8) -> CentroidTable:
     vectors = rng.normal(size=(n, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)

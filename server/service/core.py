@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from time import monotonic
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
@@ -16,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from semla.server.bases import BaseCardStore
 from semla.server.blobs import BlobStore
-from semla.server.db import Publisher, autocommit_reads
+from semla.server.db import Publisher, autocommit_reads, library_version
 from semla.server.settings import DEFAULT_EPSILON_BUDGET, DEFAULT_MIN_SAMPLES
 
 logger = logging.getLogger(__name__)
@@ -61,12 +62,16 @@ class ServiceCore:
         blobs: Where bundle files are stored.
         reads: Opens an autocommit connection to the same database for a single-statement read
             (the app passes its read engine's ``connect``; None: ``sessions``' pool, switched per read).
+        recheck_s: How long retrieval trusts the library version it last read before reading it
+            again (0: on every request). A change made through this service is seen at once; one
+            made elsewhere (another replica, the CLI) within this long.
     """
 
     def __init__(
         self, sessions: sessionmaker[Session], blobs: BlobStore, uploads_per_minute: int = 0,
         min_samples: int = DEFAULT_MIN_SAMPLES, epsilon_budget: float | None = DEFAULT_EPSILON_BUDGET,
         base_cards: BaseCardStore | None = None, reads: Callable[[], AbstractContextManager[Any]] | None = None,
+        recheck_s: float = 0.0,
     ) -> None:
         self._sessions = sessions
         #: Connections for single-statement reads, in autocommit (``reads``; by default ``sessions``' pool
@@ -88,6 +93,11 @@ class ServiceCore:
         #: base fingerprint → its retrieval table (``retrieval.BaseTable``), and the lock its updates take
         self._tables: dict[str, Any] = {}
         self._tables_lock = threading.Lock()
+        self._recheck_s = recheck_s
+        #: (library version, monotonic time just before it was read), or None: read it again.
+        self._version_seen: tuple[int, float] | None = None
+        #: Changes committed through this service (a read that overlapped one is not kept).
+        self._changes = 0
 
     @property
     def epsilon_budget(self) -> float | None:
@@ -101,10 +111,25 @@ class ServiceCore:
         return _owner_chains(dict(rows)).get(key_id, [key_id])
 
 
-    def _tuf_changed(self, names: list[str] | tuple[str, ...] = (), *, keys: bool = False,
-                     publisher: str | None = None) -> None:
-        """Re-sign the TUF metadata a committed change touched, under the publish locks. A failure
-        is logged, never answered: the change is committed, and ``semla-server tuf rebuild`` repairs."""
+    def _recent_library_version(self) -> int:
+        """The library version, read from the database at most once per ``recheck_s`` and again
+        after every change committed through this service."""
+        seen, changes, now = self._version_seen, self._changes, monotonic()
+        if seen is not None and now - seen[1] < self._recheck_s:
+            return seen[0]
+        with self._reads() as conn:
+            version = library_version(conn)
+        if self._changes == changes:  # else a change here committed meanwhile: read it next time
+            self._version_seen = (version, now)
+        return version
+
+    def _committed(self, names: list[str] | tuple[str, ...] = (), *, keys: bool = False,
+                   publisher: str | None = None) -> None:
+        """After a change is committed: retrieval reads the library version again, and the TUF
+        metadata the change touched is re-signed under the publish locks. A signing failure is
+        logged, never answered: the change is committed, and ``semla-server tuf rebuild`` repairs."""
+        self._changes += 1
+        self._version_seen = None
         if self.tuf is None:
             return
         try:

@@ -59,7 +59,7 @@ class KeysPart(ServiceCore):
             except IntegrityError:
                 raise ConflictError(f"key {kid} is already registered", code="key_exists") from None
             public = _key_public(row)
-        self._tuf_changed(keys=True)
+        self._committed(keys=True)
         return public
 
     def list_keys(self, *, cursor: str | None = None, limit: int = DEFAULT_LIMIT) -> Page[KeyPublic]:
@@ -150,7 +150,7 @@ class KeysPart(ServiceCore):
             session.flush()
             bump_library_version(session)
             session.commit()
-        self._tuf_changed(keys=True)
+        self._committed(keys=True)
         return self.get_key(new_id)  # with the spend it carries
 
     def revoke_key(self, key_id: str) -> KeyPublic:
@@ -165,7 +165,7 @@ class KeysPart(ServiceCore):
             bump_library_version(session, changed=Adapter.publisher_key_id == key_id)
             session.commit()
             public = _key_public(row)
-        self._tuf_changed(keys=True, publisher=key_id)
+        self._committed(keys=True, publisher=key_id)
         return public
 
 

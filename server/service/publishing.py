@@ -114,7 +114,7 @@ class PublishingPart(ServiceCore):
         for name in BUNDLE_FILES:
             if not self._blobs.exists(digests[name]):
                 self._blobs.put(files[name])
-        self._tuf_changed([manifest.name])
+        self._committed([manifest.name])
         return UploadReceipt(
             name=manifest.name,
             version=manifest.version,

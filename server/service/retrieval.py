@@ -198,13 +198,13 @@ class RetrievalPart(ServiceCore):
 
     def _base_table(self, fingerprint: str) -> BaseTable:
         """The centroid table of one base, at least as new as the library version read first
-        (checked on every call, so replicas sharing a database stay consistent).
+        (:meth:`_recent_library_version`: re-read at most every ``recheck_s``, and after every
+        change made here, so replicas sharing a database agree within that long).
 
         Raises:
             NotFoundError: no adapter of this base model.
         """
-        with self._reads() as conn:
-            generation = library_version(conn)
+        generation = self._recent_library_version()
         cached = self._tables.get(fingerprint)
         if cached is not None and cached.generation >= generation:
             return cached

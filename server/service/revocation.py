@@ -55,7 +55,7 @@ class RevocationPart(ServiceCore):
             bump_library_version(session, changed=Adapter.id == row.id)
             session.commit()
             revoked = _summary(row)
-        self._tuf_changed([name])
+        self._committed([name])
         return revoked
 
     @staticmethod
