@@ -56,14 +56,16 @@ class LibraryCollector(Collector):
         self.epsilon_budget = epsilon_budget
         self._lock = threading.Lock()
         self._read: tuple[float, tuple, list] | None = None  # (monotonic time, counts, ε per key)
+        self._changes = 0  # invalidations so far: a read that overlapped one is not kept
 
     def invalidate(self) -> None:
         """The database changed: the next scrape reads it again."""
+        self._changes += 1
         self._read = None
 
     def _query(self) -> tuple[tuple, list]:
         with self._lock:  # concurrent scrapes share one read
-            read = self._read
+            read, changes = self._read, self._changes
             if read is not None and time.monotonic() - read[0] < DB_READ_SECONDS:
                 return read[1], read[2]
             with self.engine.connect() as conn:
@@ -78,7 +80,8 @@ class LibraryCollector(Collector):
                     select(Adapter.publisher_key_id, spent).where(Adapter.privacy_epsilon.is_not(None))
                     .group_by(Adapter.publisher_key_id).order_by(spent.desc(), Adapter.publisher_key_id)
                     .limit(MAX_KEY_SERIES))]
-            self._read = (time.monotonic(), counts, top)
+            if self._changes == changes:  # else it may predate the change: the next scrape reads again
+                self._read = (time.monotonic(), counts, top)
             return counts, top
 
     def _families(self) -> dict[str, GaugeMetricFamily]:

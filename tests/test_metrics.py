@@ -143,6 +143,29 @@ def test_database_gauges_are_reused_briefly_unless_this_replica_wrote(tmp_path, 
         assert value(scrape(client), "semla_registry_index_version") > second
 
 
+def test_a_database_read_that_overlaps_a_change_here_is_not_reused(tmp_path, monkeypatch):
+    """A scrape reading while this replica commits a change may read what was there before it:
+    that read is answered but not kept, so the next scrape reads again."""
+    from semla.schemas import KeyCreate
+    from semla.server import metrics
+
+    monkeypatch.setattr(metrics, "DB_READ_SECONDS", 3600.0)
+    with make_client(tmp_path / "data") as client:
+        collector = metrics.LibraryCollector(client.app.state.engine, None)
+        connect = collector.engine.connect
+
+        def connect_while_a_change_commits():
+            collector.invalidate()
+            return connect()
+
+        monkeypatch.setattr(collector.engine, "connect", connect_while_a_change_commits)
+        (_, _, first, _), _ = collector._query()
+        monkeypatch.setattr(collector.engine, "connect", connect)
+        client.app.state.service.register_key(KeyCreate(public_key=keys.public_bytes(keys.generate_key()).hex()))
+        (_, _, second, _), _ = collector._query()
+        assert second > first
+
+
 def test_each_app_has_its_own_registry_and_metrics_can_be_turned_off(tmp_path):
     with make_client(tmp_path / "a") as one, make_client(tmp_path / "b") as two, \
             make_client(tmp_path / "c", metrics=False) as off:
