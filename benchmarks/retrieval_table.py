@@ -98,7 +98,10 @@ def run(n: int, *, dim: int, workers: int, keep_data: bool, add_counts: tuple[in
         print(f"[{n}] filling ...", flush=True)
         lib, fill = index_scale.bulk_fill("sqlite", f"sqlite:///{data_dir / 'registry.db'}", data_dir, n, dim,
                                           workers=workers)
-        app = create_app(ServerSettings(data_dir=data_dir, admin_token=index_scale.TOKEN, metrics=False))
+        # The changes below are written to the database directly, as another replica's would be:
+        # with no recheck window the retrieval right after each one reads the library version.
+        app = create_app(ServerSettings(data_dir=data_dir, admin_token=index_scale.TOKEN, metrics=False,
+                                        retrieval_recheck_s=0))
         service = app.state.service
         rng = np.random.default_rng(5)
         query = index_scale._unit_rows(rng, 1, dim)[0]
