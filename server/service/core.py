@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from time import monotonic
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
+from time import monotonic
 from typing import Any
 
 from sqlalchemy import select, text
