@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import functools
 import select as _select
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from time import monotonic
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -60,6 +62,7 @@ __all__ = [
     "library_version",
     "library_version_select",
     "bump_library_version",
+    "RecentRead",
     "make_engine",
     "autocommit_reads",
     "make_sessionmaker",
@@ -216,6 +219,42 @@ def bump_library_version(session: Session | Connection, changed: Any = None) -> 
         session.execute(update(Adapter).where(changed).values(changed_in=version)
                         .execution_options(synchronize_session=False))
     return version
+
+
+_T = TypeVar("_T")
+
+
+class RecentRead(Generic[_T]):
+    """A value read from the database, reused for ``seconds`` (a number, or a callable asked at
+    each use) until :meth:`invalidate` says this process changed what it reads.
+
+    A read that overlapped an invalidation is answered but not kept: it may predate the change,
+    so the next call reads again. Concurrent callers share one read.
+    """
+
+    def __init__(self, read: Callable[[], _T], seconds: float | Callable[[], float]) -> None:
+        self._read = read
+        self._seconds = seconds
+        self._lock = threading.Lock()
+        self._kept: tuple[float, _T] | None = None  # (monotonic time just before the read, value)
+        self._changes = 0  # invalidations so far
+
+    def invalidate(self) -> None:
+        """The database changed: the next call reads it again."""
+        self._changes += 1
+        self._kept = None
+
+    def get(self) -> _T:
+        """The value, read now unless the last read is recent enough and nothing changed since."""
+        with self._lock:
+            kept, changes, now = self._kept, self._changes, monotonic()
+            seconds = self._seconds() if callable(self._seconds) else self._seconds
+            if kept is not None and now - kept[0] < seconds:
+                return kept[1]
+            value = self._read()
+            if self._changes == changes:
+                self._kept = (now, value)
+            return value
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

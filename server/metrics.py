@@ -14,8 +14,6 @@ their own series, the rest are summed under ``key_id="_other"``.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from semla.registry.metrics import HttpMetrics, error_code, install_http_metrics
 from semla.server.service import live_adapter
-from semla.server.db import Adapter, library_version_select
+from semla.server.db import Adapter, RecentRead, library_version_select
 
 __all__ = ["install_metrics", "LibraryCollector", "MAX_KEY_SERIES", "UPLOAD_ROUTE", "NAMESPACE"]
 
@@ -54,35 +52,30 @@ class LibraryCollector(Collector):
     def __init__(self, engine: Engine, epsilon_budget: float | None) -> None:
         self.engine = engine
         self.epsilon_budget = epsilon_budget
-        self._lock = threading.Lock()
-        self._read: tuple[float, tuple, list] | None = None  # (monotonic time, counts, ε per key)
-        self._changes = 0  # invalidations so far: a read that overlapped one is not kept
+        #: Reused for DB_READ_SECONDS (read at each scrape) unless this replica changed something.
+        self._db = RecentRead(self._read_database, lambda: DB_READ_SECONDS)
 
     def invalidate(self) -> None:
         """The database changed: the next scrape reads it again."""
-        self._changes += 1
-        self._read = None
+        self._db.invalidate()
 
     def _query(self) -> tuple[tuple, list]:
-        with self._lock:  # concurrent scrapes share one read
-            read, changes = self._read, self._changes
-            if read is not None and time.monotonic() - read[0] < DB_READ_SECONDS:
-                return read[1], read[2]
-            with self.engine.connect() as conn:
-                counts = tuple(conn.execute(select(
-                    select(func.count(distinct(Adapter.name))).where(live_adapter()).scalar_subquery(),
-                    select(func.count()).select_from(Adapter).scalar_subquery(),
-                    library_version_select().scalar_subquery(),
-                    select(func.coalesce(func.sum(Adapter.privacy_epsilon), 0.0)).scalar_subquery(),
-                )).one())
-                spent = func.sum(Adapter.privacy_epsilon)
-                top = [tuple(row) for row in conn.execute(
-                    select(Adapter.publisher_key_id, spent).where(Adapter.privacy_epsilon.is_not(None))
-                    .group_by(Adapter.publisher_key_id).order_by(spent.desc(), Adapter.publisher_key_id)
-                    .limit(MAX_KEY_SERIES))]
-            if self._changes == changes:  # else it may predate the change: the next scrape reads again
-                self._read = (time.monotonic(), counts, top)
-            return counts, top
+        return self._db.get()
+
+    def _read_database(self) -> tuple[tuple, list]:
+        with self.engine.connect() as conn:
+            counts = tuple(conn.execute(select(
+                select(func.count(distinct(Adapter.name))).where(live_adapter()).scalar_subquery(),
+                select(func.count()).select_from(Adapter).scalar_subquery(),
+                library_version_select().scalar_subquery(),
+                select(func.coalesce(func.sum(Adapter.privacy_epsilon), 0.0)).scalar_subquery(),
+            )).one())
+            spent = func.sum(Adapter.privacy_epsilon)
+            top = [tuple(row) for row in conn.execute(
+                select(Adapter.publisher_key_id, spent).where(Adapter.privacy_epsilon.is_not(None))
+                .group_by(Adapter.publisher_key_id).order_by(spent.desc(), Adapter.publisher_key_id)
+                .limit(MAX_KEY_SERIES))]
+        return counts, top
 
     def _families(self) -> dict[str, GaugeMetricFamily]:
         return {

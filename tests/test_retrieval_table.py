@@ -206,10 +206,10 @@ def _retrieved(http: TestClient) -> set[str]:
 def test_retrieval_rereads_the_library_version_after_recheck_s_and_after_a_change_made_here(tmp_path, monkeypatch):
     """Two replicas on one database: a replica's retrieval sees its own publish at once, and
     another's only once ``retrieval_recheck_s`` has passed (until then it reads no library version)."""
-    from semla.server.service import core
+    from semla.server import db
 
     clock = [1000.0]
-    monkeypatch.setattr(core, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(db, "monotonic", lambda: clock[0])
     bundle_factory.install_base_card(tmp_path / "data")
     settings = ServerSettings(data_dir=tmp_path / "data", admin_token=ADMIN, retrieval_recheck_s=30)
     here, there = TestClient(create_app(settings)), TestClient(create_app(settings))
@@ -240,11 +240,11 @@ def test_a_version_read_that_overlaps_a_change_made_here_is_not_kept(tmp_path, m
         return reads()
 
     monkeypatch.setattr(service, "_reads", read_while_a_change_commits)
-    service._recent_library_version()
-    assert service._version_seen is None
+    service._library_version.get()
+    assert service._library_version._kept is None
     monkeypatch.setattr(service, "_reads", reads)
-    version = service._recent_library_version()
-    assert service._version_seen is not None and service._version_seen[0] == version
+    version = service._library_version.get()
+    assert service._library_version._kept is not None and service._library_version._kept[1] == version
 
 
 def _table(rng: np.random.Generator, n: int, dim: int = 8) -> CentroidTable:

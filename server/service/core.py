@@ -9,7 +9,6 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from time import monotonic
 from typing import Any
 
 from sqlalchemy import select, text
@@ -17,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from semla.server.bases import BaseCardStore
 from semla.server.blobs import BlobStore
-from semla.server.db import Publisher, autocommit_reads, library_version
+from semla.server.db import Publisher, RecentRead, autocommit_reads, library_version
 from semla.server.settings import DEFAULT_EPSILON_BUDGET, DEFAULT_MIN_SAMPLES
 
 logger = logging.getLogger(__name__)
@@ -93,11 +92,8 @@ class ServiceCore:
         #: base fingerprint → its retrieval table (``retrieval.BaseTable``), and the lock its updates take
         self._tables: dict[str, Any] = {}
         self._tables_lock = threading.Lock()
-        self._recheck_s = recheck_s
-        #: (library version, monotonic time just before it was read), or None: read it again.
-        self._version_seen: tuple[int, float] | None = None
-        #: Changes committed through this service (a read that overlapped one is not kept).
-        self._changes = 0
+        #: The library version retrieval checks its tables against (:meth:`_committed` invalidates it).
+        self._library_version = RecentRead(self._read_library_version, recheck_s)
 
     @property
     def epsilon_budget(self) -> float | None:
@@ -111,25 +107,16 @@ class ServiceCore:
         return _owner_chains(dict(rows)).get(key_id, [key_id])
 
 
-    def _recent_library_version(self) -> int:
-        """The library version, read from the database at most once per ``recheck_s`` and again
-        after every change committed through this service."""
-        seen, changes, now = self._version_seen, self._changes, monotonic()
-        if seen is not None and now - seen[1] < self._recheck_s:
-            return seen[0]
+    def _read_library_version(self) -> int:
         with self._reads() as conn:
-            version = library_version(conn)
-        if self._changes == changes:  # else a change here committed meanwhile: read it next time
-            self._version_seen = (version, now)
-        return version
+            return library_version(conn)
 
     def _committed(self, names: list[str] | tuple[str, ...] = (), *, keys: bool = False,
                    publisher: str | None = None) -> None:
         """After a change is committed: retrieval reads the library version again, and the TUF
         metadata the change touched is re-signed under the publish locks. A signing failure is
         logged, never answered: the change is committed, and ``semla-server tuf rebuild`` repairs."""
-        self._changes += 1
-        self._version_seen = None
+        self._library_version.invalidate()
         if self.tuf is None:
             return
         try:

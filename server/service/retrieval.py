@@ -198,13 +198,13 @@ class RetrievalPart(ServiceCore):
 
     def _base_table(self, fingerprint: str) -> BaseTable:
         """The centroid table of one base, at least as new as the library version read first
-        (:meth:`_recent_library_version`: re-read at most every ``recheck_s``, and after every
-        change made here, so replicas sharing a database agree within that long).
+        (re-read at most every ``recheck_s``, and after every change made here, so replicas
+        sharing a database agree within that long).
 
         Raises:
             NotFoundError: no adapter of this base model.
         """
-        generation = self._recent_library_version()
+        generation = self._library_version.get()
         cached = self._tables.get(fingerprint)
         if cached is not None and cached.generation >= generation:
             return cached
